@@ -1,0 +1,65 @@
+"""`mmscale` command line. Each command lives in its own module, imported only when it runs.
+
+A command module defines `add_arguments(parser)` and `run(args) -> int`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "model-info": ("mmscale.models.info", "parameters, FLOPs per token and memory of a model config"),
+    "tokenizer": ("mmscale.data.tokenizer", "train a lossless sentencepiece tokenizer (`tokenizer train`)"),
+    "prepare": ("mmscale.data.prepare", "tokenize text/JSONL/Parquet into MDS shards + a manifest"),
+    "data": ("mmscale.data.synth", "built-in story corpus with summaries (`data synth`)"),
+    "train": ("mmscale.train", "pre-train a model (single process; use deepspeed/torchrun for more)"),
+    "launch": ("mmscale.launch", "submit training to SLURM (or run locally) through submitit"),
+    "convert": ("mmscale.export.convert", "checkpoint of any engine -> consolidated export"),
+    "generate": ("mmscale.export.generate", "sample text from an export"),
+    "eval": ("mmscale.export.evaluate", "mean loss and perplexity of an export on a dataset or text files"),
+    "retrieval": ("mmscale.retrieval", "InfoNCE retrieval fine-tuning and evaluation (`retrieval train|eval`)"),
+    "representation": ("mmscale.representation", "input-representation accuracy of an export (the paper's metric)"),
+}
+
+
+def _usage() -> str:
+    w = max(map(len, COMMANDS))
+    lines = ["usage: mmscale COMMAND [options]   (mmscale COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{w}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from mmscale.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mmscale import __version__
+        print(f"mmscale {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"mmscale: error: unknown command '{name}'; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"mmscale {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"mmscale {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"mmscale {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The export directory format, shared by `mmscale convert`, tools/import_llama2c.py and every reader.
+
+    EXPORT/
+      model.safetensors   the model's state dict (parameters only; no mask buffers), one dtype
+      config.json         {"format": "mmscale-export", "version": 1, "model": {ModelConfig fields}, "dtype": ...,
+                           "tokenizer": "tokenizer.model", plus free-form provenance (steps, tokens, val_loss, ...)}
+      tokenizer.model     the sentencepiece model the run was trained with
+      README.md           a short model card
+
+An export loads with nothing but torch + safetensors: `safetensors.torch.load_file(EXPORT/model.safetensors)`
+gives a plain state dict; config.json says how to build the module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mmscale.errors import UserError
+
+FORMAT = "mmscale-export"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+CARD = "README.md"
+
+
+def _model_card(model_cfg: dict, info: dict) -> str:
+    kind = "masked mixer" if model_cfg.get("kind") == "mixer" else "Llama-style transformer"
+    lines = [
+        f"# mmscale export: {kind}",
+        "",
+        f"- architecture: {kind}, d_model {model_cfg.get('d_model')}, {model_cfg.get('n_layers')} layers, "
+        f"n_ctx {model_cfg.get('n_ctx')}, vocab {model_cfg.get('vocab_size')}",
+    ]
+    for key, label in [("parameters", "parameters"), ("trained_on", "trained on"), ("steps", "steps"),
+                       ("tokens", "tokens seen"), ("val_loss", "validation loss (nats/token)"),
+                       ("source", "converted from")]:
+        if key in info and info[key] not in (None, ""):
+            lines.append(f"- {label}: {info[key]}")
+    lines += ["", "Load it with `mmscale.export.load_export(path)`, or with torch + safetensors alone "
+              "(`safetensors.torch.load_file('model.safetensors')`) and config.json.", ""]
+    return "\n".join(lines)
+
+
+def save_export(out_dir: str | os.PathLike, state_dict: dict, model_cfg: Any, tokenizer_path: str | os.PathLike | None,
+                info: dict | None = None, overwrite: bool = False) -> Path:
+    """Write an export atomically (a temporary sibling directory renamed at the end).
+
+    `model_cfg` is a ModelConfig or its dict; `info` is provenance for config.json and the model card.
+    Refuses an existing `out_dir` unless `overwrite`.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory '{out}' already exists; choose another path or pass --overwrite")
+    cfg = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+    info = dict(info or {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        meta = {"format": FORMAT, "version": VERSION, "model": cfg, "dtype": ",".join(dtypes),
+                "tokenizer": TOKENIZER if tokenizer_path else None, **info}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        (tmp / CARD).write_text(_model_card(cfg, info))
+        if out.exists():  # overwrite: swap only once the new export is complete
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_export_config(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"export '{p}' is not a directory; pass the folder written by `mmscale convert`")
+    cfg_file = p / CONFIG
+    if not cfg_file.is_file():
+        raise UserError(f"export '{p}' has no {CONFIG}; re-run `mmscale convert` to write a complete export")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"export '{p}': {CONFIG} is not valid JSON; re-run `mmscale convert`") from None
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise UserError(f"export '{p}': {CONFIG} is not an mmscale export config (format {meta.get('format')!r})")
+    if not (p / WEIGHTS).is_file():
+        raise UserError(f"export '{p}' has no {WEIGHTS}; re-run `mmscale convert`")
+    return meta
+
+
+def load_export(path: str | os.PathLike, dtype=None, device="cpu", require_tokenizer: bool = False):
+    """Build the model described by an export and load its weights. Returns (model, meta).
+
+    The tokenizer path, when present, is `Path(path) / meta["tokenizer"]`.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from mmscale.config import ModelConfig, _build
+    from mmscale.models import build_model
+
+    p = Path(path)
+    meta = load_export_config(p)
+    if require_tokenizer and not (meta.get("tokenizer") and (p / meta["tokenizer"]).is_file()):
+        raise UserError(f"export '{p}' has no tokenizer.model; re-run `mmscale convert` with the run's tokenizer")
+    model_cfg = _build(ModelConfig, meta["model"], "model")
+    model = build_model(model_cfg)
+    sd = load_file(str(p / WEIGHTS), device="cpu")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise UserError(f"export '{p}' does not match its config: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+    model.to(device=device, dtype=dtype if dtype is not None else torch.float32)
+    model.eval()
+    return model, meta
