@@ -1,0 +1,99 @@
+"""Shared helpers of the benchmark scripts: timing medians, machine description, markdown tables."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, ROOT)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device="cpu", warmup=1, repeats=5):
+    """Median and all wall times (s) of `fn()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def time_side_by_side(fns: dict, device="cpu", warmup=1, repeats=5):
+    """Interleave the candidates round by round so that load from other processes hits all alike.
+
+    Returns {name: (median_s, [times])}.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), v) for k, v in times.items()}
+
+
+def spread(times):
+    """Relative spread (max - min) / median: the noise note of a measurement."""
+    med = statistics.median(times)
+    return (max(times) - min(times)) / med if med else 0.0
+
+
+def machine(device="cpu") -> str:
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"{os.cpu_count()}-core CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+    return f"{name}, torch {torch.__version__}"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def header(title, device, argv=None):
+    cmd = "python " + " ".join(argv or sys.argv)
+    return f"### {title}\n\nMachine: {machine(device)}. Date: {now()}. Command: `{cmd}`\n"
+
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[k]) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def emit(text, out_path=None):
+    print(text, flush=True)
+    if out_path:
+        with open(out_path, "a") as f:
+            f.write(text + "\n")

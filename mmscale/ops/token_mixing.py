@@ -1,0 +1,181 @@
+"""Masked token mixing: out[b, h, i, c] = sum_{j <= i} W[h, i, j] x[b, h, j, c] (all j when not causal).
+
+This is the masked mixer's replacement for attention: one learned T x T matrix per head (or per
+layer), lower-triangular when causal. Three exact implementations:
+
+- "dense":   mask the weight (`W * tril`) and run one grouped `F.conv1d` (kernel 1 over the feature
+             axis, channels = token positions), as the paper's Conv1d does. Half of its work is on
+             masked zeros.
+- "blocked": split the T output rows into blocks; block [r0, r1) only reads inputs [0, r1), so the
+             blocks above the diagonal are never computed (forward and both gradients). A custom
+             autograd function writes the weight gradient into one buffer instead of letting
+             autograd scatter a full T x T zero tensor per block.
+- "triton":  a Triton kernel that visits only lower-triangular tiles (mmscale.ops.triton_mixing).
+
+"auto" picks per device and size (see `choose_impl`). Masked weight entries get exactly zero
+gradient on every path, so checkpoints hold the raw parameter and the mask is purely functional.
+
+Shapes: `weight` [T, T] with `x` [B, T, C] (the flat mixer) or `weight` [H, T, T] with
+`x` [B, H, T, C] (the multi-head mixer). A trailing tap axis on the weight ([T, T, k] or
+[H, T, T, k], k odd) gives the paper's kernel_size > 1 variant: the mixing conv also slides over the
+feature axis, out[.., i, c] = sum_j sum_t W[i, j, t] x[.., j, c + t - k // 2], zero padded.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "dense", "blocked", "triton")
+
+# Rows per block of the blocked path. Measured on a 2-core CPU (benchmarks/RESULTS.md): smaller
+# blocks skip more of the masked half but run smaller, less efficient GEMMs.
+CPU_BLOCK_ROWS = 256
+# Below this context the masked half is too small to pay for the extra calls.
+CPU_BLOCKED_MIN_T = 512
+# CUDA: the Triton kernel wins from this context up (benchmarks/gpu); dense below it.
+CUDA_TRITON_MIN_T = 1024
+
+
+def causal_mask(t: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[T, T] lower-triangular ones (position i sees j <= i)."""
+    return torch.ones(t, t, device=device, dtype=dtype).tril_()
+
+
+def token_mix(weight: torch.Tensor, x: torch.Tensor, causal: bool = True, impl: str = "auto",
+              block_rows: int | None = None) -> torch.Tensor:
+    """Mix tokens of `x` with the (masked, when causal) matrix `weight`; see the module docstring."""
+    weight4, x4, flat = _canonical(weight, x)
+    # Under autocast, compute in the autocast dtype as F.conv1d would (the parameter stays fp32;
+    # its gradient flows back through the cast).
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        weight4, x4 = weight4.to(dtype), x4.to(dtype)
+    else:
+        weight4 = weight4.to(x4.dtype)
+    with torch.autocast(dev, enabled=False):
+        out = _dispatch(weight4, x4, causal, impl, block_rows)
+    return out.squeeze(1) if flat else out
+
+
+def _canonical(weight, x):
+    """-> weight [H, T, T, k], x [B, H, T, C], and whether the caller's x had no head axis."""
+    if weight.dim() not in (2, 3, 4):
+        raise ValueError(f"token_mix: weight must be [T, T], [H, T, T] or with a tap axis, got {tuple(weight.shape)}")
+    flat = x.dim() == 3
+    if flat:
+        x = x.unsqueeze(1)
+        if weight.dim() == 2:
+            weight = weight[None, :, :, None]
+        elif weight.dim() == 3:  # [T, T, k]
+            weight = weight[None]
+        else:
+            raise ValueError(f"token_mix: x [B, T, C] needs weight [T, T] or [T, T, k], got {tuple(weight.shape)}")
+    else:
+        if x.dim() != 4:
+            raise ValueError(f"token_mix: x must be [B, T, C] or [B, H, T, C], got {tuple(x.shape)}")
+        if weight.dim() == 3:
+            weight = weight[..., None]
+        elif weight.dim() != 4:
+            raise ValueError(f"token_mix: x [B, H, T, C] needs weight [H, T, T] or [H, T, T, k], got {tuple(weight.shape)}")
+    h, t = x.shape[1], x.shape[2]
+    if weight.shape[0] != h or weight.shape[1] != t or weight.shape[2] != t:
+        raise ValueError(f"token_mix: weight {tuple(weight.shape)} does not match x {tuple(x.shape)} "
+                         f"(heads {h}, tokens {t})")
+    if weight.shape[3] % 2 != 1:
+        raise ValueError(f"token_mix: the tap axis must be odd, got {weight.shape[3]}")
+    return weight, x, flat
+
+
+def choose_impl(t: int, device: torch.device | str, causal: bool, taps: int = 1) -> str:
+    """The fastest exact path for this size and device (measurements in benchmarks/RESULTS.md)."""
+    if not causal:
+        return "dense"  # nothing is masked: no work to skip
+    dev = torch.device(device).type
+    if dev == "cuda":
+        from mmscale.ops import triton_mixing
+        if taps == 1 and t >= CUDA_TRITON_MIN_T and triton_mixing.available():
+            return "triton"
+        return "blocked" if t >= 2 * CPU_BLOCKED_MIN_T else "dense"
+    return "blocked" if t >= CPU_BLOCKED_MIN_T else "dense"
+
+
+def _dispatch(weight, x, causal, impl, block_rows):
+    if impl not in IMPLS:
+        raise ValueError(f"token_mix: impl must be one of {IMPLS}, got {impl!r}")
+    t, taps = x.shape[2], weight.shape[3]
+    if impl == "auto":
+        impl = choose_impl(t, x.device, causal, taps)
+    if impl == "dense" or not causal:
+        return dense_mix(weight, x, causal)
+    if impl == "triton":
+        if taps != 1:
+            raise ValueError("token_mix: the triton path supports kernel_size 1 only; use impl 'blocked' or 'dense'")
+        from mmscale.ops import triton_mixing
+        return triton_mixing.triton_mix(weight[..., 0], x)
+    rows = block_rows or _default_block_rows(t, x.device)
+    return BlockedMix.apply(weight, x, rows)
+
+
+def _default_block_rows(t: int, device) -> int:
+    # at least 2 blocks, at most ~T/CPU_BLOCK_ROWS of them
+    return min(CPU_BLOCK_ROWS, math.ceil(t / 2)) if t > 1 else 1
+
+
+def _conv(x, weight, rows=None):
+    """Grouped conv: x [B, H, R_in, C], weight [H, R_out, R_in, k] -> [B, H, R_out, C]."""
+    b, h, r_in, c = x.shape
+    r_out, taps = weight.shape[1], weight.shape[3]
+    out = F.conv1d(x.reshape(b, h * r_in, c), weight.reshape(h * r_out, r_in, taps),
+                   padding=taps // 2, groups=h)
+    return out.view(b, h, r_out, c)
+
+
+def dense_mix(weight, x, causal=True):
+    """Reference-style path: mask the whole matrix, one conv over all positions."""
+    if causal:
+        weight = weight * causal_mask(x.shape[2], x.device, weight.dtype)[None, :, :, None]
+    return _conv(x, weight)
+
+
+def _blocks(t, rows):
+    return [(r0, min(r0 + rows, t)) for r0 in range(0, t, rows)]
+
+
+class BlockedMix(torch.autograd.Function):
+    """Causal mixing computed block row by block row, skipping the blocks above the diagonal."""
+
+    @staticmethod
+    def forward(ctx, weight, x, rows):
+        t = x.shape[2]
+        wm = weight * causal_mask(t, x.device, weight.dtype)[None, :, :, None]
+        outs = [_conv(x[:, :, :r1], wm[:, r0:r1, :r1]) for r0, r1 in _blocks(t, rows)]
+        ctx.save_for_backward(wm, x)
+        ctx.rows = rows
+        return torch.cat(outs, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        wm, x = ctx.saved_tensors
+        b, h, t, c = x.shape
+        taps = wm.shape[3]
+        grad_out = grad_out.contiguous()
+        need_w, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_w = torch.zeros_like(wm) if need_w else None
+        grad_x = torch.zeros_like(x) if need_x else None
+        for r0, r1 in _blocks(t, ctx.rows):
+            xin = x[:, :, :r1].reshape(b, h * r1, c)
+            w_blk = wm[:, r0:r1, :r1].reshape(h * (r1 - r0), r1, taps)
+            g_blk = grad_out[:, :, r0:r1].reshape(b, h * (r1 - r0), c)
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                g_blk, xin, w_blk, None, [1], [taps // 2], [1], False, [0], h, [need_x, need_w, False])
+            if need_x:
+                grad_x[:, :, :r1] += gx.view(b, h, r1, c)
+            if need_w:
+                grad_w[:, r0:r1, :r1] = gw.view(h, r1 - r0, r1, taps)
+        if need_w:
+            # the diagonal blocks computed gradients for masked entries too: zero them exactly
+            grad_w *= causal_mask(t, x.device, wm.dtype)[None, :, :, None]
+        return grad_w, grad_x, None

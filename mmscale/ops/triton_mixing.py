@@ -1,0 +1,192 @@
+"""Triton kernels for causal token mixing that visit only the lower-triangular tiles.
+
+    out[g, i, c]  = sum_{j <= i} W[h, i, j] x[g, j, c]        g = (batch, head), h = head of g
+    dx[g, j, c]   = sum_{i >= j} W[h, i, j] dout[g, i, c]
+    dW[h, i, j]   = sum_{b, c} dout[(b, h), i, c] x[(b, h), j, c]   for j <= i, exactly 0 above
+
+The forward walks key tiles 0..i_tile, the input gradient walks output tiles j_tile..end, and the
+weight gradient launches one program per lower-triangular (i, j) tile pair; the tiles above the
+diagonal are never read or computed. Accumulation is fp32; inputs may be fp32, bf16 or fp16.
+Runs on the CPU under TRITON_INTERPRET=1 (how the tests check it without a GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the op falls back to the torch paths
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        # Triton 3.9's CPU interpreter returns garbage for bf16 tl.dot; it upcasts there only
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PREC)
+
+    @triton.jit
+    def _fwd_kernel(w_ptr, x_ptr, out_ptr, T, C, H,
+                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        g = tl.program_id(0)
+        it = tl.program_id(1)
+        ct = tl.program_id(2)
+        h = g % H
+        rows = it * BLOCK_I + tl.arange(0, BLOCK_I)
+        cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32)
+        w_base = w_ptr + h.to(tl.int64) * T * T
+        x_base = x_ptr + g.to(tl.int64) * T * C
+        # only key tiles that hold some j <= the tile's last row
+        j_end = tl.minimum((it + 1) * BLOCK_I, T)
+        for j0 in range(0, j_end, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            w_mask = (rows[:, None] < T) & (js[None, :] <= rows[:, None])
+            w = tl.load(w_base + rows[:, None] * T + js[None, :], mask=w_mask, other=0.0)
+            x_mask = (js[:, None] < T) & (cols[None, :] < C)
+            x = tl.load(x_base + js[:, None] * C + cols[None, :], mask=x_mask, other=0.0)
+            acc += _dot(w, x, PREC, UPCAST)
+        o_mask = (rows[:, None] < T) & (cols[None, :] < C)
+        tl.store(out_ptr + g.to(tl.int64) * T * C + rows[:, None] * C + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+    @triton.jit
+    def _bwd_x_kernel(w_ptr, dout_ptr, dx_ptr, T, C, H,
+                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        g = tl.program_id(0)
+        jt = tl.program_id(1)
+        ct = tl.program_id(2)
+        h = g % H
+        js = jt * BLOCK_J + tl.arange(0, BLOCK_J)
+        cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
+        w_base = w_ptr + h.to(tl.int64) * T * T
+        d_base = dout_ptr + g.to(tl.int64) * T * C
+        # only output tiles that hold some i >= the tile's first column
+        i_start = (jt * BLOCK_J // BLOCK_I) * BLOCK_I
+        for i0 in range(i_start, T, BLOCK_I):
+            rows = i0 + tl.arange(0, BLOCK_I)
+            # W^T tile [j, i]
+            wt_mask = (js[:, None] < T) & (rows[None, :] < T) & (js[:, None] <= rows[None, :])
+            wt = tl.load(w_base + rows[None, :] * T + js[:, None], mask=wt_mask, other=0.0)
+            d_mask = (rows[:, None] < T) & (cols[None, :] < C)
+            d = tl.load(d_base + rows[:, None] * C + cols[None, :], mask=d_mask, other=0.0)
+            acc += _dot(wt, d, PREC, UPCAST)
+        o_mask = (js[:, None] < T) & (cols[None, :] < C)
+        tl.store(dx_ptr + g.to(tl.int64) * T * C + js[:, None] * C + cols[None, :],
+                 acc.to(dx_ptr.dtype.element_ty), mask=o_mask)
+
+    @triton.jit
+    def _bwd_w_kernel(x_ptr, dout_ptr, dw_ptr, T, C, H, B, tile_i_ptr, tile_j_ptr,
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        it = tl.load(tile_i_ptr + pid)
+        jt = tl.load(tile_j_ptr + pid)
+        rows = it * BLOCK_I + tl.arange(0, BLOCK_I)
+        js = jt * BLOCK_J + tl.arange(0, BLOCK_J)
+        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        # sum over batch (g = b * H + h) and the feature axis
+        for b in range(0, B):
+            g = b * H + h
+            d_base = dout_ptr + g.to(tl.int64) * T * C
+            x_base = x_ptr + g.to(tl.int64) * T * C
+            for c0 in range(0, C, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                d = tl.load(d_base + rows[:, None] * C + cs[None, :],
+                            mask=(rows[:, None] < T) & (cs[None, :] < C), other=0.0)
+                xt = tl.load(x_base + js[None, :] * C + cs[:, None],
+                             mask=(js[None, :] < T) & (cs[:, None] < C), other=0.0)
+                acc += _dot(d, xt, PREC, UPCAST)
+        keep = (rows[:, None] < T) & (js[None, :] < T)
+        acc = tl.where(js[None, :] <= rows[:, None], acc, 0.0)
+        tl.store(dw_ptr + h.to(tl.int64) * T * T + rows[:, None] * T + js[None, :],
+                 acc.to(dw_ptr.dtype.element_ty), mask=keep)
+
+
+def _blocks(t: int, c: int, dtype: torch.dtype):
+    if _interpreting():  # the interpreter is slow per program: few, small tiles
+        return 16, 16, 16
+    bi = 64 if t >= 64 else 16
+    bc = 64 if c >= 64 else max(16, triton.next_power_of_2(c))
+    return bi, bi, bc
+
+
+def _precision(dtype) -> str:
+    # fp32 follows torch's matmul setting: exact ("ieee") unless TF32 was allowed
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _lower_tiles(n_tiles: int, device):
+    it, jt = torch.tril_indices(n_tiles, n_tiles, device=device)
+    return it.to(torch.int32).contiguous(), jt.to(torch.int32).contiguous()
+
+
+def mix_forward(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w [H, T, T], x [B, H, T, C] (contiguous) -> [B, H, T, C]."""
+    b, h, t, c = x.shape
+    out = torch.empty_like(x)
+    bi, bj, bc = _blocks(t, c, x.dtype)
+    grid = (b * h, triton.cdiv(t, bi), triton.cdiv(c, bc))
+    _fwd_kernel[grid](w, x, out, t, c, h, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, PREC=_precision(x.dtype), UPCAST=_interpreting())
+    return out
+
+
+def mix_backward(w, x, dout, need_w=True, need_x=True):
+    b, h, t, c = x.shape
+    bi, bj, bc = _blocks(t, c, x.dtype)
+    dx = dw = None
+    if need_x:
+        dx = torch.empty_like(x)
+        grid = (b * h, triton.cdiv(t, bj), triton.cdiv(c, bc))
+        _bwd_x_kernel[grid](w, dout, dx, t, c, h, BLOCK_J=bj, BLOCK_I=bi, BLOCK_C=bc, PREC=_precision(x.dtype), UPCAST=_interpreting())
+    if need_w:
+        assert bi == bj
+        # fp32 accumulation buffer; tiles above the diagonal stay zero (never launched)
+        dw = torch.zeros(h, t, t, device=x.device, dtype=torch.float32)
+        ti, tj = _lower_tiles(triton.cdiv(t, bi), x.device)
+        grid = (ti.numel(), h)
+        _bwd_w_kernel[grid](x, dout, dw, t, c, h, b, ti, tj, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, PREC=_precision(x.dtype), UPCAST=_interpreting())
+        dw = dw.to(w.dtype)
+    return dw, dx
+
+
+class TritonMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, x):
+        w, x = w.contiguous(), x.contiguous()
+        ctx.save_for_backward(w, x)
+        return mix_forward(w, x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        w, x = ctx.saved_tensors
+        dw, dx = mix_backward(w, x, dout.contiguous(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dw, dx
+
+
+def triton_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Causal token mixing: w [H, T, T] (raw, unmasked), x [B, H, T, C], same dtype."""
+    if triton is None:
+        raise RuntimeError("token_mix impl 'triton' needs the triton package; pip install triton, "
+                           "or set model.mixer_impl to auto, dense or blocked")
+    if x.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("token_mix impl 'triton' runs on CUDA (or on the CPU with TRITON_INTERPRET=1); "
+                           "set model.mixer_impl to auto, dense or blocked")
+    return TritonMix.apply(w, x)
