@@ -75,6 +75,9 @@ class TrainConfig:
     max_steps: int = 100
     micro_batch_size: int = 8
     grad_accum: int = 1
+    # samples per optimizer step over all ranks; 0 = micro_batch_size * grad_accum * ranks. When set,
+    # grad_accum is derived from it (it must be a multiple of micro_batch_size * ranks)
+    global_batch_size: int = 0
     lr: float = 5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -325,6 +328,7 @@ def validate(cfg: Config) -> None:
     _check(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
     _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    _check(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0 (0 = derived), got {t.global_batch_size}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
