@@ -1,0 +1,153 @@
+"""The masked mixer language model (Badger 2024, arXiv 2409.01482).
+
+An MLP-Mixer turned into a causal LM: attention is replaced by a learned T x T matrix over token
+positions (T = n_ctx, fixed), lower-triangular so that position i only sees positions j <= i.
+
+    x = embed(ids)                                  # no positional encoding: the mixing matrix is positional
+    for block in blocks:
+        x = x + TokenMixing(LayerNorm(x))           # tril(W) @ x + b, shared by all channels
+        x = x + FFN(LayerNorm(x))                   # Linear(d, 4d) -> GELU -> Linear(4d, d)
+    logits = lm_head(norm(x))                       # norm is Identity unless model.final_norm
+
+The causal mask is applied functionally inside TokenMixer.forward (weight * mask, the mask a
+non-persistent buffer), never written into the weight: state dicts hold clean parameters, masked
+entries get exactly zero gradient, and sharded engines (FSDP2, ZeRO-3) see a pure function.
+
+Inputs shorter than n_ctx are right-padded with zero vectors after the embedding and the output is
+cut back: with causal mixing, padding after position i cannot change position i. (With
+`bidirectional` the padded zeros are part of what every position sees.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmscale.models.common import CausalLM
+
+
+class TokenMixer(nn.Module):
+    """Masked mixing over the sequence axis: `heads` x `kernel_size` matrices of size T x T.
+
+    x [B, T, C] with C split into `heads` groups; group h, output position i, channel c:
+        out[i, h, c] = sum_{j, t} (W * mask)[h, t, i, j] * x_pad[j, h, c + t]  (+ bias[i])
+    i.e. the paper's Conv1d(T, T, kernel_size, padding=k//2) that slides over the feature axis,
+    with one masked T x T matrix per tap. kernel_size 1 and one head is the paper's flat mixer.
+    """
+
+    def __init__(self, n_ctx: int, heads: int = 1, kernel_size: int = 1, bias: bool = True,
+                 causal: bool = True):
+        super().__init__()
+        self.n_ctx, self.heads, self.kernel_size, self.causal = n_ctx, heads, kernel_size, causal
+        self.weight = nn.Parameter(torch.empty(heads, kernel_size, n_ctx, n_ctx))
+        self.bias = nn.Parameter(torch.empty(n_ctx)) if bias else None
+        mask = torch.ones(n_ctx, n_ctx)
+        self.register_buffer("mask", torch.tril(mask) if causal else mask, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # the paper's Conv1d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = T * k; then the
+        # future entries zeroed so the stored weight equals the weight in use
+        bound = 1.0 / math.sqrt(self.n_ctx * self.kernel_size)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            self.weight.mul_(self.mask)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.mask.to(self.weight.dtype)
+        B, T, C = x.shape
+        x = x.reshape(B, T, self.heads, C // self.heads)
+        if self.kernel_size == 1:
+            out = torch.einsum("hij,bjhc->bihc", w[:, 0], x)
+        else:
+            pad = self.kernel_size // 2
+            windows = F.pad(x, (pad, pad)).unfold(-1, self.kernel_size, 1)  # [B, T, H, C/H, k]
+            out = torch.einsum("htij,bjhct->bihc", w, windows)
+        out = out.reshape(B, T, C)
+        return out if self.bias is None else out + self.bias[:, None]
+
+
+class MultiHeadTokenMixing(nn.Module):
+    """Project to `heads` groups of d/heads channels, mix each group with its own masked matrix, project out."""
+
+    def __init__(self, d_model: int, n_ctx: int, heads: int, kernel_size: int, causal: bool):
+        super().__init__()
+        self.in_proj = nn.Linear(d_model, d_model)
+        self.mixer = TokenMixer(n_ctx, heads, kernel_size, bias=False, causal=causal)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.mixer(self.in_proj(x)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        causal = not cfg.bidirectional
+        self.mix_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        if cfg.mixer == "flat":
+            self.mixing = TokenMixer(cfg.n_ctx, 1, cfg.kernel_size, bias=True, causal=causal)
+        else:
+            self.mixing = MultiHeadTokenMixing(cfg.d_model, cfg.n_ctx, cfg.heads, cfg.kernel_size, causal)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden or cfg.ffn_mult * cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixing(self.mix_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MaskedMixerLM(CausalLM):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(MixerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # torch's N(0, 1) embedding would give logits of std sqrt(d) through a tied head
+            nn.init.normal_(self.embed.weight, std=cfg.init_std)
+            self.lm_head.weight = self.embed.weight
+
+    def _run_blocks(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        L = x.shape[1]
+        if L < self.config.n_ctx:  # the mixing matrices are T x T: pad to T, cut back below
+            x = F.pad(x, (0, 0, 0, self.config.n_ctx - L))
+        for block in self.blocks[:n]:
+            x = block(x)
+        return x[:, :L]
+
+    def flops_per_token(self, backward: bool = True) -> dict:
+        """Matmul FLOPs per token (2 per multiply-add; fwd + bwd = 3 x fwd when `backward`).
+
+        "dense": the full T x T mixing matrices (what a dense matmul executes);
+        "causal": only the live lower triangle (position i mixes i + 1 positions: (T + 1) / 2 on average).
+        Norms, biases, GELU and the embedding lookup are not counted.
+        """
+        c = self.config
+        d, T, k = c.d_model, c.n_ctx, c.kernel_size
+        ffn = 4 * d * (c.ffn_hidden or c.ffn_mult * d)
+        proj = 4 * d * d if c.mixer == "multihead" else 0
+        mix_dense, mix_causal = 2 * T * d * k, (T + 1) * d * k
+        if c.bidirectional:
+            mix_causal = mix_dense
+        head = 2 * d * c.vocab_size
+        mult = 3 if backward else 1
+        per_layer = lambda mix: ffn + proj + mix  # noqa: E731
+        return {"dense": mult * (c.n_layers * per_layer(mix_dense) + head),
+                "causal": mult * (c.n_layers * per_layer(mix_causal) + head)}
