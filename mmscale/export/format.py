@@ -65,7 +65,13 @@ def save_export(out_dir: str | os.PathLike, state_dict: dict, model_cfg: Any, to
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        # safetensors refuses tensors that share storage (a tied embedding/head): store a copy of each
+        tensors, seen = {}, set()
+        for k, v in state_dict.items():
+            t = v.detach().contiguous().cpu()
+            ptr = t.untyped_storage().data_ptr()
+            tensors[k] = t.clone() if ptr in seen else t
+            seen.add(ptr)
         dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         meta = {"format": FORMAT, "version": VERSION, "model": cfg, "dtype": ",".join(dtypes),
