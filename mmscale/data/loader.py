@@ -1,0 +1,343 @@
+"""The streaming data loader the trainer uses: MDS shards -> batches of token tensors.
+
+    loader = build_dataloader(cfg.data, "train", n_ctx=cfg.model.n_ctx,
+                              micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed,
+                              rank=rank, world_size=world_size, local_rank=local_rank,
+                              local_world_size=local_world_size)
+    for batch in loader:          # endless for "train": moves to the next epoch by itself
+        loss = model(batch["input_ids"], batch["labels"])
+    sd = loader.state_dict()      # put it into the checkpoint (plain ints and strings)
+    loader.load_state_dict(sd)    # on resume, before iterating; exact mid-epoch, any world size
+    loader.close()                # at shutdown: frees the dataset's /dev/shm segments and lock files
+
+Batches are dicts:
+  packed  {"input_ids": Long[B, n_ctx] = window[:, :-1], "labels": Long[B, n_ctx + 1] = window}
+  padded  {"input_ids": Long[B, n_ctx] (pads = the pad id), "labels": Long[B, n_ctx] (pads = -100)}
+which is what the models' `forward(input_ids, labels)` takes (see ARCHITECTURE.md).
+
+Where the data comes from: `data.train` names a prepared dataset (the output of `mmscale prepare`);
+split "train" reads its `train/` shards, split "val" the `val/` shards of `data.val` if set, else of
+`data.train`. A dataset is read in place when it is a local directory and `data.cache_dir` is
+empty (zstd shards are decompressed next to themselves, so the directory must be writable);
+otherwise it is treated as a mosaicml-streaming remote (s3://, gs://, ... or a local path) and
+copied into `data.cache_dir/<hash of the remote>/`.
+
+Order: mosaicml-streaming shuffles with `shuffle_seed = seed` and `num_canonical_nodes =
+data.num_canonical_nodes`; the global sample order then depends only on those and the batch
+size, not on the number of ranks, so a run resumed onto another world size continues the same
+sequence. Ranks get disjoint samples (an uneven epoch end repeats a few samples on some ranks;
+the train loader drops the last incomplete batch so every batch has B samples).
+
+mosaicml-streaming reads the world from RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; this
+module sets them from its arguments (and refuses values that contradict ones already set). Its
+lock files go to a private directory under the temp dir, removed by `close()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from mmscale.data.prepare import MANIFEST
+from mmscale.errors import UserError
+
+IGNORE_INDEX = -100
+_SHM_NAMES = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times",
+              "resume", "epoch_shape", "epoch_data")
+_LOCK_NAMES = ("barrier_filelock", "cache_filelock")
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# manifests
+
+def read_manifest(path: str, cache_dir: str = "") -> dict:
+    """The manifest of a prepared dataset (local dir or remote); UserError when there is none."""
+    if _is_remote(path):
+        if not cache_dir:
+            raise UserError(f"dataset '{path}' is remote; set data.cache_dir to a local directory for its cache")
+        from mmscale.data._streaming import import_streaming
+
+        import_streaming()
+        from streaming.base.storage import download_file
+
+        local = Path(cache_dir) / _short_hash(path) / MANIFEST
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            download_file(f"{path.rstrip('/')}/{MANIFEST}", str(local), timeout=60)
+        except Exception as e:
+            raise UserError(f"could not fetch '{path}/{MANIFEST}' ({type(e).__name__}); "
+                            "check the remote path and credentials") from None
+        return json.loads(local.read_text())
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        raise UserError(f"'{path}' is not a prepared dataset (no {MANIFEST}); make one with `mmscale prepare`")
+    try:
+        return json.loads(mpath.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"'{mpath}' is not valid JSON; prepare the dataset again") from None
+
+
+def check_dataset(path: str, model_cfg, *, tokenizer: str | None = None, cache_dir: str = "") -> dict:
+    """Refuse a dataset that does not fit the model; return its manifest.
+
+    Checks n_ctx and vocab size against `model_cfg` (a ModelConfig) and, when `tokenizer` is given
+    (a .model path or a sha256 hex digest), the tokenizer file hash. Raises UserError naming both
+    values.
+    """
+    m = read_manifest(path, cache_dir)
+    if m.get("n_ctx") != model_cfg.n_ctx:
+        raise UserError(f"dataset '{path}' was prepared with n_ctx {m.get('n_ctx')} but model.n_ctx is "
+                        f"{model_cfg.n_ctx}; prepare it with --n-ctx {model_cfg.n_ctx} or set "
+                        f"model.n_ctx={m.get('n_ctx')}")
+    if m.get("vocab_size") != model_cfg.vocab_size:
+        raise UserError(f"dataset '{path}' has a tokenizer of vocab size {m.get('vocab_size')} but "
+                        f"model.vocab_size is {model_cfg.vocab_size}; set model.vocab_size="
+                        f"{m.get('vocab_size')} or prepare it with a {model_cfg.vocab_size}-piece tokenizer")
+    if tokenizer:
+        from mmscale.data.tokenizer import file_sha256
+
+        want = tokenizer if (len(tokenizer) == 64 and not os.path.exists(tokenizer)) else file_sha256(tokenizer)
+        have = m.get("tokenizer", {}).get("sha256")
+        if want != have:
+            raise UserError(f"dataset '{path}' was tokenized with tokenizer sha256 {str(have)[:16]}... but the "
+                            f"model's tokenizer is {want[:16]}...; prepare the dataset with the model's tokenizer")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# collate
+
+def _collate(samples: list[dict], *, layout: str, n_ctx: int, left_pad: bool) -> dict[str, torch.Tensor]:
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    if layout == "packed":
+        return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens}
+    lengths = torch.tensor([int(s["length"]) for s in samples], dtype=torch.long)
+    pos = torch.arange(n_ctx)
+    real = pos[None, :] >= (n_ctx - lengths[:, None]) if left_pad else pos[None, :] < lengths[:, None]
+    labels = tokens.masked_fill(~real, IGNORE_INDEX)
+    return {"input_ids": tokens, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# the world, as mosaicml-streaming reads it
+
+def _set_world_env(rank: int, world_size: int, local_rank: int | None, local_world_size: int | None) -> None:
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world size {world_size}")
+    local_rank = rank if local_rank is None else local_rank
+    local_world_size = world_size if local_world_size is None else local_world_size
+    if world_size % local_world_size:
+        raise UserError(f"world size {world_size} is not a multiple of the ranks per node ({local_world_size})")
+    want = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": local_world_size}
+    for key, value in want.items():
+        have = os.environ.get(key)
+        if have is not None and have != "" and int(have) != value:
+            raise UserError(f"environment {key}={have} contradicts the {key.lower()} {value} passed to "
+                            "build_dataloader; pass the launcher's values")
+    for key, value in want.items():
+        os.environ[key] = str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loader
+
+class StreamingLoader:
+    """Batches of one split; endless for training. See the module docstring."""
+
+    def __init__(self, dataset, loader, *, split: str, endless: bool, micro_batch_size: int,
+                 world_size: int, lock_dir: Path, local_rank: int, manifest: dict):
+        self.dataset, self.loader = dataset, loader
+        self.split, self.endless = split, endless
+        self.micro_batch_size, self.world_size = micro_batch_size, world_size
+        self.manifest = manifest
+        self._lock_dir, self._local_rank = lock_dir, local_rank
+        self.epoch = 0
+        self.sample_in_epoch = 0  # samples of this epoch consumed by all ranks together
+        self._closed = False
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        step = self.micro_batch_size * self.world_size
+        while True:
+            got = 0
+            for batch in self.loader:
+                got += 1
+                self.sample_in_epoch += step
+                yield batch
+            self.epoch += 1
+            self.sample_in_epoch = 0
+            if not self.endless:
+                return
+            if got == 0:
+                raise UserError(
+                    f"the {self.split} split has too few samples ({self.dataset.epoch_size}) for one batch of "
+                    f"{self.micro_batch_size} on each of {self.world_size} ranks; use more data or a smaller batch")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next batch comes from; the same on every rank (plain ints, JSON-safe)."""
+        return {
+            "epoch": self.epoch,
+            "sample_in_epoch": self.sample_in_epoch,
+            "num_canonical_nodes": int(self.dataset.num_canonical_nodes),
+            "shuffle_seed": int(self.dataset.shuffle_seed),
+            "micro_batch_size": self.micro_batch_size,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (from any world size); call before iterating."""
+        try:
+            epoch, sample_in_epoch = int(state["epoch"]), int(state["sample_in_epoch"])
+            ncn, seed = int(state["num_canonical_nodes"]), int(state["shuffle_seed"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError("the data-loader state in the checkpoint is incomplete; it was not written by "
+                            "mmscale's loader") from None
+        if ncn != self.dataset.num_canonical_nodes:
+            raise UserError(f"the checkpoint's data order used data.num_canonical_nodes={ncn} but this run has "
+                            f"{self.dataset.num_canonical_nodes}; set data.num_canonical_nodes={ncn} to resume")
+        if seed != self.dataset.shuffle_seed:
+            raise UserError(f"the checkpoint's data order used seed {seed} but this run has "
+                            f"{self.dataset.shuffle_seed}; set run.seed={seed} to resume")
+        self.epoch, self.sample_in_epoch = epoch, sample_in_epoch
+        # streaming picks this up in its next __iter__ (its resume shared memory)
+        self.dataset.load_state_dict({
+            "epoch": epoch, "sample_in_epoch": sample_in_epoch, "num_canonical_nodes": ncn,
+            "shuffle_seed": seed, "initial_physical_nodes": None,
+        })
+
+    def close(self) -> None:
+        """Free the dataset's shared memory and lock files (call once, at shutdown, on every rank)."""
+        if self._closed:
+            return
+        self._closed = True
+        it = getattr(self.dataset, "_iterator", None)
+        if it is not None:
+            it.exit()
+        loader_it = getattr(self.loader, "_iterator", None)
+        if loader_it is not None and hasattr(loader_it, "_shutdown_workers"):
+            loader_it._shutdown_workers()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # nobody may still be reading the segments we unlink
+        prefix = getattr(self.dataset, "_shm_prefix_int", None)
+        if prefix is not None and self._local_rank == 0:
+            release_shared_memory(prefix)
+            for name in _LOCK_NAMES:
+                (self._lock_dir / f"{prefix:06}_{name}").unlink(missing_ok=True)
+            try:
+                self._lock_dir.rmdir()
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def release_shared_memory(prefix: int) -> list[str]:
+    """Unlink the /dev/shm segments of the streaming dataset with this prefix; return their names."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    gone = []
+    for name in _SHM_NAMES:
+        seg = f"{prefix:06}_{name}"
+        try:
+            shm = shared_memory.SharedMemory(name=seg, create=False)
+        except FileNotFoundError:
+            continue
+        shm.close()
+        try:
+            shm.unlink()
+            gone.append(seg)
+        except FileNotFoundError:
+            # someone else unlinked it; attaching registered it with the resource tracker
+            resource_tracker.unregister(f"/{seg}", "shared_memory")
+    return gone
+
+
+def _split_location(data_cfg, split: str) -> tuple[str, str]:
+    if split not in ("train", "val"):
+        raise UserError(f"split must be 'train' or 'val', got {split!r}")
+    root = data_cfg.train if split == "train" or not data_cfg.val else data_cfg.val
+    if not root:
+        raise UserError("data.train is empty; set it to a dataset made by `mmscale prepare`")
+    return root, split
+
+
+def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int, seed: int,
+                     rank: int = 0, world_size: int = 1, local_rank: int | None = None,
+                     local_world_size: int | None = None, endless: bool | None = None) -> StreamingLoader:
+    """A loader over one split of a prepared dataset (see the module docstring).
+
+    `data_cfg` is a DataConfig; `split` "train" (endless unless `endless=False`) or "val" (one
+    pass); `rank` / `world_size` are global, `local_rank` / `local_world_size` those of the node
+    (default: a single node).
+    """
+    if micro_batch_size < 1:
+        raise UserError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    root, split = _split_location(data_cfg, split)
+    manifest = read_manifest(root, data_cfg.cache_dir)
+    if manifest.get("n_ctx") != n_ctx:
+        raise UserError(f"dataset '{root}' was prepared with n_ctx {manifest.get('n_ctx')} but the model's "
+                        f"n_ctx is {n_ctx}; prepare it with --n-ctx {n_ctx} or set model.n_ctx={manifest.get('n_ctx')}")
+    if manifest["splits"][split]["samples"] == 0:
+        raise UserError(f"dataset '{root}' has no {split} samples; prepare it with --val-fraction > 0")
+    _set_world_env(rank, world_size, local_rank, local_world_size)
+    local_rank = rank if local_rank is None else local_rank
+
+    from mmscale.data._streaming import import_streaming
+
+    streaming = import_streaming()
+    if data_cfg.cache_dir or _is_remote(root):
+        if not data_cfg.cache_dir:
+            raise UserError(f"dataset '{root}' is remote; set data.cache_dir to a local directory for its cache")
+        remote = root.rstrip("/") if _is_remote(root) else str(Path(root).resolve())
+        local = str(Path(data_cfg.cache_dir).resolve() / _short_hash(remote))
+        stream_args = dict(remote=remote, local=local)
+    else:
+        remote, local = None, str(Path(root).resolve())
+        stream_args = dict(local=local)
+    # lock files of this dataset: the same directory on every rank of the node, private to it
+    lock_dir = Path(tempfile.gettempdir()) / "mmscale-streaming" / _short_hash(f"{local}/{split}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    saved_tempdir = tempfile.tempdir
+    tempfile.tempdir = str(lock_dir)  # streaming puts its lock files in gettempdir()
+    try:
+        dataset = streaming.StreamingDataset(
+            **stream_args, split=split, shuffle=data_cfg.shuffle if split == "train" else False,
+            shuffle_seed=seed, num_canonical_nodes=data_cfg.num_canonical_nodes,
+            shuffle_block_size=data_cfg.shuffle_block_size, batch_size=micro_batch_size,
+            predownload=max(8 * micro_batch_size, 64),
+        )
+    finally:
+        tempfile.tempdir = saved_tempdir
+    layout = manifest["layout"]
+    collate = partial(_collate, layout=layout, n_ctx=n_ctx, left_pad=manifest.get("pad_side") == "left")
+    is_train = split == "train"
+    loader = streaming.StreamingDataLoader(
+        dataset, batch_size=micro_batch_size, collate_fn=collate, num_workers=data_cfg.num_workers,
+        drop_last=is_train, persistent_workers=False, pin_memory=False,
+    )
+    return StreamingLoader(dataset, loader, split=split, endless=is_train if endless is None else endless,
+                           micro_batch_size=micro_batch_size, world_size=world_size, lock_dir=lock_dir,
+                           local_rank=local_rank, manifest=manifest)

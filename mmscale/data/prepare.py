@@ -1,0 +1,523 @@
+"""Tokenize text into MDS shards: the `mmscale prepare` command.
+
+    mmscale prepare --input stories.txt --tokenizer tok.model --n-ctx 256 --out data/stories
+
+Inputs (each --input, by file extension):
+  plain text  documents separated by a separator line (default `<|endoftext|>`); a file with no
+              such line is split on blank lines instead
+  .jsonl      one JSON object per line; the document is its --text-field
+  .parquet    the --text-field column (needs pyarrow)
+  hf:NAME[:CONFIG][@SPLIT]   a Hugging Face dataset by name (needs `datasets` and a network)
+  a directory: every *.txt, *.jsonl and *.parquet file in it, sorted
+
+Layouts:
+  packed  documents joined, each followed by EOS, cut into windows of n_ctx + 1 tokens (the last
+          partial window is dropped); pretraining. A sample is {"tokens": uint[n_ctx + 1]}.
+  padded  one document per sample, EOS appended, truncated to n_ctx and padded (right or left) with
+          the pad id; what the paper did and what retrieval needs.
+          A sample is {"tokens": uint[n_ctx], "length": int32}.
+
+The output directory holds `manifest.json`, `train/` and `val/` (MDS shards, zstd) and a copy of
+the tokenizer. Documents go to val by a seeded draw (exactly round(F * documents), at least one
+when F > 0). Everything is first checked (files exist, UTF-8, fields present) and then written
+into a hidden sibling directory that is renamed into place at the end, so an interrupted prepare
+never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mmscale.data.tokenizer import DEFAULT_SEPARATOR, file_sha256
+from mmscale.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+DOCS_PER_TASK = 256  # documents per worker task: large enough to amortise pickling
+
+
+# ---------------------------------------------------------------------------------------------
+# reading documents
+
+def _decode(raw: bytes, path: str, offset: int, errors: str) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(f"'{path}' is not valid UTF-8 at byte offset {offset + e.start}; "
+                        "fix the file or pass --errors replace") from None
+
+
+def iter_text_documents(path: str, *, separator: str = DEFAULT_SEPARATOR, errors: str = "strict",
+                        ) -> Iterator[str]:
+    """Documents of a plain-text file: split on separator lines, or on blank lines if there are none."""
+    raw = Path(path).read_bytes()
+    text = _decode(raw, path, 0, errors)
+    sep_line = separator.strip()
+    lines = text.split("\n")
+    if sep_line and any(line.strip() == sep_line for line in lines):
+        doc: list[str] = []
+        for line in lines + [sep_line]:
+            if line.strip() == sep_line:
+                text_of_doc = "\n".join(doc).strip("\n")
+                if text_of_doc.strip():  # nothing but whitespace between two separators: no document
+                    yield text_of_doc
+                doc = []
+            else:
+                doc.append(line)
+    else:
+        doc = []
+        for line in lines:
+            if line.strip():
+                doc.append(line)
+            elif doc:
+                yield "\n".join(doc)
+                doc = []
+        if doc:
+            yield "\n".join(doc)
+
+
+def iter_jsonl_documents(path: str, *, field: str, errors: str = "strict") -> Iterator[str]:
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, path, offset, errors)
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"'{path}' line {lineno} is not valid JSON ({e.msg}); fix that line") from None
+            if not isinstance(obj, dict) or field not in obj:
+                raise UserError(f"'{path}' line {lineno} has no field '{field}'; "
+                                "pass --text-field with the name of the text field")
+            value = obj[field]
+            if not isinstance(value, str):
+                raise UserError(f"'{path}' line {lineno}: field '{field}' is {type(value).__name__}, "
+                                "not a string; pass --text-field naming a text field")
+            yield value
+
+
+def iter_parquet_documents(path: str, *, field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("reading Parquet needs pyarrow; install it with `pip install pyarrow`") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"'{path}' is not a readable Parquet file ({type(e).__name__}); check the file") from None
+    if field not in pf.schema_arrow.names:
+        raise UserError(f"'{path}' has no column '{field}' (columns: {', '.join(pf.schema_arrow.names)}); "
+                        "pass --text-field with the text column")
+    for batch in pf.iter_batches(columns=[field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield value
+
+
+def iter_hf_documents(spec: str, *, field: str) -> Iterator[str]:
+    """`hf:NAME[:CONFIG][@SPLIT]` -> the text column of a Hugging Face dataset."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"input '{spec}' needs the `datasets` library; install it with "
+                        "`pip install datasets` (or pass local files)") from None
+    body = spec[len("hf:"):]
+    body, _, split = body.partition("@")
+    name, _, config = body.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:
+        raise UserError(f"could not load Hugging Face dataset '{name}' ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check the name and the network") from None
+    if field not in ds.column_names:
+        raise UserError(f"dataset '{name}' has no column '{field}' (columns: {', '.join(ds.column_names)}); "
+                        "pass --text-field")
+    for value in ds[field] if len(ds) < 100_000 else (row[field] for row in ds):
+        if value is not None:
+            yield value
+
+
+@dataclass
+class Source:
+    """One input: a file (or a Hugging Face dataset) and how to read it."""
+
+    spec: str
+    kind: str  # text | jsonl | parquet | hf
+
+    def documents(self, opts: argparse.Namespace | "PrepareOptions") -> Iterator[str]:
+        if self.kind == "text":
+            return iter_text_documents(self.spec, separator=opts.separator, errors=opts.errors)
+        if self.kind == "jsonl":
+            return iter_jsonl_documents(self.spec, field=opts.text_field, errors=opts.errors)
+        if self.kind == "parquet":
+            return iter_parquet_documents(self.spec, field=opts.text_field)
+        return iter_hf_documents(self.spec, field=opts.text_field)
+
+    def fingerprint(self) -> str:
+        return self.spec if self.kind == "hf" else file_sha256(self.spec)
+
+
+def resolve_sources(inputs: list[str]) -> list[Source]:
+    if not inputs:
+        raise UserError("no --input given; pass text, JSONL or Parquet files")
+    sources = []
+    for spec in inputs:
+        if spec.startswith("hf:"):
+            sources.append(Source(spec, "hf"))
+            continue
+        p = Path(spec)
+        if p.is_dir():
+            files = sorted(q for q in p.iterdir()
+                           if q.is_file() and (q.suffix in TEXT_SUFFIXES + (".jsonl", ".parquet")))
+            if not files:
+                raise UserError(f"directory '{spec}' holds no .txt, .jsonl or .parquet files; pass files")
+            sources.extend(resolve_sources([str(q) for q in files]))
+            continue
+        if not p.is_file():
+            raise UserError(f"input '{spec}' does not exist; pass an existing file")
+        if p.stat().st_size == 0:
+            raise UserError(f"input '{spec}' is empty; pass a file with text in it")
+        kind = "jsonl" if p.suffix in (".jsonl", ".ndjson") else "parquet" if p.suffix == ".parquet" else "text"
+        sources.append(Source(str(p), kind))
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizing in worker processes
+
+_worker_sp = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_sp
+    import sentencepiece as spm
+
+    _worker_sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+
+
+def _encode_batch(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode documents; return (all token ids concatenated as uint32, per-document lengths)."""
+    ids = _worker_sp.encode(docs)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _batched(it: Iterator[str], n: int) -> Iterator[list[str]]:
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# writing samples
+
+class _PackedSplit:
+    """Joins documents (each followed by EOS) and writes windows of n_ctx + 1 tokens."""
+
+    def __init__(self, writer, n_ctx: int, eos: int, dtype):
+        self.writer, self.window, self.eos, self.dtype = writer, n_ctx + 1, eos, dtype
+        self.buffer = np.zeros(0, dtype=dtype)
+        self.samples = self.tokens = self.documents = self.dropped_tokens = 0
+
+    def add(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        # insert an EOS after every document
+        ends = np.cumsum(lengths)
+        joined = np.insert(flat, ends, self.eos).astype(self.dtype, copy=False)
+        self.documents += len(lengths)
+        buf = np.concatenate([self.buffer, joined])
+        n = len(buf) // self.window
+        for row in buf[: n * self.window].reshape(n, self.window):
+            self.writer.write({"tokens": row})
+        self.buffer = buf[n * self.window:].copy()
+        self.samples += n
+        self.tokens += n * self.window
+
+    def finish(self) -> None:
+        self.dropped_tokens = len(self.buffer)
+
+
+class _PaddedSplit:
+    """One document per sample: EOS appended, truncated to n_ctx, padded with the pad id."""
+
+    def __init__(self, writer, n_ctx: int, eos: int, pad: int, pad_side: str, dtype):
+        self.writer, self.n_ctx, self.eos, self.pad, self.left, self.dtype = (
+            writer, n_ctx, eos, pad, pad_side == "left", dtype)
+        self.samples = self.tokens = self.documents = self.truncated = 0
+
+    def add(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        start = 0
+        for n in lengths.tolist():
+            doc = flat[start:start + n]
+            start += n
+            length = min(n + 1, self.n_ctx)
+            self.truncated += int(n + 1 > self.n_ctx)
+            row = np.full(self.n_ctx, self.pad, dtype=self.dtype)
+            body = np.empty(length, dtype=self.dtype)
+            body[: min(n, length)] = doc[:length]
+            if n < length:
+                body[n] = self.eos
+            if self.left:
+                row[self.n_ctx - length:] = body
+            else:
+                row[:length] = body
+            self.writer.write({"tokens": row, "length": np.int32(length)})
+            self.samples += 1
+            self.tokens += length
+            self.documents += 1
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class PrepareOptions:
+    inputs: list[str]
+    tokenizer: str
+    n_ctx: int
+    out: str
+    layout: str = "packed"
+    pad: str = "right"
+    val_fraction: float = 0.01
+    text_field: str = "text"
+    separator: str = DEFAULT_SEPARATOR
+    errors: str = "strict"
+    dtype: str = "auto"
+    workers: int = 0  # 0 = one per CPU core
+    seed: int = 0
+    overwrite: bool = False
+    shard_bytes: int = 1 << 26
+    progress: bool = True
+
+
+def _pick_dtype(requested: str, vocab_size: int) -> str:
+    limits = {"uint16": 1 << 16, "uint32": 1 << 32}
+    if requested == "auto":
+        return "uint16" if vocab_size <= limits["uint16"] else "uint32"
+    if requested not in limits:
+        raise UserError(f"--dtype must be auto, uint16 or uint32, got {requested!r}")
+    if vocab_size > limits[requested]:
+        raise UserError(f"the tokenizer's vocab ({vocab_size}) does not fit --dtype {requested} "
+                        f"(at most {limits[requested]} ids); pass --dtype uint32 or auto")
+    return requested
+
+
+def _val_mask(n_docs: int, fraction: float, seed: int) -> np.ndarray:
+    n_val = int(round(fraction * n_docs))
+    if fraction > 0:
+        n_val = max(1, n_val)
+    if n_val >= n_docs:
+        raise UserError(f"--val-fraction {fraction} leaves no training documents out of {n_docs}; "
+                        "pass a smaller --val-fraction or more text")
+    mask = np.zeros(n_docs, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+    return mask
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    """Run the whole preparation; return the manifest. See the module docstring."""
+    from mmscale.data.tokenizer import load_tokenizer, special_ids
+
+    # ---- check everything before writing anything
+    if opts.n_ctx < 2:
+        raise UserError(f"--n-ctx must be at least 2 (a context predicts at least one token), got {opts.n_ctx}")
+    if opts.layout not in ("packed", "padded"):
+        raise UserError(f"--layout must be packed or padded, got {opts.layout!r}")
+    if opts.pad not in ("left", "right"):
+        raise UserError(f"--pad must be left or right, got {opts.pad!r}")
+    if not 0 <= opts.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    if opts.errors not in ("strict", "replace"):
+        raise UserError(f"--errors must be strict or replace, got {opts.errors!r}")
+    out = Path(opts.out)
+    if out.exists() and not opts.overwrite:
+        raise UserError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    sp = load_tokenizer(opts.tokenizer)
+    vocab_size = sp.get_piece_size()
+    dtype = _pick_dtype(opts.dtype, vocab_size)
+    ids = special_ids(sp)
+    if ids["eos"] < 0:
+        raise UserError(f"tokenizer '{opts.tokenizer}' has no EOS id; use a tokenizer with one "
+                        "(`mmscale tokenizer train` makes eos = 3)")
+    pad_id = ids["pad"] if ids["pad"] >= 0 else ids["eos"]
+    sources = resolve_sources(opts.inputs)
+    counts = []
+    for src in sources:  # first pass: validates encoding and fields, counts documents
+        n = sum(1 for _ in src.documents(opts))
+        if n == 0:
+            raise UserError(f"input '{src.spec}' holds no documents; pass a file with text in it")
+        counts.append(n)
+    n_docs = sum(counts)
+    is_val = _val_mask(n_docs, opts.val_fraction, opts.seed)
+
+    # ---- write into a hidden sibling directory, rename at the end
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        manifest = _write(opts, sources, counts, is_val, tmp, sp, vocab_size, dtype, ids, pad_id)
+        if out.exists():  # --overwrite: move the old one aside only once the new one is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write(opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype, ids, pad_id) -> dict:
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    from mmscale.data._streaming import import_streaming
+
+    MDSWriter = import_streaming().MDSWriter
+    n_ctx = opts.n_ctx
+    if opts.layout == "packed":
+        columns = {"tokens": f"ndarray:{dtype}:{n_ctx + 1}"}
+    else:
+        columns = {"tokens": f"ndarray:{dtype}:{n_ctx}", "length": "int32"}
+    writers = {s: MDSWriter(out=str(tmp / s), columns=columns, compression="zstd",
+                            size_limit=opts.shard_bytes, progress_bar=False) for s in ("train", "val")}
+    if opts.layout == "packed":
+        splits = {s: _PackedSplit(w, n_ctx, ids["eos"], dtype) for s, w in writers.items()}
+    else:
+        splits = {s: _PaddedSplit(w, n_ctx, ids["eos"], pad_id, opts.pad, dtype) for s, w in writers.items()}
+
+    n_docs = len(is_val)
+    workers = opts.workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    total_tokens = 0
+
+    def all_batches():
+        for src in sources:
+            yield from _batched(src.documents(opts), DOCS_PER_TASK)
+
+    # spawn: the workers import only sentencepiece and numpy, never what the parent loaded
+    ctx = mp.get_context("spawn")
+    bar = tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=not opts.progress,
+               file=sys.stderr, dynamic_ncols=True)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(opts.tokenizer),)) as pool:
+        doc_index = 0
+        for flat, lengths in pool.imap(_encode_batch, all_batches(), chunksize=1):
+            total_tokens += int(lengths.sum())
+            val = is_val[doc_index:doc_index + len(lengths)]
+            doc_index += len(lengths)
+            ends = np.cumsum(lengths)
+            starts = ends - lengths
+            for split, sel in (("train", ~val), ("val", val)):
+                if sel.any():
+                    part = np.concatenate([flat[a:b] for a, b in zip(starts[sel], ends[sel])]) \
+                        if not sel.all() else flat
+                    splits[split].add(part, lengths[sel])
+            bar.update(len(lengths))
+            bar.set_postfix_str(f"{total_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s",
+                                refresh=False)
+    bar.close()
+    for s in splits.values():
+        s.finish()
+    for w in writers.values():
+        w.finish()
+    elapsed = time.perf_counter() - t0
+    if splits["train"].samples == 0:
+        raise UserError(f"the input makes no training sample of n_ctx + 1 = {n_ctx + 1} tokens "
+                        f"({total_tokens} tokens in all); pass more text or a smaller --n-ctx")
+    if opts.val_fraction > 0 and splits["val"].samples == 0:
+        raise UserError(f"the validation documents make no sample of n_ctx + 1 = {n_ctx + 1} tokens; "
+                        "pass a larger --val-fraction, more text or a smaller --n-ctx")
+    shutil.copyfile(opts.tokenizer, tmp / "tokenizer.model")
+    manifest = {
+        "format": "mmscale-mds",
+        "version": FORMAT_VERSION,
+        "layout": opts.layout,
+        "pad_side": opts.pad if opts.layout == "padded" else None,
+        "n_ctx": n_ctx,
+        "sample_tokens": n_ctx + 1 if opts.layout == "packed" else n_ctx,
+        "dtype": dtype,
+        "tokenizer": {"file": "tokenizer.model", "sha256": file_sha256(opts.tokenizer),
+                      "vocab_size": vocab_size, **{f"{k}_id": v for k, v in ids.items()},
+                      "pad_value": pad_id},
+        "vocab_size": vocab_size,
+        "splits": {
+            name: {"samples": s.samples, "documents": s.documents, "tokens": s.tokens,
+                   **({"dropped_tokens": s.dropped_tokens} if opts.layout == "packed"
+                      else {"truncated_documents": s.truncated})}
+            for name, s in splits.items()
+        },
+        "documents": n_docs,
+        "source_tokens": total_tokens,
+        "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "sources": [{"path": s.spec, "kind": s.kind, "documents": n, "sha256": s.fingerprint()}
+                    for s, n in zip(sources, counts)],
+        "text_field": opts.text_field,
+        "separator": opts.separator,
+        "errors": opts.errors,
+        "tokenize_seconds": round(elapsed, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# `mmscale prepare`
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="text / .jsonl / .parquet files, directories of them, or hf:NAME[:CONFIG][@SPLIT]")
+    parser.add_argument("--tokenizer", required=True, help="a sentencepiece .model")
+    parser.add_argument("--n-ctx", type=int, required=True, help="context length of the model")
+    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--layout", choices=["packed", "padded"], default="packed")
+    parser.add_argument("--pad", choices=["left", "right"], default="right", help="padded layout: pad side")
+    parser.add_argument("--val-fraction", type=float, default=0.01)
+    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    parser.add_argument("--separator", default=DEFAULT_SEPARATOR, help="plain text: document separator line")
+    parser.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                        help="non-UTF-8 bytes: stop with the file and offset (strict) or replace them")
+    parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
+                        help="token dtype in the shards (auto: uint16 when the vocab fits)")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = one per core)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--shard-bytes", type=int, default=1 << 26, help="uncompressed bytes per shard")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = PrepareOptions(inputs=args.input, tokenizer=args.tokenizer, n_ctx=args.n_ctx, out=args.out,
+                          layout=args.layout, pad=args.pad, val_fraction=args.val_fraction,
+                          text_field=args.text_field, separator=args.separator, errors=args.errors,
+                          dtype=args.dtype, workers=args.workers, seed=args.seed, overwrite=args.overwrite,
+                          shard_bytes=args.shard_bytes, progress=not args.no_progress)
+    m = prepare(opts)
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    print(f"wrote {opts.out}: {m['layout']}, n_ctx {m['n_ctx']}, {m['documents']} documents, "
+          f"{m['source_tokens']} tokens -> train {tr['samples']} samples, val {va['samples']} samples "
+          f"({m['source_tokens'] / max(m['tokenize_seconds'], 1e-9) / 1e6:.2f}M tokens/s)")
+    return 0
