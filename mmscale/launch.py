@@ -1,0 +1,313 @@
+"""`mmscale launch`: submit training to SLURM (or run it locally) through submitit, with requeue.
+
+    mmscale launch --config configs/tiny.yaml run.dir=runs/x --nodes 2 --gpus-per-node 8 --partition gpu
+    mmscale launch --config configs/tiny.yaml --cluster local --gpus-per-node 2 --no-gpus --wait
+
+One submitit task per GPU. Each task runs the trainer as a child process with the distributed
+environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) taken from
+submitit's JobEnvironment. Preemption and time limits: SLURM signals the tasks (USR2, `--signal`),
+the trainer checkpoints into run.dir and exits 75; on rank 0 submitit calls `TrainJob.checkpoint`,
+which waits for that checkpoint and hands back a fresh TrainJob, and submitit requeues the job. The
+requeued trainer resumes from run.dir by itself. The submitit job folder is `run.dir/submitit`.
+
+The same module holds what `slurm/pretrain.sh` needs (`python -m mmscale.launch sbatch-plan ...`):
+the layout check (nodes x tasks against the config's batch and engine), so both ways fail the same.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from submitit.helpers import Checkpointable
+
+from mmscale.config import Config, load_config
+from mmscale.errors import UserError
+
+EXIT_REQUEUE = 75  # the trainer's "stopped by a signal after saving a checkpoint" (ARCHITECTURE.md)
+PREEMPT_SIGNAL_DELAY_S = 120  # USR2 this long before the time limit: time to write a checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# checks shared by `mmscale launch` and slurm/pretrain.sh
+
+def check_layout(cfg: Config, nodes: int, tasks_per_node: int) -> None:
+    """Raise UserError when nodes x tasks per node cannot run this config."""
+    if nodes < 1 or tasks_per_node < 1:
+        raise UserError(f"need at least 1 node and 1 task per node, got {nodes} x {tasks_per_node}", 2)
+    world = nodes * tasks_per_node
+    layout = f"{nodes} node(s) x {tasks_per_node} task(s) = {world} ranks"
+    if cfg.engine.kind == "single" and world > 1:
+        raise UserError(f"engine.kind=single runs one process but the job has {layout}; "
+                        "set engine.kind=deepspeed, fsdp or ddp, or use 1 node x 1 task", 2)
+    t = cfg.train
+    if t.global_batch_size:
+        per_step = t.micro_batch_size * world
+        if t.global_batch_size % per_step:
+            raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                            f"train.micro_batch_size ({t.micro_batch_size}) x {layout}; change the node or "
+                            f"task counts, or set train.global_batch_size to a multiple of {per_step}", 2)
+    if cfg.engine.kind == "fsdp" and world % cfg.engine.hsdp_replicas:
+        raise UserError(f"engine.hsdp_replicas={cfg.engine.hsdp_replicas} does not divide {layout}; "
+                        "pick a replica count that divides the number of ranks", 2)
+    ncn = cfg.data.num_canonical_nodes
+    if ncn % nodes and nodes % ncn:
+        raise UserError(f"data.num_canonical_nodes={ncn} and {nodes} nodes: one must divide the other "
+                        "(mosaicml-streaming); change --nodes or data.num_canonical_nodes", 2)
+
+
+def rendezvous_host(hostname: str) -> str:
+    """The first node's name if it resolves, else 127.0.0.1 (emulated nodes share this machine)."""
+    try:
+        socket.gethostbyname(hostname)
+        return hostname
+    except OSError:
+        return "127.0.0.1"
+
+
+def rendezvous_port(job_id: str) -> int:
+    """Every task derives the same port from the job id without talking first (as distributed.py)."""
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return 15000 + int(digits) % 20000
+
+
+def private_shm_prefix(job_id: str, node: str) -> list[str]:
+    """A command prefix that gives every task on `node` the same /dev/shm, apart from other nodes.
+
+    Emulated nodes share this machine's /dev/shm and mosaicml-streaming names its segments by
+    local rank, so ranks of two "nodes" collide. Tasks of one node must still share (streaming
+    coordinates local ranks through it), so each node gets a directory of the real /dev/shm
+    bind-mounted over /dev/shm in a private mount namespace. Needs root (or CAP_SYS_ADMIN); on a real
+    cluster nodes have their own /dev/shm and this is not needed ([] when unavailable).
+    """
+    if os.environ.get("MMSCALE_PRIVATE_SHM", "auto") == "0" or not shutil.which("unshare"):
+        return []
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return []
+    node_dir = f"/dev/shm/mmscale-{job_id}-{node}"
+    script = (f'mkdir -p {node_dir} && mount --bind {node_dir} /dev/shm && exec "$@"')
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "mmscale-task"]
+
+
+def train_command(config_path: str, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "mmscale.cli", "train", "--config", config_path, *overrides]
+
+
+# ----------------------------------------------------------------------------------------------
+# the submitit job
+
+class TrainJob(Checkpointable):
+    """One task of a training job (submitit callable; checkpointable so the job is requeued)."""
+
+    def __init__(self, config_path: str, overrides: list[str], cwd: str, run_dir: str):
+        self.config_path = config_path
+        self.overrides = list(overrides)
+        self.cwd = cwd
+        self.run_dir = run_dir
+        self._child: subprocess.Popen | None = None
+
+    def __getstate__(self):  # the child process is not part of what submitit pickles
+        return {k: v for k, v in self.__dict__.items() if k != "_child"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._child = None
+
+    def __call__(self) -> dict:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        job_id = str(env.job_id).split("_")[0]
+        child_env = dict(os.environ)
+        child_env.update({
+            "RANK": str(env.global_rank), "LOCAL_RANK": str(env.local_rank),
+            "WORLD_SIZE": str(env.num_tasks), "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // env.num_nodes)),
+            "MASTER_ADDR": rendezvous_host(env.hostnames[0]), "MASTER_PORT": str(rendezvous_port(job_id)),
+        })
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:
+            child_env.setdefault("OMP_NUM_THREADS", cpus)
+        prefix = private_shm_prefix(job_id, f"node{env.node}") if env.num_nodes > 1 else []
+        cmd = prefix + train_command(self.config_path, self.overrides)
+        print(f"[mmscale launch] rank {env.global_rank}/{env.num_tasks} on {env.hostname}: "
+              f"{shlex.join(cmd)}", file=sys.stderr, flush=True)
+        self._child = subprocess.Popen(cmd, env=child_env, cwd=self.cwd)
+        rc = self._child.wait()
+        if rc == EXIT_REQUEUE:
+            if env.cluster == "slurm":
+                # the checkpoint is saved and SLURM (scontrol requeue) or rank 0's submitit handler
+                # requeues the job: leave without a result so that nothing reads this start as done
+                print(f"[mmscale launch] rank {env.global_rank}: trainer checkpointed and stopped; "
+                      "waiting for the requeue", file=sys.stderr, flush=True)
+                sys.stderr.flush()
+                os._exit(EXIT_REQUEUE)
+            raise RuntimeError(f"the trainer stopped after a signal (exit {rc}); its checkpoint is in "
+                               f"{self.run_dir}: launch again to resume")
+        if rc != 0:
+            raise RuntimeError(f"the trainer exited with status {rc} on rank {env.global_rank}; see the log above")
+        return {"rank": env.global_rank, "world_size": env.num_tasks, "run_dir": self.run_dir,
+                "returncode": rc}
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's preemption hook (rank 0, in its USR2 handler): let the trainer save, then requeue."""
+        import submitit
+
+        child = self._child
+        if child is not None and child.poll() is None:
+            # SLURM signals every process of the step, so the trainer usually has USR2 already;
+            # it only sets a flag, so a second one does no harm when it came to us alone
+            child.send_signal(signal.SIGUSR2)
+            try:
+                child.wait(timeout=PREEMPT_SIGNAL_DELAY_S - 10)
+            except subprocess.TimeoutExpired:
+                print("[mmscale launch] the trainer did not stop in time; requeueing anyway "
+                      "(it resumes from its last checkpoint)", file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(
+            TrainJob(self.config_path, self.overrides, self.cwd, self.run_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# `mmscale launch`
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.dir=runs/x engine.kind=fsdp")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node = tasks per node")
+    p.add_argument("--no-gpus", action="store_true",
+                   help="run --gpus-per-node tasks per node without requesting GPUs (CPU clusters)")
+    p.add_argument("--cpus-per-task", type=int, default=0,
+                   help="CPU cores per task (default: data.num_workers + 1)")
+    p.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
+    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    p.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
+                   help="slurm (sbatch), local (processes on this machine) or debug (in this process)")
+    p.add_argument("--name", default="mmscale", help="job name")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish and print its result")
+
+
+def _check_partition(partition: str) -> None:
+    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise UserError(f"cannot reach the SLURM controller (sinfo: {out.stderr.strip()[:200]}); "
+                        "check SLURM_CONF or use --cluster local")
+    names = sorted(set(out.stdout.split()))
+    if partition not in names:
+        raise UserError(f"partition '{partition}' does not exist; available: {', '.join(names) or 'none'}", 2)
+
+
+def _executor(args, cfg: Config, folder: Path):
+    import submitit
+
+    cpus = args.cpus_per_task or cfg.data.num_workers + 1
+    ex = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
+    params = dict(nodes=args.nodes, tasks_per_node=args.gpus_per_node, cpus_per_task=cpus,
+                  timeout_min=args.time, name=args.name)
+    if args.cluster == "slurm":
+        params["slurm_signal_delay_s"] = PREEMPT_SIGNAL_DELAY_S
+        if not args.no_gpus:
+            params["gpus_per_node"] = args.gpus_per_node
+        if args.partition:
+            params["slurm_partition"] = args.partition
+    elif not args.no_gpus:
+        params["gpus_per_node"] = args.gpus_per_node
+    ex.update_parameters(**params)
+    return ex
+
+
+def _sbatch_text(executor, job: TrainJob) -> str:
+    """The sbatch script submitit would write (for --dry-run), without submitting anything."""
+    inner = executor._executor  # AutoExecutor wraps the cluster's executor
+    return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    check_layout(cfg, args.nodes, args.gpus_per_node)
+    if args.cluster == "debug" and args.nodes * args.gpus_per_node > 1:
+        raise UserError("--cluster debug runs one task in this process; use --cluster local for several", 2)
+    if args.time < 1:
+        raise UserError(f"--time must be at least 1 minute, got {args.time}", 2)
+    if args.cluster == "slurm" and not args.dry_run:
+        if not shutil.which("sbatch"):
+            raise UserError("--cluster slurm needs sbatch on PATH; use --cluster local to run on this machine")
+        if args.partition:
+            _check_partition(args.partition)
+    run_dir = Path(cfg.run.dir).resolve()
+    job = TrainJob(str(Path(args.config).resolve()), args.overrides, os.getcwd(), str(run_dir))
+    folder = run_dir / "submitit"
+    if args.dry_run:
+        if args.cluster != "slurm":
+            print(shlex.join(train_command(job.config_path, job.overrides)))
+            return 0
+        print(_sbatch_text(_executor(args, cfg, folder), job))
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    ex = _executor(args, cfg, folder)
+    sub = ex.submit(job)
+    print(f"job {sub.job_id} ({args.cluster}, {args.nodes} node(s) x {args.gpus_per_node} task(s)); run dir {run_dir}")
+    print(f"  stdout: {sub.paths.stdout}")
+    print(f"  stderr: {sub.paths.stderr}")
+    if not args.wait:
+        return 0
+    try:
+        results = sub.results()
+    except Exception as e:  # submitit re-raises the task's failure with its traceback text
+        raise UserError(f"job {sub.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
+                        f"see {sub.paths.stderr}") from None
+    print(f"job {sub.job_id} done: {len(results)} task(s) finished; checkpoints in {run_dir / 'checkpoints'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# helper for slurm/pretrain.sh: validate inside the allocation and print shell assignments
+
+def _tasks_per_node_from_env(env) -> int:
+    # SLURM_TASKS_PER_NODE looks like "2" or "2(x3)" or "2,1"; our layouts are homogeneous
+    raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+    return int(raw.split(",")[0].split("(")[0])
+
+
+def sbatch_plan(argv: list[str]) -> int:
+    """`python -m mmscale.launch sbatch-plan CONFIG [overrides]`: prints VAR=value lines for bash."""
+    env = os.environ
+    try:
+        if not argv:
+            raise UserError("usage: sbatch slurm/pretrain.sh CONFIG [section.key=value ...]", 2)
+        config_path, overrides = argv[0], list(argv[1:])
+        cfg = load_config(config_path, overrides)
+        nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        tasks_per_node = _tasks_per_node_from_env(env)
+        check_layout(cfg, nodes, tasks_per_node)
+        extra = []
+        cpus = int(env.get("SLURM_CPUS_PER_TASK") or 0)
+        # data-loader workers share the task's cores with the trainer itself
+        if cpus and cfg.data.num_workers > cpus - 1:
+            extra.append(f"data.num_workers={cpus - 1}")
+            print(f"pretrain.sh: data.num_workers {cfg.data.num_workers} -> {cpus - 1} "
+                  f"(--cpus-per-task={cpus})", file=sys.stderr)
+    except UserError as e:
+        print(f"pretrain.sh: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"RUN_DIR={shlex.quote(str(Path(cfg.run.dir).resolve()))}")
+    print(f"CONFIG={shlex.quote(str(Path(config_path).resolve()))}")
+    print(f"EXTRA_OVERRIDES=({' '.join(shlex.quote(x) for x in extra)})")
+    print(f"TASKS_PER_NODE={tasks_per_node}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "sbatch-plan":
+        sys.exit(sbatch_plan(sys.argv[2:]))
+    from mmscale.cli import main
+
+    sys.exit(main(["launch", *sys.argv[1:]]))
