@@ -1,0 +1,201 @@
+"""`mmscale launch` and the checks shared with slurm/pretrain.sh (no SLURM cluster needed here;
+tests/test_slurm.py runs the same code against a real one)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmscale import distributed
+from mmscale.config import load_config
+from mmscale.errors import UserError
+from mmscale.launch import (EXIT_REQUEUE, TrainJob, check_layout, rendezvous_host, rendezvous_port,
+                            sbatch_plan)
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def _cli(*args, env=None, cwd=REPO, timeout=120):
+    return subprocess.run([PY, "-m", "mmscale.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# layout checks
+
+@pytest.mark.parametrize("nodes,tasks,overrides,fragment", [
+    (1, 2, ["engine.kind=single"], "engine.kind=single"),
+    (2, 2, ["engine.kind=fsdp", "train.micro_batch_size=8", "train.global_batch_size=48"],
+     "train.global_batch_size=48"),
+    (1, 4, ["engine.kind=fsdp", "engine.hsdp_replicas=3"], "engine.hsdp_replicas=3"),
+    (3, 1, ["engine.kind=ddp", "data.num_canonical_nodes=2"], "data.num_canonical_nodes=2"),
+    (0, 1, [], "at least 1 node"),
+])
+def test_check_layout_rejects_mismatch(nodes, tasks, overrides, fragment):
+    cfg = load_config(None, overrides)
+    with pytest.raises(UserError) as e:
+        check_layout(cfg, nodes, tasks)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg and e.value.exit_code == 2
+
+
+def test_check_layout_accepts_exactly_the_divisible_batches():
+    # hand count: micro 4 -> a global batch of 24 fits world sizes whose 4*world divides 24: 1, 2, 3, 6
+    ok = set()
+    for world in range(1, 9):
+        cfg = load_config(None, ["engine.kind=ddp", "train.micro_batch_size=4", "train.global_batch_size=24"])
+        try:
+            check_layout(cfg, 1, world)
+            ok.add(world)
+        except UserError:
+            pass
+    assert ok == {1, 2, 3, 6}
+    # canonical nodes 4: 1, 2, 4, 8 nodes divide or are divided; 3, 5, 6, 7 are not
+    good = []
+    for nodes in range(1, 9):
+        try:
+            check_layout(load_config(None, ["engine.kind=ddp", "data.num_canonical_nodes=4"]), nodes, 1)
+            good.append(nodes)
+        except UserError:
+            pass
+    assert good == [1, 2, 4, 8]
+
+
+def test_rendezvous_matches_distributed_detect():
+    assert rendezvous_host("localhost") == "localhost"
+    assert rendezvous_host("n1.does-not-resolve.invalid") == "127.0.0.1"
+    for job in ["7", "123456", "98765"]:
+        info = distributed.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": job,
+                                   "MASTER_ADDR": "127.0.0.1"})
+        assert rendezvous_port(job) == info.master_port
+    assert rendezvous_port("4242_3") == rendezvous_port("42423")  # array ids: digits only, same on all tasks
+
+
+# ----------------------------------------------------------------------------------------------
+# slurm/pretrain.sh pieces that need no cluster
+
+def test_pretrain_sh_outside_allocation_says_how_to_submit(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = subprocess.run(["bash", str(REPO / "slurm/pretrain.sh"), "configs/tiny.yaml"], capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert "sbatch slurm/pretrain.sh CONFIG" in out.stderr
+
+
+def _plan(args, env_extra, capsys):
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    old = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(keep)
+        os.environ.update(env_extra)
+        code = sbatch_plan(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return code, capsys.readouterr()
+
+
+def test_sbatch_plan_checks_allocation_and_caps_workers(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("engine:\n  kind: ddp\ndata:\n  num_workers: 6\ntrain:\n  micro_batch_size: 4\n")
+    code, out = _plan([str(cfg), f"run.dir={tmp_path}/run", "train.global_batch_size=16"],
+                      {"SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_CPUS_PER_TASK": "3"},
+                      capsys)
+    assert code == 0, out.err
+    lines = dict(ln.split("=", 1) for ln in out.out.splitlines())
+    assert lines["RUN_DIR"] == str(tmp_path / "run")
+    assert lines["TASKS_PER_NODE"] == "2"
+    assert lines["EXTRA_OVERRIDES"] == "(data.num_workers=2)"  # 3 cores: the trainer + 2 workers
+    # 2 x 2 ranks x micro 4 = 16 per step: a global batch of 24 does not fit
+    code, out = _plan([str(cfg), "train.global_batch_size=24"],
+                      {"SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)"}, capsys)
+    assert code == 2 and out.out == ""
+    assert out.err.startswith("pretrain.sh: error: train.global_batch_size=24") and out.err.count("\n") == 1
+    code, out = _plan([str(tmp_path / "missing.yaml")], {"SLURM_JOB_NUM_NODES": "1"}, capsys)
+    assert code == 2 and "does not exist" in out.err
+
+
+# ----------------------------------------------------------------------------------------------
+# `mmscale launch` command line
+
+def test_launch_bad_input_one_line_each(tmp_path):
+    cases = [
+        (["--config", str(tmp_path / "nope.yaml"), "--dry-run"], "does not exist"),
+        (["--config", "configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "2", "--dry-run"],
+         "engine.kind=single"),
+        (["--config", "configs/tiny.yaml", "engine.kind=ddp", "train.global_batch_size=20", "--nodes", "1",
+          "--gpus-per-node", "3", "--dry-run"], "train.global_batch_size=20"),
+        (["--config", "configs/tiny.yaml", "engine.kind=ddp", "--gpus-per-node", "2", "--cluster", "debug"],
+         "--cluster debug runs one task"),
+    ]
+    for args, fragment in cases:
+        out = _cli("launch", *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.startswith("mmscale launch: error:") and fragment in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "nope.yaml").exists()
+
+
+def test_launch_dry_run_prints_the_sbatch_script(tmp_path):
+    run_dir = tmp_path / "run"
+    out = _cli("launch", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", "engine.kind=fsdp",
+               "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "90", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --signal=USR2@120",
+                 f"#SBATCH --output={run_dir}/submitit/%j_0_log.out"]:
+        assert line in script.splitlines(), (line, script)
+    assert "srun" in script and "submitit.core._submit" in script
+    assert not run_dir.exists()  # a dry run writes nothing
+    cpu = _cli("launch", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", "engine.kind=ddp",
+               "--gpus-per-node", "2", "--no-gpus", "--dry-run")
+    assert cpu.returncode == 0 and "--gpus-per-node" not in cpu.stdout and "--ntasks-per-node=2" in cpu.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# the checkpoint hook submitit calls on preemption
+
+_FAKE_TRAINER = """
+import signal, sys, time
+signal.signal(signal.SIGUSR2, lambda *a: sys.exit(75))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_checkpoint_waits_for_the_trainer_and_returns_a_fresh_job(tmp_path):
+    import submitit
+
+    job = TrainJob(str(tmp_path / "c.yaml"), ["a.b=1"], str(tmp_path), str(tmp_path / "run"))
+    child = subprocess.Popen([PY, "-c", _FAKE_TRAINER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        job._child = child
+        t0 = time.monotonic()
+        delayed = job.checkpoint()
+        assert child.returncode == EXIT_REQUEUE  # it forwarded USR2 and waited for the save
+        assert time.monotonic() - t0 < 30
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    fresh = delayed.function
+    assert isinstance(fresh, TrainJob) and fresh is not job and fresh._child is None
+    assert (fresh.config_path, fresh.overrides, fresh.cwd, fresh.run_dir) == \
+           (job.config_path, job.overrides, job.cwd, job.run_dir)
+    # what submitit writes to disk for the requeued start must pickle (no process handles)
+    job._child = child
+    clone = pickle.loads(pickle.dumps(job))
+    assert clone._child is None and clone.overrides == ["a.b=1"]
