@@ -126,9 +126,51 @@ def load_export(path: str | os.PathLike, dtype=None, device="cpu", require_token
     model = build_model(model_cfg)
     sd = load_file(str(p / WEIGHTS), device="cpu")
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    if model_cfg.tie_embeddings:  # the head is the embedding, stored once
+        missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise UserError(f"export '{p}' does not match its config: missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}")
     model.to(device=device, dtype=dtype if dtype is not None else torch.float32)
     model.eval()
     return model, meta
+
+
+def load_export_state(path: str | os.PathLike, model_cfg: Any) -> dict:
+    """The state dict of an export, checked against `model_cfg` (a ModelConfig or its dict).
+
+    For `train.init_from`: every key of the model that `model_cfg` describes must be present with
+    exactly its shape (dtypes are converted to fp32); a mismatch raises UserError naming the first
+    difference. Tied weights appear once in the file and are returned under both names.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from mmscale.config import ModelConfig, _build
+    from mmscale.models import build_model
+
+    p = Path(path)
+    meta = load_export_config(p)
+    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else _build(ModelConfig, dict(model_cfg), "model")
+    with torch.device("meta"):  # shapes only, no memory
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    there = meta.get("model", {})
+    for k, v in dataclasses.asdict(cfg).items():
+        if k in there and there[k] != v and k in ("kind", "d_model", "n_layers", "n_ctx", "vocab_size", "heads",
+                                                   "kv_heads", "mixer", "kernel_size", "ffn_mult", "ffn_hidden",
+                                                   "tie_embeddings"):
+            raise UserError(f"train.init_from: export '{p}' has model.{k}={there[k]!r}, this run has {v!r}; "
+                            f"set model.{k}={there[k]!r} (or use an export of this model)")
+    sd = load_file(str(p / WEIGHTS), device="cpu")
+    if cfg.tie_embeddings and "lm_head.weight" not in sd and "embed.weight" in sd:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"train.init_from: export '{p}' does not fit the model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}; use an export of the same architecture")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise UserError(f"train.init_from: '{k}' has shape {tuple(sd[k].shape)} in export '{p}' but the model "
+                            f"needs {shape}; use an export of the same architecture")
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
