@@ -74,8 +74,11 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block-rows", type=int, nargs="+", default=[128, 256, 512])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
     rows = []
     for d in a.d:

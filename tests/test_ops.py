@@ -1,0 +1,182 @@
+"""mmscale.ops against plain references: the dense masked matmul in float64, F.cross_entropy in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmscale.ops import choose_impl, token_mix
+from mmscale.ops.cross_entropy import chunked_cross_entropy
+
+
+def reference_mix(weight, x, causal):
+    """float64 einsum over the explicitly masked matrix; taps handled as zero-padded shifts."""
+    w = weight.double()
+    flat = x.dim() == 3
+    if flat:
+        x = x.unsqueeze(1)
+        w = w.unsqueeze(0)
+    if w.dim() == 3:
+        w = w.unsqueeze(-1)
+    x = x.double()
+    t, c, taps = x.shape[2], x.shape[3], w.shape[3]
+    if causal:
+        w = w * torch.ones(t, t, dtype=torch.float64).tril()[None, :, :, None]
+    out = torch.zeros_like(x)
+    for k in range(taps):
+        off = k - taps // 2
+        shifted = torch.zeros_like(x)
+        lo, hi = max(0, -off), min(c, c - off)
+        shifted[..., lo:hi] = x[..., lo + off:hi + off]
+        out += torch.einsum("hij,bhjc->bhic", w[..., k], shifted)
+    return out.squeeze(1) if flat else out
+
+
+def grads(fn, weight, x, grad_out):
+    w = weight.detach().clone().requires_grad_(True)
+    xx = x.detach().clone().requires_grad_(True)
+    out = fn(w, xx)
+    gw, gx = torch.autograd.grad(out, (w, xx), grad_out.to(out.dtype))
+    return out, gw, gx
+
+
+# (name, weight shape fn of T, x shape fn of T): flat, multi-head, kernel_size 3
+SHAPES = {
+    "flat": (lambda t: (t, t), lambda t: (3, t, 12)),
+    "multihead": (lambda t: (2, t, t), lambda t: (2, 2, t, 8)),
+    "taps3": (lambda t: (t, t, 3), lambda t: (2, t, 10)),
+}
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2), torch.float64: (1e-10, 1e-10)}
+
+
+@pytest.mark.parametrize("impl", ["dense", "blocked"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("t", [1, 7, 64, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_mix_matches_float64_reference(impl, shape, t, dtype):
+    torch.manual_seed(t)
+    w_shape, x_shape = SHAPES[shape]
+    weight = torch.randn(w_shape(t)) / t ** 0.5
+    x = torch.randn(x_shape(t))
+    gout = torch.randn(x_shape(t))
+    # block rows that do not divide T, so the last block is ragged
+    fn = lambda w, xx: token_mix(w, xx.to(dtype), causal=True, impl=impl, block_rows=24)  # noqa: E731
+    out, gw, gx = grads(fn, weight, x, gout)
+    ref, rgw, rgx = grads(lambda w, xx: reference_mix(w, xx, True), weight.double(), x.double(), gout.double())
+    rtol, atol = TOL[dtype]
+    scale = lambda r: atol * max(1.0, r.abs().max().item())  # noqa: E731
+    assert out.dtype == dtype and gw.dtype == torch.float32 and gx.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=scale(ref))
+    torch.testing.assert_close(gx.double(), rgx, rtol=rtol, atol=scale(rgx))
+    torch.testing.assert_close(gw.double(), rgw, rtol=rtol, atol=scale(rgw))
+    # the entries above the diagonal are masked: their gradient is exactly zero
+    upper = torch.ones(t, t, dtype=torch.bool).triu(1)
+    mats = gw.permute(2, 0, 1) if shape == "taps3" else gw.reshape(-1, t, t)
+    assert (mats[:, upper] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["dense", "blocked", "auto"])
+def test_bidirectional_is_the_full_matmul(impl):
+    torch.manual_seed(0)
+    weight, x = torch.randn(2, 33, 33, dtype=torch.float64), torch.randn(3, 2, 33, 5, dtype=torch.float64)
+    out = token_mix(weight, x, causal=False, impl=impl)
+    torch.testing.assert_close(out, torch.einsum("hij,bhjc->bhic", weight, x))
+
+
+def test_blocked_matches_dense_exactly_in_float64_at_many_block_sizes():
+    torch.manual_seed(1)
+    t = 50
+    weight, x = torch.randn(t, t, dtype=torch.float64), torch.randn(2, t, 6, dtype=torch.float64)
+    ref = token_mix(weight, x, True, "dense")
+    for rows in (1, 3, 16, 49, 50, 80):
+        torch.testing.assert_close(token_mix(weight, x, True, "blocked", block_rows=rows), ref)
+
+
+def test_autocast_bf16_computes_in_bf16_and_returns_fp32_weight_grads():
+    torch.manual_seed(2)
+    weight = torch.randn(40, 40, requires_grad=True)
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    for impl in ("dense", "blocked"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = token_mix(weight, x, True, impl)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+        assert (weight.grad.triu(1) == 0).all()
+        weight.grad = x.grad = None
+
+
+def test_auto_selection_by_device_and_size():
+    assert choose_impl(64, "cpu", True) == "dense"
+    assert choose_impl(4096, "cpu", True) == "blocked"
+    assert choose_impl(4096, "cpu", False) == "dense"
+
+
+def test_bad_shapes_and_impl_are_named():
+    w, x = torch.randn(8, 8), torch.randn(2, 8, 4)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        token_mix(w, x, True, "fast")
+    with pytest.raises(ValueError, match="does not match"):
+        token_mix(torch.randn(9, 9), x)
+    with pytest.raises(ValueError, match="tap axis must be odd"):
+        token_mix(torch.randn(8, 8, 2), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked LM head + cross-entropy
+
+def reference_ce(hidden, weight, labels, bias=None):
+    logits = F.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, None])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_ce_matches_float64_reference(chunk_rows, with_bias):
+    torch.manual_seed(3)
+    b, l, d, v = 3, 21, 16, 53
+    hidden = torch.randn(b, l, d, requires_grad=True)
+    weight = (torch.randn(v, d) / d ** 0.5).requires_grad_(True)
+    bias = torch.randn(v, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, v, (b, l))
+    labels[0, :5] = -100
+    ins = [hidden, weight] + ([bias] if with_bias else [])
+    loss = chunked_cross_entropy(hidden, weight, labels, bias=bias, chunk_rows=chunk_rows)
+    got = torch.autograd.grad(loss * 2.5, ins)  # a non-unit upstream gradient
+    ref_ins = [t.detach().double().requires_grad_(True) for t in ins]
+    ref = reference_ce(ref_ins[0], ref_ins[1], labels, ref_ins[2] if with_bias else None)
+    want = torch.autograd.grad(ref * 2.5, ref_ins)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_ce_under_bf16_autocast_is_close_and_keeps_fp32_grads():
+    torch.manual_seed(4)
+    hidden = torch.randn(4, 30, 32, requires_grad=True)
+    weight = (torch.randn(97, 32) / 32 ** 0.5).requires_grad_(True)
+    labels = torch.randint(0, 97, (4, 30))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(hidden, weight, labels, chunk_rows=16)
+        plain = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), labels.flatten())
+    g = torch.autograd.grad(loss, (hidden, weight))
+    gp = torch.autograd.grad(plain, (hidden, weight))
+    assert loss.dtype == torch.float32 and g[0].dtype == torch.float32 and g[1].dtype == torch.float32
+    torch.testing.assert_close(loss, plain, rtol=1e-2, atol=1e-2)
+    for a, b in zip(g, gp):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-2 * b.abs().max().item())
+
+
+def test_chunked_ce_no_grad_and_all_ignored():
+    torch.manual_seed(5)
+    hidden, weight = torch.randn(2, 9, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, labels, chunk_rows=4),
+                                   reference_ce(hidden, weight, labels).float())
+    ignored = torch.full((2, 9), -100)
+    assert torch.isnan(chunked_cross_entropy(hidden, weight, ignored))
+    with pytest.raises(ValueError, match="leading shape"):
+        chunked_cross_entropy(hidden, weight, labels[:, :-1])
