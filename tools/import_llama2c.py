@@ -119,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"checkpoint '{ckpt}' does not exist; pass a llama2.c .bin file")
         if not tok.is_file():
             raise UserError(f"tokenizer '{tok}' does not exist; pass the checkpoint's sentencepiece .model")
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=str(tok))
         cfg, sd = read_llama2c(ckpt)
+        import sentencepiece as spm
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(tok))
+        except (RuntimeError, OSError):
+            raise UserError(f"tokenizer '{tok}' is not a sentencepiece model; pass the checkpoint's .model file") from None
         if sp.vocab_size() != cfg.vocab_size:
             raise UserError(f"tokenizer '{tok}' has {sp.vocab_size()} pieces but the checkpoint's vocab is "
                             f"{cfg.vocab_size}; pass the tokenizer the checkpoint was trained with")
