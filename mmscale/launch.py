@@ -78,21 +78,21 @@ def rendezvous_port(job_id: str) -> int:
     return 15000 + int(digits) % 20000
 
 
-def private_shm_prefix(job_id: str, node: str) -> list[str]:
-    """A command prefix that gives every task on `node` the same /dev/shm, apart from other nodes.
+def private_shm_prefix(node_dir: str) -> list[str]:
+    """A command prefix that gives every task of one node the same /dev/shm (`node_dir`), apart from other nodes.
 
     Emulated nodes share this machine's /dev/shm and mosaicml-streaming names its segments by
     local rank, so ranks of two "nodes" collide. Tasks of one node must still share (streaming
     coordinates local ranks through it), so each node gets a directory of the real /dev/shm
-    bind-mounted over /dev/shm in a private mount namespace. Needs root (or CAP_SYS_ADMIN); on a real
-    cluster nodes have their own /dev/shm and this is not needed ([] when unavailable).
+    bind-mounted over /dev/shm in a private mount namespace; removing it afterwards also removes
+    segments a killed trainer left. Needs root (or CAP_SYS_ADMIN); on a real cluster nodes have their
+    own /dev/shm and this is not needed ([] when unavailable).
     """
     if os.environ.get("MMSCALE_PRIVATE_SHM", "auto") == "0" or not shutil.which("unshare"):
         return []
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
         return []
-    node_dir = f"/dev/shm/mmscale-{job_id}-{node}"
     script = (f'mkdir -p {node_dir} && mount --bind {node_dir} /dev/shm && exec "$@"')
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "mmscale-task"]
 
@@ -135,12 +135,16 @@ class TrainJob(Checkpointable):
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
             child_env.setdefault("OMP_NUM_THREADS", cpus)
-        prefix = private_shm_prefix(job_id, f"node{env.node}") if env.num_nodes > 1 else []
+        node_shm = f"/dev/shm/mmscale-{job_id}-node{env.node}"
+        prefix = private_shm_prefix(node_shm) if env.cluster == "slurm" else []
         cmd = prefix + train_command(self.config_path, self.overrides)
         print(f"[mmscale launch] rank {env.global_rank}/{env.num_tasks} on {env.hostname}: "
               f"{shlex.join(cmd)}", file=sys.stderr, flush=True)
         self._child = subprocess.Popen(cmd, env=child_env, cwd=self.cwd)
         rc = self._child.wait()
+        if prefix and env.local_rank == 0:
+            # the trainer's last barrier is behind every rank of this node: nothing opens segments now
+            shutil.rmtree(node_shm, ignore_errors=True)
         if rc == EXIT_REQUEUE:
             if env.cluster == "slurm":
                 # the checkpoint is saved and SLURM (scontrol requeue) or rank 0's submitit handler

@@ -28,8 +28,8 @@
 # Environment (set before sbatch; sbatch exports it to the job):
 #   MMSCALE_PYTHON       interpreter (default: $SLURM_SUBMIT_DIR/.venv/bin/python, else python3)
 #   MMSCALE_MAX_REQUEUES stop requeueing after this many restarts (default 50)
-#   MMSCALE_PRIVATE_SHM  auto|0: give each node its own /dev/shm when nodes share a machine
-#                        (emulated nodes; needs root, skipped silently otherwise)
+#   MMSCALE_PRIVATE_SHM  auto|0: give each node its own /dev/shm (for emulated nodes sharing one
+#                        machine; needs root, skipped silently otherwise)
 #   Data on shared storage or object stores: set data.train / data.val to the shared path or to
 #   s3://..., gs://... (with data.cache_dir on node-local disk) and the credentials' usual variables.
 set -euo pipefail
@@ -65,10 +65,12 @@ if getent hosts "$first_node" >/dev/null 2>&1; then MASTER_ADDR=$first_node; els
 export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
 export LOCAL_WORLD_SIZE=$TASKS_PER_NODE OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
-# Each task: its rank from SLURM, and (emulated nodes on one machine) its node's own /dev/shm, so that
-# mosaicml-streaming's segments of different nodes do not collide while tasks of one node still share.
+# Each task: its rank from SLURM, and (where we may: root) its node's own /dev/shm, a directory of the
+# real one bind-mounted over it. Emulated nodes share one machine: mosaicml-streaming's segments of
+# different nodes would collide, while tasks of one node must share them. The directory is removed at
+# the end, so segments a killed task leaves behind do not outlive the job either.
 shm_mode=${MMSCALE_PRIVATE_SHM:-auto}
-if [[ $shm_mode != 0 && $SLURM_JOB_NUM_NODES -gt 1 ]] && unshare -m true 2>/dev/null; then
+if [[ $shm_mode != 0 ]] && unshare -m true 2>/dev/null; then
   shm_mode=private
 else
   shm_mode=shared

@@ -199,3 +199,27 @@ def test_checkpoint_waits_for_the_trainer_and_returns_a_fresh_job(tmp_path):
     job._child = child
     clone = pickle.loads(pickle.dumps(job))
     assert clone._child is None and clone.overrides == ["a.b=1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the real trainer through submitit's local executor (the SLURM executor: tests/test_slurm.py)
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launch_local_executor_trains_two_ranks(tmp_path):
+    from tests._data_helpers import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path, n_ctx=32, vocab_size=512)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = _cli("launch", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", f"data.train={data}",
+               "model.n_ctx=32", "engine.kind=ddp", "train.max_steps=20", "train.eval_every=0",
+               "checkpoint.every=0", "log.every=1", "log.progress=false", "--cluster", "local",
+               "--gpus-per-node", "2", "--no-gpus", "--wait", env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr + "".join(
+        p.read_text()[-2000:] for p in (run_dir / "submitit").glob("*.err"))
+    assert "done: 2 task(s) finished" in out.stdout and str(run_dir / "submitit") in out.stdout
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert (run_dir / "checkpoints" / "step_00000020").is_dir()

@@ -1,0 +1,255 @@
+"""Against a real SLURM cluster on this machine (tools/slurm_local.sh: munge, slurmctld, emulated nodes
+n1 and n2): sbatch slurm/pretrain.sh on 1 node x 2 tasks and 2 nodes x 1 task, preemption with
+`scontrol requeue` and an exact resume, and `mmscale launch` through submitit.
+
+The cluster is started once for this module and stopped by its finalizer, also when a test fails.
+It needs root (to install the Debian packages and start munge); elsewhere the tests skip and say
+why. MMSCALE_REQUIRE_SLURM=1 turns that skip into a failure (CI machines are root).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _free_port_block(n: int = 3) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def _skip_or_fail(reason: str):
+    if os.environ.get("MMSCALE_REQUIRE_SLURM") == "1":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+class Cluster:
+    def __init__(self, root: Path, env: dict):
+        self.root, self.env = root, env
+
+    def run(self, *cmd, timeout=60, env=None, check=True) -> subprocess.CompletedProcess:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                             env=env or self.env)
+        if check and out.returncode != 0:
+            raise AssertionError(f"{cmd} -> {out.returncode}: {out.stderr}")
+        return out
+
+    def job_env(self, tmp: Path) -> dict:
+        """What a job sees: this cluster, our interpreter, its own TMPDIR (streaming lock files)."""
+        jt = tmp / "job-tmp"
+        jt.mkdir(parents=True, exist_ok=True)
+        return dict(self.env, TMPDIR=str(jt), MMSCALE_PYTHON=PY, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+
+    def sbatch(self, args: list[str], env: dict) -> str:
+        return self.run("sbatch", "--parsable", *args, env=env).stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict:
+        out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait(self, job_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in TERMINAL:
+                return info
+            time.sleep(1)
+        self.run("scancel", job_id, check=False)
+        raise AssertionError(f"job {job_id} did not finish in {timeout} s: {self.job(job_id)}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        _skip_or_fail("the local SLURM cluster needs root (apt-get install, munged); CI runs as root")
+    if not Path("/tmp").is_dir():
+        _skip_or_fail("/tmp is missing")
+    # not under pytest's basetemp: munged insists that every user can traverse to its socket
+    root = Path(tempfile.mkdtemp(prefix="mmscale-slurm-", dir="/tmp"))
+    root.chmod(0o755)
+    env = dict(os.environ, SLURM_LOCAL_PORT=str(_free_port_block(3)), SLURM_CONF=str(root / "slurm.conf"))
+    try:
+        up = subprocess.run(["bash", str(REPO / "tools/slurm_local.sh"), "up", str(root)], env=env,
+                            capture_output=True, text=True, timeout=600)
+        if up.returncode != 0:
+            _skip_or_fail(f"the local SLURM cluster did not start: {up.stderr.strip().splitlines()[-1:]}")
+        yield Cluster(root, env)
+    finally:
+        subprocess.run(["bash", str(REPO / "tools/slurm_local.sh"), "down", str(root)], env=env,
+                       capture_output=True, text=True, timeout=180)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from tests._data_helpers import make_tiny_dataset
+
+    return make_tiny_dataset(tmp_path_factory.mktemp("slurm-data"), n_ctx=32, vocab_size=512)
+
+
+def _train_overrides(run_dir: Path, data: Path, engine: str, steps: int, every: int = 0) -> list[str]:
+    return [f"run.dir={run_dir}", f"data.train={data}", "model.n_ctx=32", "model.vocab_size=512",
+            f"engine.kind={engine}", f"train.max_steps={steps}", "train.eval_every=0", "train.warmup_steps=2",
+            f"checkpoint.every={every}", "log.every=1", "log.progress=false", "log.wandb=disabled"]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+
+
+def _sbatch_args(tmp: Path, nodes: int, tasks: int, name: str) -> list[str]:
+    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks}", "--gpus-per-node=0", "--cpus-per-task=1",
+            "--time=10", f"--job-name={name}", f"--output={tmp}/%x-%j.out"]
+
+
+def _own_shm_dirs(job_id: str) -> list[str]:
+    return [p.name for p in Path("/dev/shm").glob(f"mmscale-{job_id}-*")]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_cluster_runs_one_task_on_each_emulated_node(cluster, tmp_path):
+    env = cluster.job_env(tmp_path)
+    out = tmp_path / "hello.out"
+    jid = cluster.sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={out}", "--wrap",
+                          "srun bash -c 'echo task=$SLURM_PROCID node=$SLURMD_NODENAME ntasks=$SLURM_NTASKS'"], env)
+    info = cluster.wait(jid, 60)
+    assert info["JobState"] == "COMPLETED", info
+    lines = sorted(ln for ln in out.read_text().splitlines() if ln.startswith("task="))
+    assert lines == ["task=0 node=n1 ntasks=2", "task=1 node=n2 ntasks=2"]
+
+
+def test_pretrain_sh_runs_on_one_node_x2_and_two_nodes_x1(cluster, dataset, tmp_path):
+    env = cluster.job_env(tmp_path)
+    layouts = {"1x2": (1, 2, "ddp"), "2x1": (2, 1, "fsdp")}
+    jobs = {}
+    for name, (nodes, tasks, engine) in layouts.items():  # both at once: they fit side by side
+        run_dir = tmp_path / name
+        jid = cluster.sbatch(_sbatch_args(tmp_path, nodes, tasks, name)
+                             + ["slurm/pretrain.sh", "configs/tiny.yaml",
+                                *_train_overrides(run_dir, dataset, engine, 30, every=20)], env)
+        jobs[name] = (jid, run_dir)
+    for name, (jid, run_dir) in jobs.items():
+        info = cluster.wait(jid, 240)
+        log = (tmp_path / f"{name}-{jid}.out").read_text()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+        nodes, tasks, engine = layouts[name]
+        assert f"{nodes * tasks} tasks ({nodes} nodes x {tasks})" in log
+        assert info["NodeList"] == ("n[1-2]" if nodes == 2 else info["NodeList"])
+        losses = _losses(run_dir)
+        assert [s for s, _ in losses] == list(range(1, 31))
+        first, last = sum(l for _, l in losses[:5]) / 5, sum(l for _, l in losses[-5:]) / 5
+        assert last < first - 0.5, (name, losses)  # a falling loss, not noise
+        ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+        assert ckpts[-1] == "step_00000030", ckpts
+        assert (run_dir / "checkpoints" / "latest").exists()
+        assert _own_shm_dirs(jid) == []  # the per-node /dev/shm went with the job
+
+
+def test_preempted_job_requeues_and_ends_with_the_uninterrupted_losses(cluster, dataset, tmp_path):
+    env = cluster.job_env(tmp_path)
+    steps = 120
+    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "preempted"
+    common = ["slurm/pretrain.sh", "configs/tiny.yaml"]
+    pre = cluster.sbatch(_sbatch_args(tmp_path, 2, 1, "pre") + common
+                         + _train_overrides(pre_dir, dataset, "ddp", steps), env)
+    ref = cluster.sbatch(_sbatch_args(tmp_path, 2, 1, "ref") + common
+                         + _train_overrides(ref_dir, dataset, "ddp", steps), env)
+    # preempt once the run is well under way but far from done
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (pre_dir / "metrics.jsonl").exists() and len(_losses(pre_dir)) >= 10:
+            break
+        assert cluster.job(pre).get("JobState") not in TERMINAL, "finished before it could be preempted"
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the job did not start training in time")
+    cluster.run("scontrol", "requeue", pre)
+    info = cluster.wait(pre, 240)
+    ref_info = cluster.wait(ref, 240)
+    log = (tmp_path / f"pre-{pre}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert ref_info["JobState"] == "COMPLETED", ref_info
+    assert info["Restarts"] == "1", info
+    assert "start 0 " in log and "start 1 " in log and "resumed from" in (pre_dir / "train.log").read_text()
+    stopped = [int(m) for m in re.findall(r"stopped by a signal at step (\d+)", (pre_dir / "train.log").read_text())]
+    assert len(stopped) == 1 and 10 <= stopped[0] < steps, stopped
+    # bit-exact: the same losses at every step as the run nobody interrupted
+    assert _losses(pre_dir) == _losses(ref_dir)
+    assert [s for s, _ in _losses(ref_dir)] == list(range(1, steps + 1))
+
+
+def test_bad_input_to_sbatch_and_launch(cluster, tmp_path):
+    env = cluster.job_env(tmp_path)
+    out = cluster.run("sbatch", "--partition=nope", "--gpus-per-node=0", "slurm/pretrain.sh", "configs/tiny.yaml", env=env, check=False)
+    assert out.returncode != 0 and "partition" in out.stderr.lower()
+    out = cluster.run(PY, "-m", "mmscale.cli", "launch", "--config", "configs/tiny.yaml", "--partition", "nope",
+                      env=env, check=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "partition 'nope' does not exist; available: debug" in out.stderr
+    # inside an allocation whose layout does not fit the config's batch: one line, exit 2, no training
+    jid = cluster.sbatch(_sbatch_args(tmp_path, 1, 2, "badbatch")
+                         + ["slurm/pretrain.sh", "configs/tiny.yaml", "engine.kind=ddp",
+                            "train.global_batch_size=24", f"run.dir={tmp_path}/never"], env)
+    info = cluster.wait(jid, 60)
+    log = (tmp_path / f"badbatch-{jid}.out").read_text()
+    assert info["ExitCode"] == "2:0", log
+    assert "pretrain.sh: error: train.global_batch_size=24 is not a multiple" in log
+    assert not (tmp_path / "never").exists()
+    jid = cluster.sbatch(_sbatch_args(tmp_path, 1, 1, "noconfig") + ["slurm/pretrain.sh", "missing.yaml"], env)
+    info = cluster.wait(jid, 60)
+    assert info["ExitCode"] == "2:0" and "config file 'missing.yaml' does not exist" in \
+        (tmp_path / f"noconfig-{jid}.out").read_text()
+
+
+def test_mmscale_launch_through_submitit_on_the_cluster(cluster, dataset, tmp_path):
+    env = cluster.job_env(tmp_path)
+    run_dir = tmp_path / "launched"
+    out = cluster.run(PY, "-m", "mmscale.cli", "launch", "--config", "configs/tiny.yaml",
+                      *_train_overrides(run_dir, dataset, "ddp", 20), "--cluster", "slurm", "--nodes", "2",
+                      "--gpus-per-node", "1", "--no-gpus", "--time", "10", "--wait", env=env, timeout=300,
+                      check=False)
+    assert out.returncode == 0, out.stdout + out.stderr + "".join(
+        p.read_text()[-2000:] for p in (run_dir / "submitit").glob("*.err"))
+    jid = re.search(r"^job (\d+) ", out.stdout, re.M).group(1)
+    assert f"job {jid} done: 2 task(s) finished" in out.stdout
+    assert str(run_dir / "submitit") in out.stdout  # the log paths
+    losses = _losses(run_dir)
+    assert [s for s, _ in losses] == list(range(1, 21)) and losses[-1][1] < losses[0][1] - 0.5
+    assert (run_dir / "checkpoints" / "step_00000020").is_dir()
+    assert _own_shm_dirs(jid) == []
