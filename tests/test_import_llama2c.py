@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "import_llama2c.py"
 STORIES = REPO.parent / "shared" / "data" / "reference" / "stories260K"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 EXPECTED = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine spinning threads cost 5-10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def load_tool():
@@ -110,13 +121,13 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path):
     tok.write_bytes(b"not a sentencepiece model")  # the checkpoint is read first
     out = tmp_path / "export"
     r = subprocess.run([sys.executable, str(TOOL), str(ckpt), "--tokenizer", str(tok), "--out", str(out)],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, env=ENV)
     assert r.returncode == 1
     assert "error:" in r.stderr and "truncated" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
     write_llama2c(ckpt)  # now a good checkpoint with a bad tokenizer
     r = subprocess.run([sys.executable, str(TOOL), str(ckpt), "--tokenizer", str(tok), "--out", str(out)],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, env=ENV)
     assert r.returncode == 1 and "not a sentencepiece model" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
 
@@ -128,7 +139,7 @@ def test_stories260k_greedy_sample_is_llama2c_text(tmp_path):
     out = tmp_path / "stories260K"
     cmd = [sys.executable, str(TOOL), str(STORIES / "stories260K.bin"), "--tokenizer", str(STORIES / "tok512.model"),
            "--out", str(out), "--sample", "--steps", "32"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(EXPECTED), r.stdout
     meta = json.loads((out / "config.json").read_text())
@@ -139,5 +150,5 @@ def test_stories260k_greedy_sample_is_llama2c_text(tmp_path):
     from mmscale.export import load_export
     model, _ = load_export(out)
     assert model.num_params() == 260_032
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 1 and "already exists" in r.stderr
