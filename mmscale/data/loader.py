@@ -50,8 +50,6 @@ from mmscale.data.prepare import MANIFEST
 from mmscale.errors import UserError
 
 IGNORE_INDEX = -100
-_SHM_NAMES = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times",
-              "resume", "epoch_shape", "epoch_data")
 _LOCK_NAMES = ("barrier_filelock", "cache_filelock")
 
 
@@ -235,17 +233,22 @@ class StreamingLoader:
         loader_it = getattr(self.loader, "_iterator", None)
         if loader_it is not None and hasattr(loader_it, "_shutdown_workers"):
             loader_it._shutdown_workers()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # nobody may still be reading the segments we unlink
-        prefix = getattr(self.dataset, "_shm_prefix_int", None)
-        if prefix is not None and self._local_rank == 0:
-            release_shared_memory(prefix)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            torch.distributed.barrier()  # nobody may still be using the segments we free
+        _free_shared_memory(self.dataset)
+        if self._local_rank == 0:
+            prefix = getattr(self.dataset, "_shm_prefix_int", None)
             for name in _LOCK_NAMES:
-                (self._lock_dir / f"{prefix:06}_{name}").unlink(missing_ok=True)
+                if prefix is not None:
+                    (self._lock_dir / f"{prefix:06}_{name}").unlink(missing_ok=True)
             try:
                 self._lock_dir.rmdir()
             except OSError:
                 pass
+        if distributed:
+            # the next dataset's ranks must all see the freed prefix, or they pick different ones
+            torch.distributed.barrier()
 
     def __enter__(self):
         return self
@@ -254,25 +257,38 @@ class StreamingLoader:
         self.close()
 
 
-def release_shared_memory(prefix: int) -> list[str]:
-    """Unlink the /dev/shm segments of the streaming dataset with this prefix; return their names."""
-    from multiprocessing import resource_tracker, shared_memory
+def _free_shared_memory(dataset) -> None:
+    """Free a StreamingDataset's /dev/shm segments now, the way streaming would at exit.
 
-    gone = []
-    for name in _SHM_NAMES:
-        seg = f"{prefix:06}_{name}"
-        try:
-            shm = shared_memory.SharedMemory(name=seg, create=False)
-        except FileNotFoundError:
+    Each process unlinks the segments it created and closes those it attached to, through
+    streaming's own SharedMemory objects; their exit hooks are removed, because by exit time the
+    same names may belong to another dataset (prefixes are reused machine-wide) and unlinking by
+    name then would destroy someone else's segment.
+    """
+    import atexit
+
+    holders = [getattr(dataset, "_locals_shm", None), getattr(dataset, "_resume_shm", None)]
+    barrier = getattr(dataset, "_shared_barrier", None)
+    holders.append(getattr(getattr(barrier, "_arr", None), "shm", None))
+    for attr in ("_next_epoch", "_cache_usage"):
+        holders.append(getattr(getattr(getattr(dataset, attr, None), "arr", None), "shm", None))
+    for attr in ("_shard_states", "_shard_access_times"):
+        holders.append(getattr(getattr(dataset, attr, None), "shm", None))
+    for shm in holders:
+        if shm is None or not hasattr(shm, "cleanup"):
             continue
-        shm.close()
-        try:
-            shm.unlink()
-            gone.append(seg)
-        except FileNotFoundError:
-            # someone else unlinked it; attaching registered it with the resource tracker
-            resource_tracker.unregister(f"/{seg}", "shared_memory")
-    return gone
+        atexit.unregister(shm.cleanup)
+        for raw in shm.created_shms + shm.opened_shms:
+            try:
+                raw.close()
+            except BufferError:  # a numpy view still points into it; the mapping goes at exit
+                pass
+        for raw in shm.created_shms:
+            try:
+                raw.unlink()  # also unregisters it from this process's resource tracker
+            except FileNotFoundError:
+                pass
+        shm.created_shms, shm.opened_shms = [], []
 
 
 def _split_location(data_cfg, split: str) -> tuple[str, str]:

@@ -1,0 +1,76 @@
+"""Session-wide test hygiene: streaming's /dev/shm segments and lock files must not outlive the suite.
+
+mosaicml-streaming creates nine /dev/shm segments per dataset (`NNNNNN_locals`, `NNNNNN_barrier`,
+...) and lock files in the temp dir, and never deletes them itself (mmscale's loader does, in
+`close()`). This session fixture
+  - points TMPDIR (and `tempfile.tempdir`) at a private directory under pytest's basetemp, so every
+    lock file and temp dir our tests (and the processes they start) make is ours by location;
+  - at the end, finds what is ours and survived: lock files left in that directory, and /dev/shm
+    segments that appeared during the session and belong to a dataset of ours (its `_locals`
+    segment names a path under basetemp, or its prefix has a lock file of ours);
+  - removes exactly those and fails the session, listing them.
+It never looks at segments that existed before the session or that belong to another program.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SHM_DIR = Path("/dev/shm")
+_STREAMING_SEGMENT = re.compile(
+    r"^(\d{6})_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|"
+    r"epoch_shape|epoch_data)$")
+_STREAMING_LOCK = re.compile(r"^(\d{6})_(barrier_filelock|cache_filelock)$")
+
+
+def _streaming_segments() -> set[str]:
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if _STREAMING_SEGMENT.match(p.name)}
+
+
+def _our_leftovers(before: set[str], basetemp: Path, tmpdir: Path) -> tuple[list[Path], list[str]]:
+    locks = [p for p in tmpdir.rglob("*") if p.is_file() and _STREAMING_LOCK.match(p.name)]
+    our_prefixes = {_STREAMING_LOCK.match(p.name).group(1) for p in locks}
+    new = _streaming_segments() - before
+    marker = str(basetemp).encode()
+    for name in new:
+        m = _STREAMING_SEGMENT.match(name)
+        if m.group(2) == "locals":
+            try:
+                if marker in (SHM_DIR / name).read_bytes():
+                    our_prefixes.add(m.group(1))
+            except OSError:
+                pass
+    segments = sorted(n for n in new if _STREAMING_SEGMENT.match(n).group(1) in our_prefixes)
+    return locks, segments
+
+
+@pytest.fixture(scope="session", autouse=True)
+def streaming_hygiene(tmp_path_factory):
+    basetemp = tmp_path_factory.getbasetemp().resolve()
+    tmpdir = basetemp / "session-tmp"
+    tmpdir.mkdir(exist_ok=True)
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(tmpdir)
+    tempfile.tempdir = str(tmpdir)
+    before = _streaming_segments()
+    yield tmpdir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
+    tempfile.tempdir = saved_tempdir
+    locks, segments = _our_leftovers(before, basetemp, tmpdir)
+    for p in locks:
+        p.unlink(missing_ok=True)
+    for name in segments:
+        (SHM_DIR / name).unlink(missing_ok=True)
+    if locks or segments:
+        pytest.fail("streaming state outlived the tests (removed now; a loader was not closed?): "
+                    + ", ".join([f"/dev/shm/{n}" for n in segments] + [str(p) for p in locks]),
+                    pytrace=False)
