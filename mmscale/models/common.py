@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmscale.ops.cross_entropy import chunked_cross_entropy
+
 IGNORE_INDEX = -100
 
 
@@ -36,6 +38,9 @@ def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> t
     without materialising the full [B, L, V] logits.
     """
     n_pred = labels.shape[1] - 1
+    if getattr(lm_head.weight, "ds_id", None) is None:  # ZeRO-3 gathers it only inside lm_head's forward
+        return chunked_cross_entropy(hidden[:, :n_pred], lm_head.weight, labels[:, 1:], bias=lm_head.bias,
+                                     ignore_index=IGNORE_INDEX)
     logits = lm_head(hidden[:, :n_pred])
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)

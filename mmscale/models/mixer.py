@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmscale.models.common import CausalLM
+from mmscale.ops import token_mix
 
 
 class TokenMixer(nn.Module):
@@ -38,9 +39,10 @@ class TokenMixer(nn.Module):
     """
 
     def __init__(self, n_ctx: int, heads: int = 1, kernel_size: int = 1, bias: bool = True,
-                 causal: bool = True):
+                 causal: bool = True, impl: str = "auto"):
         super().__init__()
         self.n_ctx, self.heads, self.kernel_size, self.causal = n_ctx, heads, kernel_size, causal
+        self.impl = impl  # how mmscale.ops.token_mix computes it (model.mixer_impl); all exact
         self.weight = nn.Parameter(torch.empty(heads, kernel_size, n_ctx, n_ctx))
         self.bias = nn.Parameter(torch.empty(n_ctx)) if bias else None
         mask = torch.ones(n_ctx, n_ctx)
@@ -58,26 +60,25 @@ class TokenMixer(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight * self.mask.to(self.weight.dtype)
+        # mmscale.ops masks functionally too (zero gradient above the diagonal) and skips the
+        # masked half where that is faster; its layout is [H, T, T, k] weights, [B, H, T, C] inputs
+        w = self.weight.permute(0, 2, 3, 1)
         B, T, C = x.shape
-        x = x.reshape(B, T, self.heads, C // self.heads)
-        if self.kernel_size == 1:
-            out = torch.einsum("hij,bjhc->bihc", w[:, 0], x)
+        if self.heads == 1:
+            out = token_mix(w[0], x, causal=self.causal, impl=self.impl)
         else:
-            pad = self.kernel_size // 2
-            windows = F.pad(x, (pad, pad)).unfold(-1, self.kernel_size, 1)  # [B, T, H, C/H, k]
-            out = torch.einsum("htij,bjhct->bihc", w, windows)
-        out = out.reshape(B, T, C)
+            xh = x.reshape(B, T, self.heads, C // self.heads).transpose(1, 2)
+            out = token_mix(w, xh, causal=self.causal, impl=self.impl).transpose(1, 2).reshape(B, T, C)
         return out if self.bias is None else out + self.bias[:, None]
 
 
 class MultiHeadTokenMixing(nn.Module):
     """Project to `heads` groups of d/heads channels, mix each group with its own masked matrix, project out."""
 
-    def __init__(self, d_model: int, n_ctx: int, heads: int, kernel_size: int, causal: bool):
+    def __init__(self, d_model: int, n_ctx: int, heads: int, kernel_size: int, causal: bool, impl: str = "auto"):
         super().__init__()
         self.in_proj = nn.Linear(d_model, d_model)
-        self.mixer = TokenMixer(n_ctx, heads, kernel_size, bias=False, causal=causal)
+        self.mixer = TokenMixer(n_ctx, heads, kernel_size, bias=False, causal=causal, impl=impl)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +101,10 @@ class MixerBlock(nn.Module):
         causal = not cfg.bidirectional
         self.mix_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.mixer == "flat":
-            self.mixing = TokenMixer(cfg.n_ctx, 1, cfg.kernel_size, bias=True, causal=causal)
+            self.mixing = TokenMixer(cfg.n_ctx, 1, cfg.kernel_size, bias=True, causal=causal, impl=cfg.mixer_impl)
         else:
-            self.mixing = MultiHeadTokenMixing(cfg.d_model, cfg.n_ctx, cfg.heads, cfg.kernel_size, causal)
+            self.mixing = MultiHeadTokenMixing(cfg.d_model, cfg.n_ctx, cfg.heads, cfg.kernel_size, causal,
+                                               impl=cfg.mixer_impl)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden or cfg.ffn_mult * cfg.d_model)
 

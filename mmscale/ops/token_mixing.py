@@ -31,9 +31,9 @@ IMPLS = ("auto", "dense", "blocked", "triton")
 
 # Rows per block of the blocked path. Measured on a 2-core CPU (benchmarks/RESULTS.md): smaller
 # blocks skip more of the masked half but run smaller, less efficient GEMMs.
-CPU_BLOCK_ROWS = 256
+CPU_BLOCK_ROWS = 128
 # Below this context the masked half is too small to pay for the extra calls.
-CPU_BLOCKED_MIN_T = 512
+CPU_BLOCKED_MIN_T = 256
 # CUDA: the Triton kernel wins from this context up (benchmarks/gpu); dense below it.
 CUDA_TRITON_MIN_T = 1024
 
@@ -89,14 +89,14 @@ def _canonical(weight, x):
     return weight, x, flat
 
 
-def choose_impl(t: int, device: torch.device | str, causal: bool, taps: int = 1) -> str:
+def choose_impl(t: int, device: torch.device | str, causal: bool) -> str:
     """The fastest exact path for this size and device (measurements in benchmarks/RESULTS.md)."""
     if not causal:
         return "dense"  # nothing is masked: no work to skip
     dev = torch.device(device).type
     if dev == "cuda":
         from mmscale.ops import triton_mixing
-        if taps == 1 and t >= CUDA_TRITON_MIN_T and triton_mixing.available():
+        if t >= CUDA_TRITON_MIN_T and triton_mixing.available():
             return "triton"
         return "blocked" if t >= 2 * CPU_BLOCKED_MIN_T else "dense"
     return "blocked" if t >= CPU_BLOCKED_MIN_T else "dense"
@@ -107,13 +107,13 @@ def _dispatch(weight, x, causal, impl, block_rows):
         raise ValueError(f"token_mix: impl must be one of {IMPLS}, got {impl!r}")
     t, taps = x.shape[2], weight.shape[3]
     if impl == "auto":
-        impl = choose_impl(t, x.device, causal, taps)
-    if impl == "dense" or not causal:
-        return dense_mix(weight, x, causal)
+        impl = choose_impl(t, x.device, causal)
     if taps > 1:
         # kernel_size k: one masked T x T matrix per tap over the feature-shifted input
         return sum(_dispatch(weight[..., i:i + 1], _shift(x, i - taps // 2), causal, impl, block_rows)
                    for i in range(taps))
+    if impl == "dense" or not causal:
+        return dense_mix(weight[..., 0], x, causal)
     if impl == "triton":
         from mmscale.ops import triton_mixing
         return triton_mixing.triton_mix(weight[..., 0], x)
@@ -136,13 +136,13 @@ def _default_block_rows(t: int) -> int:
 
 
 def dense_mix(weight, x, causal=True):
-    """weight [H, T, T, k], x [B, H, T, C]: mask the whole matrix, one grouped conv over all positions."""
+    """weight [H, T, T], x [B, H, T, C]: mask the whole matrix and multiply, masked half included."""
     b, h, t, c = x.shape
-    taps = weight.shape[3]
     if causal:
-        weight = weight * causal_mask(t, x.device, weight.dtype)[None, :, :, None]
-    out = F.conv1d(x.reshape(b, h * t, c), weight.reshape(h * t, t, taps), padding=taps // 2, groups=h)
-    return out.view(b, h, t, c)
+        weight = weight * causal_mask(t, x.device, weight.dtype)
+    if h == 1:  # the paper's op: channels = positions, kernel 1 over the feature axis
+        return F.conv1d(x[:, 0], weight[0, :, :, None]).unsqueeze(1)
+    return torch.einsum("hij,bhjc->bhic", weight, x)
 
 
 def _blocks(t, rows):
