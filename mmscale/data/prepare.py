@@ -26,6 +26,7 @@ never leaves a directory that looks complete.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -209,9 +210,9 @@ def _init_worker(tokenizer_path: str) -> None:
 
 def _encode_batch(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Encode documents; return (all token ids concatenated as uint32, per-document lengths)."""
-    ids = _worker_sp.encode(docs)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=int(lengths.sum()))
+    ids = _worker_sp.encode(docs, num_threads=1)  # the parallelism is the worker processes
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
     return flat, lengths
 
 
@@ -300,7 +301,7 @@ class PrepareOptions:
     separator: str = DEFAULT_SEPARATOR
     errors: str = "strict"
     dtype: str = "auto"
-    workers: int = 0  # 0 = one per CPU core
+    workers: int = 0  # tokenizer processes; 0 = one per CPU core, 1 = in this process
     seed: int = 0
     overwrite: bool = False
     shard_bytes: int = 1 << 26
@@ -358,6 +359,23 @@ def prepare(opts: PrepareOptions) -> dict:
                         "(`mmscale tokenizer train` makes eos = 3)")
     pad_id = ids["pad"] if ids["pad"] >= 0 else ids["eos"]
     sources = resolve_sources(opts.inputs)
+    import multiprocessing as mp
+
+    # the workers start now (spawn: they import only sentencepiece and numpy, never what this
+    # process loaded), so that their start-up overlaps the checking pass below
+    workers = opts.workers or os.cpu_count() or 1
+    if workers == 1:  # no worker process to start: tokenize here
+        _init_worker(str(opts.tokenizer))
+        return _prepare_with(None, opts, out, sources, sp, vocab_size, dtype, ids, pad_id)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(opts.tokenizer),))
+    try:
+        return _prepare_with(pool, opts, out, sources, sp, vocab_size, dtype, ids, pad_id)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _prepare_with(pool, opts, out, sources, sp, vocab_size, dtype, ids, pad_id) -> dict:
     counts = []
     for src in sources:  # first pass: validates encoding and fields, counts documents
         n = sum(1 for _ in src.documents(opts))
@@ -374,7 +392,7 @@ def prepare(opts: PrepareOptions) -> dict:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        manifest = _write(opts, sources, counts, is_val, tmp, sp, vocab_size, dtype, ids, pad_id)
+        manifest = _write(pool, opts, sources, counts, is_val, tmp, sp, vocab_size, dtype, ids, pad_id)
         if out.exists():  # --overwrite: move the old one aside only once the new one is complete
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -388,9 +406,7 @@ def prepare(opts: PrepareOptions) -> dict:
     return manifest
 
 
-def _write(opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype, ids, pad_id) -> dict:
-    import multiprocessing as mp
-
+def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype, ids, pad_id) -> dict:
     from tqdm import tqdm
 
     from mmscale.data._streaming import import_streaming
@@ -409,7 +425,6 @@ def _write(opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype, ids,
         splits = {s: _PaddedSplit(w, n_ctx, ids["eos"], pad_id, opts.pad, dtype) for s, w in writers.items()}
 
     n_docs = len(is_val)
-    workers = opts.workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     total_tokens = 0
 
@@ -417,26 +432,24 @@ def _write(opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype, ids,
         for src in sources:
             yield from _batched(src.documents(opts), DOCS_PER_TASK)
 
-    # spawn: the workers import only sentencepiece and numpy, never what the parent loaded
-    ctx = mp.get_context("spawn")
     bar = tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=not opts.progress,
                file=sys.stderr, dynamic_ncols=True)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(opts.tokenizer),)) as pool:
-        doc_index = 0
-        for flat, lengths in pool.imap(_encode_batch, all_batches(), chunksize=1):
-            total_tokens += int(lengths.sum())
-            val = is_val[doc_index:doc_index + len(lengths)]
-            doc_index += len(lengths)
-            ends = np.cumsum(lengths)
-            starts = ends - lengths
-            for split, sel in (("train", ~val), ("val", val)):
-                if sel.any():
-                    part = np.concatenate([flat[a:b] for a, b in zip(starts[sel], ends[sel])]) \
-                        if not sel.all() else flat
-                    splits[split].add(part, lengths[sel])
-            bar.update(len(lengths))
-            bar.set_postfix_str(f"{total_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s",
-                                refresh=False)
+    doc_index = 0
+    encoded = map(_encode_batch, all_batches()) if pool is None else pool.imap(_encode_batch, all_batches())
+    for flat, lengths in encoded:
+        total_tokens += int(lengths.sum())
+        val = is_val[doc_index:doc_index + len(lengths)]
+        doc_index += len(lengths)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        for split, sel in (("train", ~val), ("val", val)):
+            if sel.any():
+                part = np.concatenate([flat[a:b] for a, b in zip(starts[sel], ends[sel])]) \
+                    if not sel.all() else flat
+                splits[split].add(part, lengths[sel])
+        bar.update(len(lengths))
+        bar.set_postfix_str(f"{total_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s",
+                            refresh=False)
     bar.close()
     for s in splits.values():
         s.finish()
@@ -502,7 +515,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="non-UTF-8 bytes: stop with the file and offset (strict) or replace them")
     parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                         help="token dtype in the shards (auto: uint16 when the vocab fits)")
-    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = one per core)")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = one per core, 1 = no extra process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     parser.add_argument("--shard-bytes", type=int, default=1 << 26, help="uncompressed bytes per shard")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
