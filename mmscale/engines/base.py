@@ -1,0 +1,132 @@
+"""The engine interface and what every engine shares: LR schedule, AdamW, activation checkpointing, compile.
+
+A training step is `forward_backward(batch, last)` for each micro-batch, then either `step(lr)`
+(clip + optimizer update, returns the gradient norm) or `skip_step()` when the loss was not finite.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+def lr_at(step: int, train_cfg) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr_ratio * lr.
+
+    A pure function of the step, so checkpoints need no scheduler state and every engine agrees.
+    """
+    t = train_cfg
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    floor = t.lr * t.min_lr_ratio
+    return floor + 0.5 * (t.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (ndim >= 2); no decay on norms and biases. Shared (tied) parameters once."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields a tied weight once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.Optimizer:
+    # torch's own AdamW (no fused/JIT kernels): bit-exact resume on every engine, nothing compiles on CPU
+    return torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
+                             betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8, foreach=False)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward. Patches `forward` on the instance, so
+    parameter names (and checkpoints) are unchanged; applied before compile and sharding."""
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """In-place torch.compile per block (names unchanged, unlike torch.compile(model))."""
+    for block in model.blocks:
+        block.compile()
+
+
+def prepare_model(model: nn.Module, engine_cfg) -> nn.Module:
+    """torchtitan's order: activation checkpointing, then compile; sharding comes after, per engine."""
+    if engine_cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if engine_cfg.compile:
+        apply_compile(model)
+    return model
+
+
+class Engine:
+    """What the training loop sees. Subclasses set `kind` and `model_format` (see checkpoint.py)."""
+
+    kind = "base"
+    model_format = "torch"
+
+    def __init__(self, cfg, model: nn.Module, info, device: torch.device):
+        self.cfg = cfg
+        self.info = info
+        self.device = device
+        self.grad_accum = cfg.train.grad_accum
+
+    # --- training
+    def forward_backward(self, batch: dict, last: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns its mean loss (detached, fp32, unscaled)."""
+        raise NotImplementedError
+
+    def step(self, lr: float) -> float:
+        """Clip, update with learning rate `lr`, clear gradients; returns the global gradient norm."""
+        raise NotImplementedError
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without updating (non-finite loss)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- checkpoints: write/read engine files into/from a step folder; every rank calls these
+    def save(self, step_dir: Path) -> dict:
+        """Returns {"model_files": [...], "optimizer_files": [...]} relative to step_dir."""
+        raise NotImplementedError
+
+    def load(self, step_dir: Path) -> None:
+        raise NotImplementedError
+
+    def module(self) -> nn.Module:
+        """The underlying model (for generation on rank 0; may be sharded under ZeRO-3 / FSDP)."""
+        raise NotImplementedError
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def close(self) -> None:
+        pass
+
+
+def grad_norm_or_clip(params, max_norm: float) -> float:
+    """Clip to max_norm (0 = no clipping) and return the total norm before clipping."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)

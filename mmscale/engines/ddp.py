@@ -1,0 +1,22 @@
+"""DistributedDataParallel: replicated weights and optimizer, gradients all-reduced (gloo or nccl)."""
+from __future__ import annotations
+
+import contextlib
+
+from torch.nn.parallel import DistributedDataParallel
+
+from mmscale.engines.single import SingleEngine
+
+
+class DDPEngine(SingleEngine):
+    kind = "ddp"
+    model_format = "torch"
+
+    def wrap(self, model):
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # DDP broadcasts rank 0's weights at construction; the same seed already makes them equal
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def no_sync(self, last):
+        # accumulate locally; all-reduce only on the last micro-batch of the step
+        return contextlib.nullcontext() if last else self.wrapped.no_sync()

@@ -1,0 +1,72 @@
+"""One process: the reference every other engine must match (bf16 through autocast, fp32 master weights)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from mmscale.engines.base import Engine, build_optimizer, grad_norm_or_clip, prepare_model, set_lr
+
+
+class SingleEngine(Engine):
+    kind = "single"
+    model_format = "torch"
+
+    def __init__(self, cfg, model, info, device):
+        super().__init__(cfg, model, info, device)
+        self.raw = prepare_model(model.to(device), cfg.engine)
+        self.wrapped = self.wrap(self.raw)
+        self.optimizer = build_optimizer(self.raw, cfg.train)
+
+    def wrap(self, model):
+        return model
+
+    def autocast(self):
+        if self.cfg.engine.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def no_sync(self, last: bool):
+        return contextlib.nullcontext()
+
+    def forward_backward(self, batch, last):
+        batch = self.to_device(batch)
+        self.wrapped.train()
+        with self.no_sync(last):
+            with self.autocast():
+                loss = self.wrapped(batch["input_ids"], labels=batch["labels"])
+            (loss / self.grad_accum).backward()
+        return loss.detach().float()
+
+    def step(self, lr):
+        set_lr(self.optimizer, lr)
+        norm = grad_norm_or_clip(self.raw.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def skip_step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def eval_loss(self, batch):
+        batch = self.to_device(batch)
+        self.wrapped.eval()
+        with self.autocast():
+            loss = self.wrapped(batch["input_ids"], labels=batch["labels"])
+        return loss.float()
+
+    def save(self, step_dir: Path):
+        if self.info.rank == 0:
+            torch.save(self.raw.state_dict(), step_dir / "model.pt")
+            torch.save(self.optimizer.state_dict(), step_dir / "optimizer.pt")
+        return {"model_files": ["model.pt"], "optimizer_files": ["optimizer.pt"]}
+
+    def load(self, step_dir: Path):
+        self.raw.load_state_dict(torch.load(step_dir / "model.pt", map_location=self.device, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(step_dir / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
+
+    def module(self):
+        return self.raw

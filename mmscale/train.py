@@ -1,0 +1,347 @@
+"""The one training loop, for every engine and launcher.
+
+    python -m mmscale.train --config configs/tiny.yaml train.max_steps=200
+    torchrun --standalone --nproc_per_node 2 mmscale/train.py --config X engine.kind=fsdp
+    deepspeed --num_gpus 2 mmscale/train.py --config X engine.kind=deepspeed engine.zero_stage=2
+    srun python -m mmscale.train --config X ...            (ranks from SLURM_*)
+    mmscale train --config X ...                          (single process)
+
+Exit statuses (mmscale/ARCHITECTURE.md): 0 done; 1 error; 2 bad config; 75 stopped by SIGTERM, SIGUSR2
+or SIGINT after saving a checkpoint (requeue: the run resumes); 3 too many non-finite losses in a row.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed mmscale/train.py` / `torchrun mmscale/train.py` run it as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from mmscale import checkpoint as ckpt
+from mmscale import distributed as dist_
+from mmscale.config import Config, load_config
+from mmscale.errors import UserError
+
+EXIT_OK, EXIT_SIGNAL, EXIT_NONFINITE = 0, 75, 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR2 / SIGINT; the loop finishes its step, saves and exits 75."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def install(self) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def resolve_grad_accum(cfg: Config, world_size: int) -> int:
+    t = cfg.train
+    if cfg.engine.kind == "single" and world_size > 1:
+        raise UserError(f"engine.kind=single cannot run on {world_size} ranks; use engine.kind=ddp, fsdp or deepspeed")
+    if t.global_batch_size == 0:
+        return t.grad_accum
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size ({t.global_batch_size}) is not divisible by micro_batch_size x ranks "
+                        f"({t.micro_batch_size} x {world_size}); pick a multiple of {per_step}")
+    return t.global_batch_size // per_step
+
+
+def check_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run.dir '{run_dir}' is not writable ({e.strerror}); choose another run.dir") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# model and data (the defaults; tests pass stand-ins with the same contracts)
+
+def default_model_factory(cfg: Config):
+    from mmscale.models import build_model
+
+    model = build_model(cfg.model)
+    if cfg.train.init_from:
+        from safetensors.torch import load_file
+
+        from mmscale.export.format import WEIGHTS, load_export_config
+        meta = load_export_config(cfg.train.init_from)
+        if any(meta["model"].get(k, v) != v for k, v in cfg.to_dict()["model"].items()):
+            raise UserError(f"train.init_from '{cfg.train.init_from}' holds a different model than model.*; "
+                            "match the model config to the export")
+        model.load_state_dict(load_file(str(Path(cfg.train.init_from) / WEIGHTS)), strict=False)
+    return model
+
+
+def default_data_factory(cfg: Config, info, micro_batch_size: int):
+    """(train loader with state_dict/load_state_dict, a function giving a fresh val iterable or None)."""
+    from mmscale import data
+
+    if not cfg.data.train:
+        raise UserError("data.train is empty; prepare a dataset with `mmscale prepare` and set data.train=DIR")
+    data.check_dataset(cfg.data.train, cfg.model)
+    train = data.build_dataloader(cfg, split="train", rank=info.rank, world_size=info.world_size,
+                                  batch_size=micro_batch_size)
+    val_fn = None
+    if cfg.data.val:
+        data.check_dataset(cfg.data.val, cfg.model)
+        val_fn = lambda: data.build_dataloader(cfg, split="val", rank=info.rank, world_size=info.world_size,  # noqa: E731
+                                               batch_size=micro_batch_size)
+    return train, val_fn
+
+
+def endless(loader):
+    """Batches forever: a new epoch when one ends (the loader's state tracks the epoch)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise UserError("the training dataset yields no batches; it is smaller than one batch per rank")
+
+
+def install_nan_fault(model, steps: set[int], current: dict) -> None:
+    """Tests only (MMSCALE_FAULT_NAN_STEPS=3,4): poison the embeddings at those steps (1-based)."""
+    def hook(module, args, output):
+        return output * float("nan") if current["step"] in steps else output
+    model.embed.register_forward_hook(hook)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(engine, val_fn, eval_batches: int, device) -> float | None:
+    if val_fn is None:
+        return None
+    total, count = 0.0, 0
+    for i, batch in enumerate(val_fn()):
+        if i >= eval_batches:
+            break
+        total += float(engine.eval_loss(batch))
+        count += 1
+    total, count = dist_.all_reduce_sum([total, count])
+    return total / count if count else None
+
+
+def save_checkpoint(cfg, engine, info, root: Path, step: int, tokens: int, loader, micro_batch_size: int) -> Path:
+    tmp = root / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
+    if info.rank == 0:
+        ckpt.prepare_tmp_dir(root, step)
+    dist_.barrier()
+    files = engine.save(tmp)
+    data_state = loader.state_dict() if hasattr(loader, "state_dict") else None
+    ckpt.save_rank_state(tmp, info.rank, data_state)
+    dist_.barrier()
+    final = root / ckpt.step_dir_name(step)
+    if info.rank == 0:
+        meta = {"step": step, "tokens_seen": tokens, "engine": engine.kind, "zero_stage": cfg.engine.zero_stage,
+                "precision": cfg.engine.precision, "world_size": info.world_size,
+                "micro_batch_size": micro_batch_size, "model_format": engine.model_format, **files,
+                "rank_files": [ckpt.rank_file_name(r) for r in range(info.world_size)],
+                "config": cfg.to_dict(), "model": cfg.to_dict()["model"]}
+        final = ckpt.finalize(root, tmp, step, meta, cfg.checkpoint.keep)
+    dist_.barrier()
+    return final
+
+
+def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
+    """Run (or resume) training per `cfg`; returns the exit status. Every rank calls this."""
+    info = dist_.detect()
+    grad_accum = resolve_grad_accum(cfg, info.world_size)
+    cfg.train.grad_accum = grad_accum
+    run_dir = Path(cfg.run.dir)
+    root = ckpt.checkpoints_root(run_dir)
+    check_run_dir(run_dir)  # every rank: a rank-0-only error would leave the others waiting in init
+
+    resume_dir = ckpt.resolve_resume(cfg)
+    meta = None
+    if resume_dir is not None:
+        meta = ckpt.read_meta(resume_dir)
+        where = f"run.dir '{run_dir}'" if cfg.run.resume == "auto" else f"checkpoint '{resume_dir}'"
+        ckpt.check_compatible(meta, cfg, info.world_size, where)
+
+    needs_group = info.world_size > 1 or cfg.engine.kind in ("deepspeed", "fsdp")
+    if needs_group:
+        dist_.init(info, deepspeed=cfg.engine.kind == "deepspeed")
+    device = dist_.device_for(info)
+
+    torch.manual_seed(cfg.run.seed)  # same seed -> same initial weights on every engine and rank
+    model = (model_factory or default_model_factory)(cfg)
+    fault_steps = {int(s) for s in os.environ.get("MMSCALE_FAULT_NAN_STEPS", "").split(",") if s}
+    current = {"step": 0}
+    if fault_steps:
+        install_nan_fault(model, fault_steps, current)
+    from mmscale.metrics import peak_mem_mib, train_flops_per_token
+    flops_per_token = train_flops_per_token(model)
+    n_ctx = cfg.model.n_ctx
+
+    loader, val_fn = (data_factory or default_data_factory)(cfg, info, cfg.train.micro_batch_size)
+
+    from mmscale.engines import build_engine, lr_at
+    engine = build_engine(cfg, model, info, device)
+
+    start_step, tokens = 0, 0
+    if resume_dir is not None:
+        engine.load(resume_dir)
+        state = ckpt.load_rank_state(resume_dir, info.rank, info.world_size, meta)
+        if state["rng"] is not None:
+            ckpt.set_rng_state(state["rng"])
+        if state["data"] is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state["data"])
+        start_step, tokens = meta["step"], meta["tokens_seen"]
+
+    from mmscale.metrics import MetricsLogger
+    if info.rank == 0:
+        (run_dir / ".tmp_config.yaml").write_text(cfg.to_yaml())
+        os.replace(run_dir / ".tmp_config.yaml", run_dir / "config.yaml")
+        _trim_metrics(run_dir / "metrics.jsonl", start_step)
+    logger = MetricsLogger(cfg, run_dir, info.rank == 0, start_step, cfg.train.max_steps)
+    if resume_dir is not None:
+        logger.write(f"resumed from {resume_dir} (step {start_step}, {tokens} tokens)")
+
+    stop = StopFlag()
+    stop.install()
+    batches = endless(loader)
+    bad_in_row, status, last_saved = 0, EXIT_OK, start_step if resume_dir is not None else -1
+    try:
+        for step in range(start_step, cfg.train.max_steps):
+            current["step"] = step + 1
+            t0 = time.perf_counter()
+            data_wait, loss_local, n_tokens = 0.0, 0.0, 0
+            for micro in range(grad_accum):
+                tw = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - tw
+                n_tokens += batch["input_ids"].numel()
+                loss_local += float(engine.forward_backward(batch, last=micro == grad_accum - 1)) / grad_accum
+            # one all-reduce agrees on the loss, a non-finite loss anywhere, a stop request anywhere
+            finite = math.isfinite(loss_local)
+            loss_sum, n_bad, n_stop, n_tokens = dist_.all_reduce_sum(
+                [loss_local if finite else 0.0, 0.0 if finite else 1.0, float(stop.signum != 0), n_tokens])
+            lr = lr_at(step, cfg.train)
+            if n_bad:
+                engine.skip_step()
+                bad_in_row += 1
+                grad_norm, loss = None, float("nan")
+            else:
+                grad_norm = engine.step(lr)
+                bad_in_row = 0
+                loss = loss_sum / info.world_size
+            done = step + 1
+            tokens += int(n_tokens)
+            step_time = time.perf_counter() - t0
+            if done % cfg.log.every == 0 or done == cfg.train.max_steps or n_bad:
+                tps = n_tokens / step_time
+                row = {"step": done, "loss": loss if not n_bad else None, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": tps, "mfu": (tps * flops_per_token / (cfg.log.peak_flops * info.world_size))
+                       if cfg.log.peak_flops else None, "step_time": step_time, "data_wait": data_wait,
+                       "peak_mem": peak_mem_mib(device), "tokens": tokens, "skipped": bool(n_bad)}
+                logger.log(row)
+            logger.progress(done, None if n_bad else loss)
+            if bad_in_row:
+                logger.write(f"step {done}: non-finite loss on {int(n_bad)} rank(s); step skipped "
+                             f"({bad_in_row} in a row, limit train.max_bad_steps={cfg.train.max_bad_steps})")
+            if bad_in_row > cfg.train.max_bad_steps:
+                last = ckpt.find_latest(root)
+                logger.write(f"stopping: {bad_in_row} non-finite losses in a row; the last good checkpoint is "
+                             f"{last if last else '(none saved yet)'}; lower train.lr or check the data")
+                status = EXIT_NONFINITE
+                break
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+                val = evaluate(engine, val_fn, cfg.train.eval_batches, device)
+                if val is not None:
+                    logger.log({"step": done, "val_loss": val})
+                    logger.write(f"step {done}: val_loss {val:.4f}")
+                logger.plot()
+            at_end = done == cfg.train.max_steps
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or at_end or n_stop:
+                path = save_checkpoint(cfg, engine, info, root, done, tokens, loader, cfg.train.micro_batch_size)
+                last_saved = done
+                logger.write(f"checkpoint: {path}")
+            if n_stop and not at_end:
+                logger.write(f"stopped by a signal at step {done} after saving a checkpoint; "
+                             f"rerun the same command to resume (exit status {EXIT_SIGNAL})")
+                status = EXIT_SIGNAL
+                break
+        if status == EXIT_OK:
+            if cfg.train.eval_every and last_saved == cfg.train.max_steps and cfg.train.max_steps % cfg.train.eval_every:
+                val = evaluate(engine, val_fn, cfg.train.eval_batches, device)
+                if val is not None:
+                    logger.log({"step": cfg.train.max_steps, "val_loss": val})
+                    logger.write(f"final val_loss {val:.4f}")
+            logger.plot()
+    finally:
+        logger.close()
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+    engine.close()
+    dist_.barrier()
+    if needs_group:
+        dist_.shutdown(deepspeed=cfg.engine.kind == "deepspeed")
+    return status
+
+
+def _trim_metrics(path: Path, upto_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint (they are about to be logged again)."""
+    if not path.is_file():
+        return
+    import json
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    tmp = path.with_name(".tmp_" + path.name)
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 engine.kind=fsdp")
+    # the deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    status = train(cfg)
+    if cfg.engine.kind == "deepspeed":
+        # very short DeepSpeed processes sometimes abort at interpreter exit; leave without teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmscale.train", description="pre-train a model with any engine")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"mmscale train: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,236 @@
+"""Run a function on 2 ranks (torchrun or the deepspeed launcher, gloo on CPU) and collect each rank's result.
+
+    results = run_distributed("tests._dist:train_runs", {"runs": [...]}, nproc=2)   # list, one per rank
+
+The target is "module:function"; it gets the JSON payload and returns something JSON-able. Also
+here: the stand-ins the engine tests use (a tiny LM with the model contract, a deterministic
+token source with the data-loader contract), so the engines are tested on their own.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_distributed(target: str, payload: dict, nproc: int = 2, launcher: str = "torchrun", timeout: float = 300,
+                    env: dict | None = None, expect_ok: bool = True) -> list:
+    """Start `nproc` ranks running `target(payload)`; returns their results in rank order."""
+    with tempfile.TemporaryDirectory(prefix="mmscale_dist_") as out:
+        port = _free_port()
+        if launcher == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        elif launcher == "deepspeed":
+            cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+                   "--master_port", str(port)]
+        else:
+            raise ValueError(launcher)
+        cmd += [str(REPO / "tests" / "_dist.py"), target, json.dumps(payload), out]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
+                    "TMPDIR": out, **(env or {})}
+        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+        results = []
+        for r in range(nproc):
+            f = Path(out) / f"rank_{r}.json"
+            results.append(json.loads(f.read_text()) if f.is_file() else None)
+        if expect_ok and (proc.returncode != 0 or any(r is None for r in results)):
+            raise RuntimeError(f"distributed run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                               f"{proc.stderr[-6000:]}")
+        return results
+
+
+# ----------------------------------------------------------------------------------------------
+# stand-ins with the model and data contracts of mmscale/ARCHITECTURE.md
+
+def tiny_model(cfg):
+    """The real model when mmscale.models has landed, else a tiny LM with the same contract."""
+    try:
+        from mmscale.models import build_model
+        return build_model(cfg.model)
+    except ImportError:
+        return TinyLM(cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers)
+
+
+def _tiny_lm_class():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.norm = nn.LayerNorm(d)
+            self.fc1 = nn.Linear(d, 2 * d)
+            self.fc2 = nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            # a causal "mixing" by cumulative mean keeps it a language model
+            h = self.norm(x)
+            h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype)[:, None]
+            return x + self.fc2(F.gelu(self.fc1(h)))
+
+    class TinyLM(nn.Module):
+        def __init__(self, vocab, d, n_layers):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d)
+            self.blocks = nn.ModuleList(Block(d) for _ in range(n_layers))
+            self.norm = nn.Identity()
+            self.lm_head = nn.Linear(d, vocab, bias=False)
+
+        def forward(self, input_ids, labels=None):
+            x = self.embed(input_ids)
+            for block in self.blocks:
+                x = block(x)
+            logits = self.lm_head(self.norm(x))
+            if labels is None:
+                return logits
+            m = labels.shape[1]
+            return F.cross_entropy(logits[:, :m - 1].float().flatten(0, 1), labels[:, 1:m].flatten(),
+                                   ignore_index=-100)
+
+    return TinyLM
+
+
+def TinyLM(vocab, d, n_layers):  # noqa: N802 - builds the class lazily (torch imported only when needed)
+    return _tiny_lm_class()(vocab, d, n_layers)
+
+
+class SyntheticTokens:
+    """Deterministic random windows; the global order is fixed, rank r of w takes its slice of each
+    global micro-batch, so one rank with a w-times larger micro-batch sees exactly the same samples.
+    state_dict / load_state_dict resume exactly."""
+
+    def __init__(self, seed, rank, world, micro_batch, n_ctx, vocab, split="train"):
+        self.seed, self.rank, self.world, self.mb = seed + (0 if split == "train" else 10_000), rank, world, micro_batch
+        self.n_ctx, self.vocab = n_ctx, vocab
+        self.batches = 0
+
+    def _sample(self, index):
+        import torch
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        # a learnable stream: mostly "next = previous + 1", some noise
+        start = torch.randint(self.vocab, (1,), generator=g)
+        steps = torch.where(torch.rand(self.n_ctx, generator=g) < 0.8, 1,
+                            torch.randint(self.vocab, (self.n_ctx,), generator=g))
+        return torch.cat([start, start + steps.cumsum(0)]) % self.vocab
+
+    def __iter__(self):
+        import torch
+        while True:
+            base = (self.batches * self.world + self.rank) * self.mb
+            window = torch.stack([self._sample(base + i) for i in range(self.mb)])
+            self.batches += 1
+            yield {"input_ids": window[:, :-1].contiguous(), "labels": window}
+
+    def state_dict(self):
+        return {"batches": self.batches, "world": self.world}
+
+    def load_state_dict(self, state):
+        self.batches = state["batches"] * state["world"] // self.world
+
+
+def synthetic_data(cfg, info, micro_batch):
+    args = (cfg.run.seed, info.rank, info.world_size, micro_batch, cfg.model.n_ctx, cfg.model.vocab_size)
+    return SyntheticTokens(*args), (lambda: iter(SyntheticTokens(*args, split="val")))
+
+
+def tiny_config(run_dir, **overrides) -> dict:
+    """A dict config of a tiny run; `overrides` use dotted keys (engine.kind=...)."""
+    tree = {"model": {"d_model": 32, "n_layers": 2, "n_ctx": 16, "vocab_size": 64, "heads": 1},
+            "train": {"max_steps": 6, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "eval_every": 0,
+                      "eval_batches": 2},
+            "engine": {"kind": "single", "precision": "fp32"},
+            "checkpoint": {"every": 0, "keep": 2},
+            "run": {"dir": str(run_dir), "seed": 7},
+            "log": {"wandb": "disabled", "progress": False}}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+def read_losses(run_dir) -> dict:
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# ----------------------------------------------------------------------------------------------
+# worker targets
+
+def train_runs(payload: dict) -> list:
+    """Each run: {"config": dict, "env": {...}}; returns the exit statuses. Runs one after the other in
+    the same processes (each train() starts and ends its own process group)."""
+    from mmscale.config import config_from_dict
+    from mmscale.errors import UserError
+    from mmscale.train import train
+
+    import mmscale.engines
+    original_lr_at = mmscale.engines.lr_at
+    statuses = []
+    base_port = int(os.environ.get("MASTER_PORT", 29500))
+    for i, run in enumerate(payload["runs"]):
+        # a fresh rendezvous per run, hosted by rank 0 (re-using torchrun's store across groups hangs)
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+        os.environ["MASTER_PORT"] = str(base_port + 1 + i)
+        mmscale.engines.lr_at = original_lr_at
+        os.environ.pop("MMSCALE_FAULT_NAN_STEPS", None)
+        os.environ.update(run.get("env", {}))
+        if run.get("kill_self_at"):
+            _signal_self_at(run["kill_self_at"])
+        try:
+            statuses.append(train(config_from_dict(run["config"]), model_factory=tiny_model,
+                                  data_factory=synthetic_data))
+        except UserError as e:
+            statuses.append(f"UserError: {e}")
+    return statuses
+
+
+def _signal_self_at(spec: dict) -> None:
+    """Send this rank a signal once it starts step `spec['step']` (tests SIGTERM handling)."""
+    import signal
+
+    import mmscale.engines.base as base
+    rank = int(os.environ.get("RANK", 0))
+    if rank not in spec.get("ranks", [0]):
+        return
+    orig = base.lr_at
+    sent = {"done": False}
+
+    def lr_at_and_signal(step, train_cfg):
+        if step + 1 == spec["step"] and not sent["done"]:
+            sent["done"] = True
+            os.kill(os.getpid(), getattr(signal, spec.get("signal", "SIGTERM")))
+        return orig(step, train_cfg)
+    import mmscale.engines
+    mmscale.engines.lr_at = lr_at_and_signal
+
+
+def _worker_main() -> None:
+    target, payload, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    rank = int(os.environ.get("RANK", 0))
+    module, fn = target.split(":")
+    result = getattr(importlib.import_module(module), fn)(payload)
+    (out / f".rank_{rank}.json").write_text(json.dumps(result))
+    os.replace(out / f".rank_{rank}.json", out / f"rank_{rank}.json")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown (DeepSpeed sometimes aborts there)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    _worker_main()
