@@ -5,9 +5,10 @@ metrics.jsonl holds one JSON object per line: training rows
    "peak_mem" (MiB: CUDA max allocated, or the process's peak RSS on CPU), "tokens", "skipped"}
 and evaluation rows {"step", "val_loss"}.
 
-MFU convention: model FLOPs per token = 3 x the forward FLOPs of `model.flops_per_token()["dense"]`
-(forward + backward = 3 forward; dense token mixing, i.e. the full T x T product; activation
-recomputation not counted), divided by `log.peak_flops` x world size. Omitted when peak_flops is 0.
+MFU convention: model FLOPs per token = `model.flops_per_token()["dense"]`: matmul FLOPs (2 per
+multiply-add) of forward + backward (= 3 x forward), with the full dense T x T token mixing /
+attention; activation recomputation not counted. MFU = tokens_per_s x that / (log.peak_flops x ranks).
+Omitted (null) when log.peak_flops is 0.
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ def peak_mem_mib(device: torch.device) -> float:
 
 
 def train_flops_per_token(model) -> float:
-    """3 x forward FLOPs per token (see the module docstring); 6 x parameters if the model cannot say."""
+    """Training (fwd + bwd) FLOPs per token (see the module docstring); 6 x parameters if the model cannot say."""
     fn = getattr(model, "flops_per_token", None)
     if fn is not None:
         flops = fn()
-        return 3.0 * float(flops["dense"] if isinstance(flops, dict) else flops)
+        return float(flops["dense"] if isinstance(flops, dict) else flops)
     return 6.0 * sum(p.numel() for p in model.parameters())
 
 

@@ -90,19 +90,20 @@ def default_model_factory(cfg: Config):
 
 
 def default_data_factory(cfg: Config, info, micro_batch_size: int):
-    """(train loader with state_dict/load_state_dict, a function giving a fresh val iterable or None)."""
-    from mmscale import data
+    """(train loader with state_dict/load_state_dict, a function giving a fresh val loader or None)."""
+    from mmscale.data.loader import build_dataloader, check_dataset
 
     if not cfg.data.train:
         raise UserError("data.train is empty; prepare a dataset with `mmscale prepare` and set data.train=DIR")
-    data.check_dataset(cfg.data.train, cfg.model)
-    train = data.build_dataloader(cfg, split="train", rank=info.rank, world_size=info.world_size,
-                                  batch_size=micro_batch_size)
-    val_fn = None
+    check_dataset(cfg.data.train, cfg.model, cache_dir=cfg.data.cache_dir)
     if cfg.data.val:
-        data.check_dataset(cfg.data.val, cfg.model)
-        val_fn = lambda: data.build_dataloader(cfg, split="val", rank=info.rank, world_size=info.world_size,  # noqa: E731
-                                               batch_size=micro_batch_size)
+        check_dataset(cfg.data.val, cfg.model, cache_dir=cfg.data.cache_dir)
+    world = dict(n_ctx=cfg.model.n_ctx, micro_batch_size=micro_batch_size, seed=cfg.run.seed, rank=info.rank,
+                 world_size=info.world_size, local_rank=info.local_rank,
+                 local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    train = build_dataloader(cfg.data, "train", **world)
+    # held-out loss: data.val if set, else the val/ split of data.train (the loader picks)
+    val_fn = lambda: build_dataloader(cfg.data, "val", endless=False, **world)  # noqa: E731
     return train, val_fn
 
 
@@ -130,11 +131,14 @@ def evaluate(engine, val_fn, eval_batches: int, device) -> float | None:
     if val_fn is None:
         return None
     total, count = 0.0, 0
-    for i, batch in enumerate(val_fn()):
+    loader = val_fn()
+    for i, batch in enumerate(loader):
         if i >= eval_batches:
             break
         total += float(engine.eval_loss(batch))
         count += 1
+    if hasattr(loader, "close"):
+        loader.close()  # frees the val dataset's shared memory (collective: every rank gets here)
     total, count = dist_.all_reduce_sum([total, count])
     return total / count if count else None
 
@@ -288,6 +292,8 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
             logger.plot()
     finally:
         logger.close()
+        if hasattr(loader, "close"):
+            loader.close()
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
     engine.close()
