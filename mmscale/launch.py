@@ -104,6 +104,27 @@ def train_command(config_path: str, overrides: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # the submitit job
 
+def _wait_child(child: subprocess.Popen, timeout: float | None = None) -> int | None:
+    """Reap `child` by polling; its exit status, or None after `timeout` seconds.
+
+    Not Popen.wait: submitit calls `checkpoint` from a signal handler that interrupts the main
+    thread inside this very wait, and Popen.wait holds a lock there that a nested Popen.wait would
+    wait on forever (the trainer would be reaped only after the timeout).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while child.returncode is None:
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by an outer frame already
+            break
+        if pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+    return child.returncode
+
 class TrainJob(Checkpointable):
     """One task of a training job (submitit callable; checkpointable so the job is requeued)."""
 
@@ -141,7 +162,7 @@ class TrainJob(Checkpointable):
         print(f"[mmscale launch] rank {env.global_rank}/{env.num_tasks} on {env.hostname}: "
               f"{shlex.join(cmd)}", file=sys.stderr, flush=True)
         self._child = subprocess.Popen(cmd, env=child_env, cwd=self.cwd)
-        rc = self._child.wait()
+        rc = _wait_child(self._child)
         if prefix and env.local_rank == 0:
             # the trainer's last barrier is behind every rank of this node: nothing opens segments now
             shutil.rmtree(node_shm, ignore_errors=True)
@@ -165,13 +186,14 @@ class TrainJob(Checkpointable):
         import submitit
 
         child = self._child
-        if child is not None and child.poll() is None:
+        if child is not None and child.returncode is None:
             # SLURM signals every process of the step, so the trainer usually has USR2 already;
-            # it only sets a flag, so a second one does no harm when it came to us alone
-            child.send_signal(signal.SIGUSR2)
+            # it only sets a flag while it trains, so a second one does no harm
             try:
-                child.wait(timeout=PREEMPT_SIGNAL_DELAY_S - 10)
-            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGUSR2)
+            except ProcessLookupError:
+                pass
+            if _wait_child(child, timeout=PREEMPT_SIGNAL_DELAY_S - 10) is None:
                 print("[mmscale launch] the trainer did not stop in time; requeueing anyway "
                       "(it resumes from its last checkpoint)", file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(

@@ -167,36 +167,58 @@ def test_launch_dry_run_prints_the_sbatch_script(tmp_path):
 # the checkpoint hook submitit calls on preemption
 
 _FAKE_TRAINER = """
-import signal, sys, time
+import pathlib, signal, sys, time
 signal.signal(signal.SIGUSR2, lambda *a: sys.exit(75))
-print("ready", flush=True)
+pathlib.Path(sys.argv[1]).write_text("ready")
 time.sleep(60)
 """
 
 
-def test_checkpoint_waits_for_the_trainer_and_returns_a_fresh_job(tmp_path):
+def test_preemption_in_a_running_task_reaps_the_trainer_and_returns_a_fresh_job(tmp_path, monkeypatch):
+    """As on a preempted node: TrainJob.__call__ waits for the trainer when USR2 arrives; submitit's
+    handler calls checkpoint(), which must forward the signal, reap the trainer (a nested Popen.wait
+    would block on the outer one's lock until its timeout) and hand back a fresh job."""
+    import threading
+
     import submitit
 
+    from mmscale import launch
+
+    ready = tmp_path / "ready"
+    monkeypatch.setattr(launch, "train_command", lambda *a: [PY, "-c", _FAKE_TRAINER, str(ready)])
+    for k, v in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "1",
+                 "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0",
+                 "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0"}.items():
+        monkeypatch.setenv(k, v)
     job = TrainJob(str(tmp_path / "c.yaml"), ["a.b=1"], str(tmp_path), str(tmp_path / "run"))
-    child = subprocess.Popen([PY, "-c", _FAKE_TRAINER], stdout=subprocess.PIPE, text=True)
+    got = {}
+
+    def preempt():  # SLURM's USR2 reaches the submitit process once the trainer runs
+        for _ in range(300):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    old = signal.signal(signal.SIGUSR2, lambda *a: got.setdefault("delayed", job.checkpoint()))
     try:
-        assert child.stdout.readline().strip() == "ready"
-        job._child = child
+        threading.Thread(target=preempt, daemon=True).start()
         t0 = time.monotonic()
-        delayed = job.checkpoint()
-        assert child.returncode == EXIT_REQUEUE  # it forwarded USR2 and waited for the save
-        assert time.monotonic() - t0 < 30
+        with pytest.raises(RuntimeError, match="stopped after a signal"):  # local: no requeue, says so
+            job()
+        assert time.monotonic() - t0 < 20
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        signal.signal(signal.SIGUSR2, old)
+        if job._child is not None and job._child.poll() is None:
+            job._child.kill()
+    assert job._child.returncode == EXIT_REQUEUE  # the forwarded USR2 made it save and exit 75
+    delayed = got["delayed"]
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     fresh = delayed.function
     assert isinstance(fresh, TrainJob) and fresh is not job and fresh._child is None
     assert (fresh.config_path, fresh.overrides, fresh.cwd, fresh.run_dir) == \
            (job.config_path, job.overrides, job.cwd, job.run_dir)
     # what submitit writes to disk for the requeued start must pickle (no process handles)
-    job._child = child
     clone = pickle.loads(pickle.dumps(job))
     assert clone._child is None and clone.overrides == ["a.b=1"]
 
