@@ -4,10 +4,11 @@ mosaicml-streaming creates nine /dev/shm segments per dataset (`NNNNNN_locals`, 
 ...) and lock files in the temp dir, and never deletes them itself (mmscale's loader does, in
 `close()`). This session fixture
   - points TMPDIR (and `tempfile.tempdir`) at a private directory under pytest's basetemp, so every
-    lock file and temp dir our tests (and the processes they start) make is ours by location;
-  - at the end, finds what is ours and survived: lock files left in that directory, and /dev/shm
-    segments that appeared during the session and belong to a dataset of ours (its `_locals`
-    segment names a path under basetemp, or its prefix has a lock file of ours);
+    lock file and temp dir our tests (and the processes they start) make is ours by location
+    (mmscale's loader keeps its lock files next to the data, which tests keep under basetemp too);
+  - at the end, finds what is ours and survived: lock files left in that directory (our /tmp), and
+    /dev/shm segments that appeared during the session and belong to a dataset of ours (its
+    `_locals` segment names a path under basetemp, or its prefix has a lock file under basetemp);
   - removes exactly those and fails the session, listing them.
 It never looks at segments that existed before the session or that belong to another program.
 """
@@ -34,8 +35,12 @@ def _streaming_segments() -> set[str]:
 
 
 def _our_leftovers(before: set[str], basetemp: Path, tmpdir: Path) -> tuple[list[Path], list[str]]:
-    locks = [p for p in tmpdir.rglob("*") if p.is_file() and _STREAMING_LOCK.match(p.name)]
-    our_prefixes = {_STREAMING_LOCK.match(p.name).group(1) for p in locks}
+    # lock files in the session TMPDIR stand for /tmp: none may survive. The loader keeps its own
+    # next to the data (test dirs under basetemp, removed with them); those only tell which
+    # segment prefixes were ours.
+    all_locks = [p for p in basetemp.rglob("*") if p.is_file() and _STREAMING_LOCK.match(p.name)]
+    locks = [p for p in all_locks if tmpdir in p.parents]
+    our_prefixes = {_STREAMING_LOCK.match(p.name).group(1) for p in all_locks}
     new = _streaming_segments() - before
     marker = str(basetemp).encode()
     for name in new:

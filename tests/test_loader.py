@@ -88,7 +88,7 @@ def test_padded_batches_mask_pads(tmp_path, pad):
     (tmp_path / "few.txt").write_text("".join(d + "\n<|endoftext|>\n" for d in docs))
     from mmscale.data.prepare import PrepareOptions, prepare
 
-    n_ctx = 200  # some stories are longer (truncated), most shorter (padded)
+    n_ctx = 240  # some stories are longer (truncated), others shorter (padded)
     prepare(PrepareOptions(inputs=[str(tmp_path / "few.txt")], tokenizer=str(tok), n_ctx=n_ctx,
                            out=str(tmp_path / "d"), layout="padded", pad=pad, val_fraction=0.0,
                            workers=1, progress=False))

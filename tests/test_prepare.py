@@ -75,7 +75,7 @@ def test_packed_manifest_matches_a_hand_count(corpus, tmp_path):
 def test_padded_split_holds_every_document_once(corpus, tmp_path):
     text, tok, docs = corpus
     sp = spm.SentencePieceProcessor(model_file=str(tok))
-    n_ctx = 256
+    n_ctx = 320
     m = prepare(opts([text], tok, tmp_path / "d", n_ctx=n_ctx, layout="padded", val_fraction=0.25, seed=1))
     decoded = Counter()
     for split in ("train", "val"):

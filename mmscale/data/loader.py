@@ -29,8 +29,9 @@ sequence. Ranks get disjoint samples (an uneven epoch end repeats a few samples 
 the train loader drops the last incomplete batch so every batch has B samples).
 
 mosaicml-streaming reads the world from RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; this
-module sets them from its arguments (and refuses values that contradict ones already set). Its
-lock files go to a private directory under the temp dir, removed by `close()`.
+module sets them from its arguments (and refuses values that contradict ones already set).
+Streaming's lock files go to `.streaming-locks/` in the local directory (removed by `close()`), its
+shared memory is freed by `close()`: call it on every rank at shutdown.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from mmscale.errors import UserError
 
 IGNORE_INDEX = -100
 _LOCK_NAMES = ("barrier_filelock", "cache_filelock")
+LOCK_DIR = ".streaming-locks"
 
 
 def _is_remote(path: str) -> bool:
@@ -333,8 +335,10 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
     else:
         remote, local = None, str(Path(root).resolve())
         stream_args = dict(local=local)
-    # lock files of this dataset: the same directory on every rank of the node, private to it
-    lock_dir = Path(tempfile.gettempdir()) / "mmscale-streaming" / _short_hash(f"{local}/{split}")
+    # streaming's lock files go next to the data (the same directory for every rank of a node, and
+    # writable: streaming decompresses shards there too), not into /tmp, where a killed run would
+    # leave them behind
+    lock_dir = Path(local) / LOCK_DIR
     lock_dir.mkdir(parents=True, exist_ok=True)
     saved_tempdir = tempfile.tempdir
     tempfile.tempdir = str(lock_dir)  # streaming puts its lock files in gettempdir()
