@@ -1,0 +1,185 @@
+"""Checkpoints: layout, atomic save and retention, refusals, and bit-exact resume for every engine."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from mmscale import checkpoint as ckpt
+from mmscale.config import config_from_dict
+from mmscale.errors import UserError
+from tests._dist import read_losses, run_distributed, tiny_config, train_runs
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+STEPS, CUT = 6, 3
+
+
+def _resume_pair(tmp_path, name, overrides):
+    """An uninterrupted run saving at CUT, and a run resuming from that checkpoint in another dir."""
+    full = tiny_config(tmp_path / f"{name}_full", **{"train.max_steps": STEPS, "checkpoint.every": CUT, **overrides})
+    resumed = tiny_config(tmp_path / f"{name}_resumed", **{
+        "train.max_steps": STEPS, "run.resume": str(tmp_path / f"{name}_full" / "checkpoints" / ckpt.step_dir_name(CUT)),
+        **overrides})
+    return [{"config": full}, {"config": resumed}]
+
+
+def _assert_exact(tmp_path, name):
+    full = read_losses(tmp_path / f"{name}_full")
+    resumed = read_losses(tmp_path / f"{name}_resumed")
+    assert sorted(resumed) == list(range(CUT + 1, STEPS + 1)), name
+    for step in resumed:
+        assert resumed[step] == full[step], f"{name}: step {step}: resumed {resumed[step]} != {full[step]}"
+
+
+def test_single_resume_is_bit_identical_fp32_and_bf16(tmp_path):
+    runs = []
+    for precision in ("fp32", "bf16"):
+        runs += _resume_pair(tmp_path, f"single_{precision}", {"engine.precision": precision, "train.grad_accum": 2})
+    assert train_runs({"runs": runs}) == [0] * len(runs)
+    for precision in ("fp32", "bf16"):
+        _assert_exact(tmp_path, f"single_{precision}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_resume_is_bit_identical_every_engine(tmp_path):
+    engines = {"ddp": {"engine.kind": "ddp"},
+               "zero1": {"engine.kind": "deepspeed", "engine.zero_stage": 1},
+               "zero2": {"engine.kind": "deepspeed", "engine.zero_stage": 2},
+               "zero3": {"engine.kind": "deepspeed", "engine.zero_stage": 3},
+               "fsdp": {"engine.kind": "fsdp"}}
+    runs, names = [], []
+    for precision in ("fp32", "bf16"):
+        for engine, ov in engines.items():
+            name = f"{engine}_{precision}"
+            names.append(name)
+            runs += _resume_pair(tmp_path, name, {**ov, "engine.precision": precision})
+    statuses = run_distributed("tests._dist:train_runs", {"runs": runs}, timeout=600)
+    assert statuses == [[0] * len(runs)] * 2
+    for name in names:
+        _assert_exact(tmp_path, name)
+    # the layout promised in checkpoint.py
+    meta = ckpt.read_meta(tmp_path / "zero3_bf16_full" / "checkpoints" / ckpt.step_dir_name(STEPS))
+    assert (meta["engine"], meta["zero_stage"], meta["precision"], meta["world_size"]) == ("deepspeed", 3, "bf16", 2)
+    assert meta["model_format"] == "deepspeed" and meta["model_files"] == ["ds"] and meta["step"] == STEPS
+    assert meta["rank_files"] == ["rank_00000.pt", "rank_00001.pt"]
+    assert meta["tokens_seen"] == STEPS * 2 * 2 * 16
+    fsdp_meta = ckpt.read_meta(tmp_path / "fsdp_fp32_full" / "checkpoints" / ckpt.step_dir_name(STEPS))
+    assert fsdp_meta["model_format"] == "dcp" and fsdp_meta["model_files"] == ["model"]
+
+
+def test_checkpoints_convert_without_a_process_group(tmp_path):
+    """The consolidated weights of a DeepSpeed (ZeRO-3) and an FSDP2 checkpoint, read as checkpoint.py
+    documents, equal those of a single-process run of the same steps (fp32)."""
+    pytest.importorskip("deepspeed")
+    from tests._dist import run_distributed
+
+    runs = [{"config": tiny_config(tmp_path / "z3", **{"engine.kind": "deepspeed", "engine.zero_stage": 3,
+                                                       "train.max_steps": 2})},
+            {"config": tiny_config(tmp_path / "fsdp", **{"engine.kind": "fsdp", "train.max_steps": 2})}]
+    run_distributed("tests._dist:train_runs", {"runs": runs})
+    train_runs({"runs": [{"config": tiny_config(tmp_path / "single", **{"train.max_steps": 2,
+                                                                        "train.micro_batch_size": 4})}]})
+    step = ckpt.step_dir_name(2)
+    reference = torch.load(tmp_path / "single" / "checkpoints" / step / "model.pt")
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ds_sd = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "z3" / "checkpoints" / step), tag="ds")
+    dcp_to_torch_save(str(tmp_path / "fsdp" / "checkpoints" / step / "model"), str(tmp_path / "fsdp.pt"))
+    fsdp_sd = torch.load(tmp_path / "fsdp.pt")
+    for name, sd in (("zero3", ds_sd), ("fsdp", fsdp_sd)):
+        assert set(reference) - set(sd) <= {k for k in reference if "mask" in k}, name
+        for key, value in sd.items():
+            torch.testing.assert_close(value.float(), reference[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+# ----------------------------------------------------------------------------------------------
+# layout, atomicity, retention and refusals (no training)
+
+def _fake_save(root, step, keep=2, files=("model.pt",)):
+    tmp = ckpt.prepare_tmp_dir(root, step)
+    for f in files:
+        (tmp / f).write_text("x")
+    return ckpt.finalize(root, tmp, step, {"step": step, "model_files": list(files), "rank_files": []}, keep)
+
+
+def test_atomic_save_latest_and_retention(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        _fake_save(root, step)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000020", "step_00000030"]
+    assert (root / "latest").read_text().strip() == "step_00000030"
+    # an interrupted save (no meta.json) is never picked, and the next save removes it
+    (root / ".tmp_step_00000040").mkdir()
+    (root / "step_00000050").mkdir()  # renamed but without meta.json: not complete
+    assert ckpt.find_latest(root).name == "step_00000030"
+    _fake_save(root, 60, keep=3)
+    assert not (root / ".tmp_step_00000040").exists()
+    # a step saved twice is not overwritten
+    (root / "step_00000060" / "model.pt").write_text("original")
+    _fake_save(root, 60, keep=3)
+    assert (root / "step_00000060" / "model.pt").read_text() == "original"
+    meta = json.loads((root / "step_00000060" / "meta.json").read_text())
+    assert meta["format"] == "mmscale-checkpoint" and meta["version"] == 1 and meta["step"] == 60
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    root = tmp_path / "checkpoints"
+    final = _fake_save(root, 5, files=("model.pt", "optimizer.pt"))
+    (final / "optimizer.pt").unlink()
+    with pytest.raises(UserError, match="missing 'optimizer.pt'"):
+        ckpt.read_meta(final)
+    (final / "meta.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        ckpt.read_meta(final)
+    with pytest.raises(UserError, match="no meta.json"):
+        ckpt.read_meta(tmp_path)
+    assert final.is_dir() and (final / "model.pt").is_file()  # nothing deleted
+
+
+def test_resume_refusals(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train_runs({"runs": [{"config": tiny_config(run_dir, **{"train.max_steps": 2})}]}) == [0]
+    before = sorted(p.name for p in (run_dir / "checkpoints").rglob("*"))
+
+    def attempt(**ov):
+        return train_runs({"runs": [{"config": tiny_config(run_dir, **{"train.max_steps": 4, **ov})}]})[0]
+
+    assert "different model (model.d_model is 32 there, 64 here)" in attempt(**{"model.d_model": 64})
+    assert "engine.kind=single, this run uses engine.kind=fsdp" in attempt(**{"engine.kind": "fsdp"})
+    assert "already holds checkpoints and run.resume=never" in attempt(**{"run.resume": "never"})
+    assert "does not exist" in attempt(**{"run.resume": str(tmp_path / "nope")})
+    # nothing was overwritten or deleted by the refused runs
+    assert sorted(p.name for p in (run_dir / "checkpoints").rglob("*")) == before
+    # auto resumes and continues to step 4 (the single and ddp engines share a format)
+    assert attempt() == 0
+    assert sorted(read_losses(run_dir)) == [1, 2, 3, 4]
+
+
+def test_check_compatible_deepspeed_world_size_and_stage(tmp_path):
+    cfg = config_from_dict(tiny_config(tmp_path, **{"engine.kind": "deepspeed", "engine.zero_stage": 2}))
+    meta = {"engine": "deepspeed", "zero_stage": 2, "world_size": 2, "precision": "fp32",
+            "model": cfg.to_dict()["model"]}
+    ckpt.check_compatible(meta, cfg, 2, "here")
+    with pytest.raises(UserError, match="same number of ranks"):
+        ckpt.check_compatible(meta, cfg, 4, "here")
+    with pytest.raises(UserError, match="same ZeRO stage"):
+        ckpt.check_compatible({**meta, "zero_stage": 3}, cfg, 2, "here")
+    with pytest.raises(UserError, match="same precision"):
+        ckpt.check_compatible({**meta, "precision": "bf16"}, cfg, 2, "here")
+
+
+def test_resume_path_may_name_the_checkpoints_folder(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    _fake_save(root, 7)
+    cfg = config_from_dict(tiny_config(tmp_path / "other", **{"run.resume": str(root)}))
+    assert ckpt.resolve_resume(cfg) == root / "step_00000007"
+    shutil.rmtree(root / "step_00000007")
+    cfg = config_from_dict(tiny_config(tmp_path / "run"))
+    assert ckpt.resolve_resume(cfg) is None
