@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ class MetricsLogger:
 
         # a resumed run appends to the same wandb run (its id is kept in run.dir)
         id_file = wandb_dir / "run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         return wandb.init(project=cfg.log.project, dir=str(wandb_dir), mode=cfg.log.wandb, id=run_id,
                           resume="allow", config=cfg.to_dict(), name=Path(cfg.run.dir).name)

@@ -170,7 +170,6 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     grad_accum = resolve_grad_accum(cfg, info.world_size)
     cfg.train.grad_accum = grad_accum
     run_dir = Path(cfg.run.dir)
-    root = ckpt.checkpoints_root(run_dir)
     check_run_dir(run_dir)  # every rank: a rank-0-only error would leave the others waiting in init
 
     resume_dir = ckpt.resolve_resume(cfg)
@@ -191,13 +190,35 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     current = {"step": 0}
     if fault_steps:
         install_nan_fault(model, fault_steps, current)
-    from mmscale.metrics import peak_mem_mib, train_flops_per_token
-    flops_per_token = train_flops_per_token(model)
-    n_ctx = cfg.model.n_ctx
 
     loader, val_fn = (data_factory or default_data_factory)(cfg, info, cfg.train.micro_batch_size)
+    clean = False
+    try:
+        status = _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current)
+        clean = True
+        return status
+    except UserError:
+        clean = True  # raised on every rank alike (config, data, checkpoint): tidy up as usual
+        raise
+    finally:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        if clean:  # after a crash the other ranks may be gone: no collectives, just exit
+            if hasattr(loader, "close"):
+                loader.close()
+            dist_.barrier()
+            if needs_group:
+                dist_.shutdown(deepspeed=cfg.engine.kind == "deepspeed")
 
+
+def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) -> int:
     from mmscale.engines import build_engine, lr_at
+    from mmscale.metrics import MetricsLogger, peak_mem_mib, train_flops_per_token
+
+    run_dir = Path(cfg.run.dir)
+    root = ckpt.checkpoints_root(run_dir)
+    grad_accum = cfg.train.grad_accum
+    flops_per_token = train_flops_per_token(model)
     engine = build_engine(cfg, model, info, device)
 
     start_step, tokens = 0, 0
@@ -210,7 +231,6 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
             loader.load_state_dict(state["data"])
         start_step, tokens = meta["step"], meta["tokens_seen"]
 
-    from mmscale.metrics import MetricsLogger
     if info.rank == 0:
         (run_dir / ".tmp_config.yaml").write_text(cfg.to_yaml())
         os.replace(run_dir / ".tmp_config.yaml", run_dir / "config.yaml")
@@ -222,7 +242,7 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     stop = StopFlag()
     stop.install()
     batches = endless(loader)
-    bad_in_row, status, last_saved = 0, EXIT_OK, start_step if resume_dir is not None else -1
+    bad_in_row, status = 0, EXIT_OK
     try:
         for step in range(start_step, cfg.train.max_steps):
             current["step"] = step + 1
@@ -276,31 +296,27 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
             at_end = done == cfg.train.max_steps
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or at_end or n_stop:
                 path = save_checkpoint(cfg, engine, info, root, done, tokens, loader, cfg.train.micro_batch_size)
-                last_saved = done
                 logger.write(f"checkpoint: {path}")
             if n_stop and not at_end:
                 logger.write(f"stopped by a signal at step {done} after saving a checkpoint; "
                              f"rerun the same command to resume (exit status {EXIT_SIGNAL})")
                 status = EXIT_SIGNAL
                 break
+        # a final held-out loss when the last step was not an eval step
+        ran_to_end = status == EXIT_OK and start_step < cfg.train.max_steps
+        if ran_to_end and cfg.train.eval_every and cfg.train.max_steps % cfg.train.eval_every:
+            val = evaluate(engine, val_fn, cfg.train.eval_batches, device)
+            if val is not None:
+                logger.log({"step": cfg.train.max_steps, "val_loss": val})
+                logger.write(f"final val_loss {val:.4f}")
         if status == EXIT_OK:
-            if cfg.train.eval_every and last_saved == cfg.train.max_steps and cfg.train.max_steps % cfg.train.eval_every:
-                val = evaluate(engine, val_fn, cfg.train.eval_batches, device)
-                if val is not None:
-                    logger.log({"step": cfg.train.max_steps, "val_loss": val})
-                    logger.write(f"final val_loss {val:.4f}")
             logger.plot()
     finally:
         logger.close()
-        if hasattr(loader, "close"):
-            loader.close()
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
     engine.close()
-    dist_.barrier()
-    if needs_group:
-        dist_.shutdown(deepspeed=cfg.engine.kind == "deepspeed")
     return status
+
+
 
 
 def _trim_metrics(path: Path, upto_step: int) -> None:
