@@ -143,6 +143,19 @@ def test_train_loader_is_endless_and_resumes_exactly_mid_epoch_and_across_epochs
         assert part + rest == straight, f"resume after {cut} batches differs"
 
 
+def test_worker_processes_keep_the_order_and_the_resume(packed):
+    with loader_for(packed, seed=5) as plain:
+        want = take(plain, 70)
+    with loader_for(packed, seed=5, num_workers=2) as workers:
+        assert take(workers, 70) == want
+    with loader_for(packed, seed=5, num_workers=2) as first:
+        part = take(first, 30)
+        state = first.state_dict()
+    with loader_for(packed, seed=5, num_workers=2) as second:
+        second.load_state_dict(state)
+        assert part + take(second, 40) == want
+
+
 def test_val_loader_is_one_pass_over_every_val_sample(packed):
     manifest = json.loads((packed / "manifest.json").read_text())
     with loader_for(packed, split="val", batch=4) as val:

@@ -58,16 +58,33 @@ def _decode(raw: bytes, path: str, offset: int, errors: str) -> str:
                         "fix the file or pass --errors replace") from None
 
 
+def _lines(path: str, errors: str) -> Iterator[str]:
+    """Lines of a file without their newline, decoded one at a time (constant memory); a bad byte
+    is reported with its offset in the file."""
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:  # "\n" is never inside a multi-byte UTF-8 sequence: splitting first is safe
+            line = _decode(raw, path, offset, errors)
+            offset += len(raw)
+            yield line[:-1] if line.endswith("\n") else line
+
+
+def _has_separator_line(path: str, sep_line: str) -> bool:
+    sep_bytes = sep_line.encode()
+    with open(path, "rb") as f:
+        return any(sep_bytes in raw and raw.decode("utf-8", "replace").strip() == sep_line for raw in f)
+
+
 def iter_text_documents(path: str, *, separator: str = DEFAULT_SEPARATOR, errors: str = "strict",
                         ) -> Iterator[str]:
-    """Documents of a plain-text file: split on separator lines, or on blank lines if there are none."""
-    raw = Path(path).read_bytes()
-    text = _decode(raw, path, 0, errors)
+    """Documents of a plain-text file: split on separator lines, or on blank lines if there are none.
+
+    A document keeps its inner newlines; the newlines around a separator line are not part of it.
+    """
     sep_line = separator.strip()
-    lines = text.split("\n")
-    if sep_line and any(line.strip() == sep_line for line in lines):
-        doc: list[str] = []
-        for line in lines + [sep_line]:
+    doc: list[str] = []
+    if sep_line and _has_separator_line(path, sep_line):
+        for line in itertools.chain(_lines(path, errors), [sep_line]):
             if line.strip() == sep_line:
                 text_of_doc = "\n".join(doc).strip("\n")
                 if text_of_doc.strip():  # nothing but whitespace between two separators: no document
@@ -76,15 +93,12 @@ def iter_text_documents(path: str, *, separator: str = DEFAULT_SEPARATOR, errors
             else:
                 doc.append(line)
     else:
-        doc = []
-        for line in lines:
+        for line in itertools.chain(_lines(path, errors), [""]):
             if line.strip():
                 doc.append(line)
             elif doc:
                 yield "\n".join(doc)
                 doc = []
-        if doc:
-            yield "\n".join(doc)
 
 
 def iter_jsonl_documents(path: str, *, field: str, errors: str = "strict") -> Iterator[str]:
