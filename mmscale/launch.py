@@ -16,6 +16,7 @@ the layout check (nodes x tasks against the config's batch and engine), so both 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import shutil
@@ -231,6 +232,13 @@ def _check_partition(partition: str) -> None:
         raise UserError(f"partition '{partition}' does not exist; available: {', '.join(names) or 'none'}", 2)
 
 
+def _has_accounting(job_id: str) -> bool:
+    try:
+        return subprocess.run(["sacct", "-n", "-j", str(job_id)], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def _executor(args, cfg: Config, folder: Path):
     import submitit
 
@@ -285,6 +293,10 @@ def run(args) -> int:
     print(f"  stderr: {sub.paths.stderr}")
     if not args.wait:
         return 0
+    if args.cluster == "slurm" and not _has_accounting(sub.job_id):
+        # without slurmdbd every poll warns; the result files submitit reads are enough to wait on
+        logging.getLogger("submitit").setLevel(logging.ERROR)
+        print("  (no SLURM accounting: job states are read from submitit's result files)")
     try:
         results = sub.results()
     except Exception as e:  # submitit re-raises the task's failure with its traceback text

@@ -101,7 +101,9 @@ def cluster():
     # not under pytest's basetemp: munged insists that every user can traverse to its socket
     root = Path(tempfile.mkdtemp(prefix="mmscale-slurm-", dir="/tmp"))
     root.chmod(0o755)
-    env = dict(os.environ, SLURM_LOCAL_PORT=str(_free_port_block(3)), SLURM_CONF=str(root / "slurm.conf"))
+    # 4 CPUs per emulated node: three 2-node jobs (a reference and two preempted runs) fit side by side
+    env = dict(os.environ, SLURM_LOCAL_PORT=str(_free_port_block(3)), SLURM_CONF=str(root / "slurm.conf"),
+               SLURM_LOCAL_CPUS="4")
     try:
         up = subprocess.run(["bash", str(REPO / "tools/slurm_local.sh"), "up", str(root)], env=env,
                             capture_output=True, text=True, timeout=600)
@@ -182,37 +184,47 @@ def test_pretrain_sh_runs_on_one_node_x2_and_two_nodes_x1(cluster, dataset, tmp_
         assert _own_shm_dirs(jid) == []  # the per-node /dev/shm went with the job
 
 
-def test_preempted_job_requeues_and_ends_with_the_uninterrupted_losses(cluster, dataset, tmp_path):
+def _wait_for_steps(cluster: Cluster, job_id: str, run_dir: Path, steps: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(_losses(run_dir)) >= steps:
+            return
+        assert cluster.job(job_id).get("JobState") not in TERMINAL, "finished before it could be preempted"
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach step {steps} in {timeout} s")
+
+
+def test_preempted_jobs_requeue_and_end_with_the_uninterrupted_losses(cluster, dataset, tmp_path):
+    """Preemption (`scontrol requeue`: SIGTERM, SLURM requeues) and the time-limit signal (USR2 to the
+    tasks, as --signal=USR2@120 sends it: pretrain.sh requeues) against a run nobody interrupted."""
     env = cluster.job_env(tmp_path)
     steps = 120
-    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "preempted"
-    common = ["slurm/pretrain.sh", "configs/tiny.yaml"]
-    pre = cluster.sbatch(_sbatch_args(tmp_path, 2, 1, "pre") + common
-                         + _train_overrides(pre_dir, dataset, "ddp", steps), env)
-    ref = cluster.sbatch(_sbatch_args(tmp_path, 2, 1, "ref") + common
-                         + _train_overrides(ref_dir, dataset, "ddp", steps), env)
-    # preempt once the run is well under way but far from done
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if (pre_dir / "metrics.jsonl").exists() and len(_losses(pre_dir)) >= 10:
-            break
-        assert cluster.job(pre).get("JobState") not in TERMINAL, "finished before it could be preempted"
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the job did not start training in time")
-    cluster.run("scontrol", "requeue", pre)
-    info = cluster.wait(pre, 240)
-    ref_info = cluster.wait(ref, 240)
-    log = (tmp_path / f"pre-{pre}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    runs = {name: tmp_path / name for name in ("reference", "requeued", "usr2")}
+    jobs = {name: cluster.sbatch(_sbatch_args(tmp_path, 2, 1, name) + ["slurm/pretrain.sh", "configs/tiny.yaml"]
+                                 + _train_overrides(run_dir, dataset, "ddp", steps), env)
+            for name, run_dir in runs.items()}
+    # preempt once the runs are well under way but far from done
+    _wait_for_steps(cluster, jobs["requeued"], runs["requeued"], 10)
+    cluster.run("scontrol", "requeue", jobs["requeued"])
+    _wait_for_steps(cluster, jobs["usr2"], runs["usr2"], 10)
+    cluster.run("scancel", "--signal=USR2", jobs["usr2"])  # to the job steps' tasks, not the batch shell
+    ref_info = cluster.wait(jobs["reference"], 240)
     assert ref_info["JobState"] == "COMPLETED", ref_info
-    assert info["Restarts"] == "1", info
-    assert "start 0 " in log and "start 1 " in log and "resumed from" in log
-    stopped = [int(m) for m in re.findall(r"stopped by a signal at step (\d+)", log)]
-    assert len(stopped) == 1 and 10 <= stopped[0] < steps, stopped
-    # bit-exact: the same losses at every step as the run nobody interrupted
-    assert _losses(pre_dir) == _losses(ref_dir)
-    assert [s for s, _ in _losses(ref_dir)] == list(range(1, steps + 1))
+    reference = _losses(runs["reference"])
+    assert [s for s, _ in reference] == list(range(1, steps + 1))
+    for name in ("requeued", "usr2"):
+        info = cluster.wait(jobs[name], 240)
+        log = (tmp_path / f"{name}-{jobs[name]}.out").read_text()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+        assert info["Restarts"] == "1", info
+        assert "start 0 " in log and "start 1 " in log and "resumed from" in log
+        stopped = [int(m) for m in re.findall(r"stopped by a signal at step (\d+)", log)]
+        assert len(stopped) == 1 and 10 <= stopped[0] < steps, stopped
+        if name == "usr2":  # nobody else requeues it: the script did, after the trainer's exit 75
+            assert "requeueing job" in log
+        # bit-exact: the same losses at every step as the run nobody interrupted
+        assert _losses(runs[name]) == reference, name
+        assert _own_shm_dirs(jobs[name]) == []
 
 
 def test_bad_input_to_sbatch_and_launch(cluster, tmp_path):
@@ -238,19 +250,46 @@ def test_bad_input_to_sbatch_and_launch(cluster, tmp_path):
         (tmp_path / f"noconfig-{jid}.out").read_text()
 
 
-def test_mmscale_launch_through_submitit_on_the_cluster(cluster, dataset, tmp_path):
+def _launch_cmd(run_dir: Path, dataset: Path, steps: int, *extra: str) -> list[str]:
+    return [PY, "-m", "mmscale.cli", "launch", "--config", "configs/tiny.yaml",
+            *_train_overrides(run_dir, dataset, "ddp", steps), "--cluster", "slurm", "--nodes", "2",
+            "--gpus-per-node", "1", "--no-gpus", "--time", "10", *extra]
+
+
+def _submitit_logs(run_dir: Path) -> str:
+    return "".join(p.read_text()[-3000:] for p in sorted((run_dir / "submitit").glob("*_log.*")))
+
+
+def test_mmscale_launch_through_submitit_on_the_cluster_with_requeue(cluster, dataset, tmp_path):
+    """One job waited on to its result; a second one preempted with USR2 (what SLURM sends at the time
+    limit): submitit's checkpoint hook waits for the trainer's checkpoint and requeues it."""
     env = cluster.job_env(tmp_path)
-    run_dir = tmp_path / "launched"
-    out = cluster.run(PY, "-m", "mmscale.cli", "launch", "--config", "configs/tiny.yaml",
-                      *_train_overrides(run_dir, dataset, "ddp", 20), "--cluster", "slurm", "--nodes", "2",
-                      "--gpus-per-node", "1", "--no-gpus", "--time", "10", "--wait", env=env, timeout=300,
-                      check=False)
-    assert out.returncode == 0, out.stdout + out.stderr + "".join(
-        p.read_text()[-2000:] for p in (run_dir / "submitit").glob("*.err"))
-    jid = re.search(r"^job (\d+) ", out.stdout, re.M).group(1)
-    assert f"job {jid} done: 2 task(s) finished" in out.stdout
-    assert str(run_dir / "submitit") in out.stdout  # the log paths
-    losses = _losses(run_dir)
-    assert [s for s, _ in losses] == list(range(1, 21)) and losses[-1][1] < losses[0][1] - 0.5
-    assert (run_dir / "checkpoints" / "step_00000020").is_dir()
-    assert _own_shm_dirs(jid) == []
+    steps = 80
+    ref_dir, pre_dir = tmp_path / "launched", tmp_path / "launched-preempted"
+    waiting = subprocess.Popen(_launch_cmd(ref_dir, dataset, steps, "--wait"), cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out = cluster.run(*_launch_cmd(pre_dir, dataset, steps), env=env, timeout=120)
+        pre = re.search(r"^job (\d+) ", out.stdout, re.M).group(1)
+        _wait_for_steps(cluster, pre, pre_dir, 10)
+        cluster.run("scancel", "--signal=USR2", pre)
+        stdout, stderr = waiting.communicate(timeout=300)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
+    assert waiting.returncode == 0, stdout + stderr + _submitit_logs(ref_dir)
+    ref = re.search(r"^job (\d+) ", stdout, re.M).group(1)
+    assert f"job {ref} done: 2 task(s) finished" in stdout
+    assert f"stdout: {ref_dir / 'submitit'}/{ref}_0_log.out" in stdout  # the log paths
+    reference = _losses(ref_dir)
+    assert [s for s, _ in reference] == list(range(1, steps + 1)) and reference[-1][1] < reference[0][1] - 0.5
+    assert (ref_dir / "checkpoints" / "step_00000080").is_dir()
+
+    info = cluster.wait(pre, 240)
+    logs = _submitit_logs(pre_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, logs)
+    assert f"Requeued job {pre}" in logs and "resumed from" in logs
+    assert (pre_dir / "submitit" / f"{pre}_0_result.pkl").exists()
+    assert _losses(pre_dir) == reference  # exact resume through submitit too
+    assert _own_shm_dirs(ref) == [] and _own_shm_dirs(pre) == []

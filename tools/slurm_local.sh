@@ -71,6 +71,8 @@ write_conf() {
     echo "SelectTypeParameters=CR_Core"
     echo "SchedulerParameters=sched_interval=2,bf_interval=2"
     echo "ReturnToService=2"
+    # trust the CPUs/memory written here, not the hardware: emulated nodes may claim more than it has
+    echo "SlurmdParameters=config_overrides"
     echo "KillWait=30"
     echo "MinJobAge=600"
     for n in "${NODES[@]}"; do
