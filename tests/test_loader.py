@@ -143,6 +143,14 @@ def test_train_loader_is_endless_and_resumes_exactly_mid_epoch_and_across_epochs
         assert part + rest == straight, f"resume after {cut} batches differs"
 
 
+def test_iterating_again_continues_where_the_last_iteration_stopped(packed):
+    with loader_for(packed, seed=4) as plain:
+        want = take(plain, 30)
+    with loader_for(packed, seed=4) as loader:
+        got = take(loader, 10) + take(loader, 20)  # two iter() calls on one loader
+    assert got == want
+
+
 def test_worker_processes_keep_the_order_and_the_resume(packed):
     with loader_for(packed, seed=5) as plain:
         want = take(plain, 70)

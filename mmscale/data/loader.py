@@ -178,6 +178,15 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         step = self.micro_batch_size * self.world_size
         while True:
+            # streaming moves to a new epoch at every iter() of its dataset, even when the last one
+            # was left half-way; keep its counter on ours and continue mid-epoch where we are
+            self.dataset.next_epoch = self.epoch
+            if self.sample_in_epoch:
+                self.dataset.load_state_dict({
+                    "epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch,
+                    "num_canonical_nodes": int(self.dataset.num_canonical_nodes),
+                    "shuffle_seed": int(self.dataset.shuffle_seed), "initial_physical_nodes": None,
+                })
             got = 0
             for batch in self.loader:
                 got += 1
@@ -217,12 +226,7 @@ class StreamingLoader:
         if seed != self.dataset.shuffle_seed:
             raise UserError(f"the checkpoint's data order used seed {seed} but this run has "
                             f"{self.dataset.shuffle_seed}; set run.seed={seed} to resume")
-        self.epoch, self.sample_in_epoch = epoch, sample_in_epoch
-        # streaming picks this up in its next __iter__ (its resume shared memory)
-        self.dataset.load_state_dict({
-            "epoch": epoch, "sample_in_epoch": sample_in_epoch, "num_canonical_nodes": ncn,
-            "shuffle_seed": seed, "initial_physical_nodes": None,
-        })
+        self.epoch, self.sample_in_epoch = epoch, sample_in_epoch  # __iter__ hands them to streaming
 
     def close(self) -> None:
         """Free the dataset's shared memory and lock files (call once, at shutdown, on every rank)."""
