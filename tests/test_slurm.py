@@ -111,9 +111,13 @@ def cluster():
             _skip_or_fail(f"the local SLURM cluster did not start: {up.stderr.strip().splitlines()[-1:]}")
         yield Cluster(root, env)
     finally:
+        started = [int(p.read_text()) for p in (root / "run").glob("*.pid") if p.read_text().strip().isdigit()]
         subprocess.run(["bash", str(REPO / "tools/slurm_local.sh"), "down", str(root)], env=env,
                        capture_output=True, text=True, timeout=180)
         shutil.rmtree(root, ignore_errors=True)
+        alive = [pid for pid in started if Path(f"/proc/{pid}").exists()
+                 and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[:1]]
+        assert not alive, f"tools/slurm_local.sh down left daemons running: {alive}"
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +162,15 @@ def test_cluster_runs_one_task_on_each_emulated_node(cluster, tmp_path):
 
 def test_pretrain_sh_runs_on_one_node_x2_and_two_nodes_x1(cluster, dataset, tmp_path):
     env = cluster.job_env(tmp_path)
-    layouts = {"1x2": (1, 2, "ddp"), "2x1": (2, 1, "fsdp")}
+    # the engine comes from the config: DeepSpeed ZeRO-2 on one node, FSDP2 across the two
+    layouts = {"1x2": (1, 2, "deepspeed"), "2x1": (2, 1, "fsdp")}
     jobs = {}
     for name, (nodes, tasks, engine) in layouts.items():  # both at once: they fit side by side
         run_dir = tmp_path / name
         jid = cluster.sbatch(_sbatch_args(tmp_path, nodes, tasks, name)
                              + ["slurm/pretrain.sh", "configs/tiny.yaml",
-                                *_train_overrides(run_dir, dataset, engine, 30, every=20)], env)
+                                *_train_overrides(run_dir, dataset, engine, 30, every=20), "engine.zero_stage=2",
+                                "engine.precision=fp32"], env)
         jobs[name] = (jid, run_dir)
     for name, (jid, run_dir) in jobs.items():
         info = cluster.wait(jid, 240)
@@ -182,6 +188,9 @@ def test_pretrain_sh_runs_on_one_node_x2_and_two_nodes_x1(cluster, dataset, tmp_
         assert ckpts[-1] == "step_00000030", ckpts
         assert (run_dir / "checkpoints" / "latest").exists()
         assert _own_shm_dirs(jid) == []  # the per-node /dev/shm went with the job
+    # the same 2 ranks over the same data in fp32: the layouts and engines agree up to reduction order
+    a, b = (_losses(run_dir) for _, run_dir in jobs.values())
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-3, (a, b)
 
 
 def _wait_for_steps(cluster: Cluster, job_id: str, run_dir: Path, steps: int, timeout: float = 180) -> None:
