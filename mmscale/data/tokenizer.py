@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import os
 import re
 import tempfile
@@ -83,25 +84,22 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | os.PathLike, 
         raise UserError(f"--vocab-size must be at least 8 (4 special ids + pieces), got {vocab_size}")
     if not inputs:
         raise UserError("no --input files given; pass one or more text files")
-    docs = []
     for path in inputs:
         if not Path(path).is_file():
             raise UserError(f"input '{path}' does not exist; pass an existing text file")
-    docs = [d for d in _iter_training_documents(inputs, separator) if d]
-    if not docs:
+    # sentencepiece trains on "sentences": give it the documents' lines, lazily (it samples at most
+    # input_sentence_size of them). The newline itself is a user-defined piece, so it still encodes.
+    lines = (line for doc in _iter_training_documents(inputs, separator) for line in doc.split("\n") if line)
+    first = next(lines, None)
+    if first is None:
         raise UserError(f"input {', '.join(map(repr, inputs))} holds no text; pass non-empty files")
-    # sentencepiece reads "sentences"; give it whole documents (newlines inside them are kept as
-    # pieces by the identity normaliser only when they are in the text, so split long documents
-    # on lines to stay under max_sentence_length)
-    sentences = []
-    for d in docs:
-        sentences.extend(line for line in d.split("\n") if line)
+    sentences = itertools.chain([first], lines)
     model = io.BytesIO()
     out.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)  # sentence sampling is the only randomness
     try:
         spm.SentencePieceTrainer.Train(
-            sentence_iterator=iter(sentences), model_writer=model,
+            sentence_iterator=sentences, model_writer=model,
             vocab_size=vocab_size, model_type=model_type,
             # lossless: no normalisation, whitespace as is, unknown characters as bytes
             normalization_rule_name="identity", remove_extra_whitespaces=False,
