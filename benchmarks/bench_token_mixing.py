@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from common import emit, header, spread, table, time_side_by_side  # noqa: I001
+from common import add_clock_args, apply_clock_args, emit, header, spread, table, time_side_by_side  # noqa: I001
 
 from mmscale.ops import triton_mixing
 from mmscale.ops.token_mixing import token_mix
@@ -74,11 +74,10 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block-rows", type=int, nargs="+", default=[128, 256, 512])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
+    add_clock_args(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_clock_args(a)
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
     rows = []
     for d in a.d:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import emit, header, spread, table, time_side_by_side  # noqa: I001
+from common import add_clock_args, apply_clock_args, emit, header, spread, table, time_side_by_side  # noqa: I001
 
 from mmscale.config import ModelConfig
 from mmscale.models import build_model, common as model_common
@@ -163,13 +163,12 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens // T)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--models", nargs="+",
                    default=["paper mixer", "mmscale mixer", "mmscale mixer (plain CE)", "mmscale transformer"])
     p.add_argument("--out", default=None)
+    add_clock_args(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_clock_args(a)
     if "paper mixer" not in a.models:
         a.models = ["paper mixer"] + a.models
     rows = []

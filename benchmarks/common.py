@@ -20,17 +20,40 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# "wall": perf_counter. "cpu": this process's CPU time (time.process_time), which on a shared machine
+# leaves out the time the scheduler gives to other processes; meaningful with one thread
+# (--threads 1), where it is the single-core compute time. Set from the scripts' --clock option.
+CLOCK = {"fn": time.perf_counter}
+
+
+def set_clock(name: str) -> None:
+    CLOCK["fn"] = {"wall": time.perf_counter, "cpu": time.process_time}[name]
+
+
+def add_clock_args(parser) -> None:
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu = process CPU time, robust on a shared machine (use with --threads 1)")
+
+
+def apply_clock_args(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_clock(args.clock)
+
+
 def time_fn(fn, device="cpu", warmup=1, repeats=5):
-    """Median and all wall times (s) of `fn()` over `repeats` runs after `warmup` runs."""
+    """Median and all times (s) of `fn()` over `repeats` runs after `warmup` runs."""
+    clock = CLOCK["fn"]
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times), times
 
 
@@ -39,6 +62,7 @@ def time_side_by_side(fns: dict, device="cpu", warmup=1, repeats=5):
 
     Returns {name: (median_s, [times])}.
     """
+    clock = CLOCK["fn"]
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -46,10 +70,10 @@ def time_side_by_side(fns: dict, device="cpu", warmup=1, repeats=5):
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: (statistics.median(v), v) for k, v in times.items()}
 
 
@@ -73,7 +97,8 @@ def now() -> str:
 
 def header(title, device, argv=None):
     cmd = "python " + " ".join(argv or sys.argv)
-    return f"### {title}\n\nMachine: {machine(device)}. Date: {now()}. Command: `{cmd}`\n"
+    clock = "process CPU time" if CLOCK["fn"] is time.process_time else "wall time"
+    return f"### {title}\n\nMachine: {machine(device)}. Date: {now()}. Clock: {clock}. Command: `{cmd}`\n"
 
 
 def table(rows: list[dict]) -> str:

@@ -109,6 +109,7 @@ def test_autocast_bf16_computes_in_bf16_and_returns_fp32_weight_grads():
 def test_auto_selection_by_device_and_size():
     assert choose_impl(64, "cpu", True) == "dense"
     assert choose_impl(4096, "cpu", True) == "blocked"
+    assert choose_impl(4096, "cpu", True, batch=32) == "dense"
     assert choose_impl(4096, "cpu", False) == "dense"
 
 

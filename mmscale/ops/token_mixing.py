@@ -34,7 +34,10 @@ IMPLS = ("auto", "dense", "blocked", "triton")
 CPU_BLOCK_ROWS = 128
 # Below this context the masked half is too small to pay for the extra calls.
 CPU_BLOCKED_MIN_T = 256
-# CUDA: the Triton kernel wins from this context up (benchmarks/gpu); dense below it.
+# From this many [T, C] slices (batch x heads) torch's CPU conv uses oneDNN and dense wins.
+CPU_DENSE_MIN_BATCH = 16
+# CUDA: Triton from this context up, dense below it. Not yet measured on a GPU (no device was lent
+# to this work): a guess from the tile counts, to be set from tools/gpu_check.sh results.
 CUDA_TRITON_MIN_T = 1024
 
 
@@ -89,8 +92,13 @@ def _canonical(weight, x):
     return weight, x, flat
 
 
-def choose_impl(t: int, device: torch.device | str, causal: bool) -> str:
-    """The fastest exact path for this size and device (measurements in benchmarks/RESULTS.md)."""
+def choose_impl(t: int, device: torch.device | str, causal: bool, batch: int = 1) -> str:
+    """The fastest exact path for this size and device (measurements in benchmarks/RESULTS.md).
+
+    `batch` counts the independent [T, C] slices (batch x heads): on the CPU, from 16 of them torch
+    runs the dense conv through oneDNN, 1.6-2x more work per second than the GEMMs of the blocked
+    path, which then no longer wins despite skipping ~half of the work.
+    """
     if not causal:
         return "dense"  # nothing is masked: no work to skip
     dev = torch.device(device).type
@@ -98,8 +106,8 @@ def choose_impl(t: int, device: torch.device | str, causal: bool) -> str:
         from mmscale.ops import triton_mixing
         if t >= CUDA_TRITON_MIN_T and triton_mixing.available():
             return "triton"
-        return "blocked" if t >= 2 * CPU_BLOCKED_MIN_T else "dense"
-    return "blocked" if t >= CPU_BLOCKED_MIN_T else "dense"
+        return "dense"
+    return "blocked" if t >= CPU_BLOCKED_MIN_T and batch < CPU_DENSE_MIN_BATCH else "dense"
 
 
 def _dispatch(weight, x, causal, impl, block_rows):
@@ -107,7 +115,7 @@ def _dispatch(weight, x, causal, impl, block_rows):
         raise ValueError(f"token_mix: impl must be one of {IMPLS}, got {impl!r}")
     t, taps = x.shape[2], weight.shape[3]
     if impl == "auto":
-        impl = choose_impl(t, x.device, causal)
+        impl = choose_impl(t, x.device, causal, x.shape[0] * x.shape[1])
     if taps > 1:
         # kernel_size k: one masked T x T matrix per tap over the feature-shifted input
         return sum(_dispatch(weight[..., i:i + 1], _shift(x, i - taps // 2), causal, impl, block_rows)
@@ -149,15 +157,14 @@ def _blocks(t, rows):
     return [(r0, min(r0 + rows, t)) for r0 in range(0, t, rows)]
 
 
-def _bmm(w2d, x3d):
-    """[R, K] @ [B, K, C] -> [B, R, C] as one batched GEMM (the weight is broadcast, not copied)."""
-    return torch.bmm(w2d.expand(x3d.shape[0], *w2d.shape), x3d)
-
-
 class BlockedMix(torch.autograd.Function):
     """Causal mixing by square blocks of the T x T matrix, computing only the blocks on or below the
     diagonal, in the forward and in both gradients (the work drops to (k + 1) / 2k of dense for k
     blocks). Only the diagonal blocks are masked, so no full-size masked copy is ever made.
+
+    Every product is a plain 2-D GEMM writing into a contiguous row range of its output: per batch
+    element for the forward and the input gradient (a broadcast batched GEMM would copy the weight
+    block once per batch element), batch folded into the inner dimension for the weight gradient.
 
     weight [H, T, T] (raw), x [B, H, T, C].
     """
@@ -165,48 +172,50 @@ class BlockedMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, x, rows):
         b, h, t, c = x.shape
-        blocks = _blocks(t, rows)
-        heads = []
+        x = x.contiguous()
+        out = torch.empty_like(x)
         for hd in range(h):
-            w, xh = weight[hd], x[:, hd]
-            outs = []
-            for r0, r1 in blocks:
-                out = _bmm(w[r0:r1, r0:r1].tril(), xh[:, r0:r1])
-                if r0 > 0:
-                    out.baddbmm_(w[r0:r1, :r0].expand(b, r1 - r0, r0), xh[:, :r0])
-                outs.append(out)
-            heads.append(torch.cat(outs, dim=1))
+            w = weight[hd]
+            for r0, r1 in _blocks(t, rows):
+                diag = w[r0:r1, r0:r1].tril()
+                for bi in range(b):
+                    dst = out[bi, hd, r0:r1]
+                    torch.mm(diag, x[bi, hd, r0:r1], out=dst)
+                    if r0 > 0:
+                        dst.addmm_(w[r0:r1, :r0], x[bi, hd, :r0])
         ctx.save_for_backward(weight, x)
         ctx.rows = rows
-        return heads[0].unsqueeze(1) if h == 1 else torch.stack(heads, dim=1)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, x = ctx.saved_tensors
         b, h, t, c = x.shape
         blocks = _blocks(t, ctx.rows)
+        g = grad_out.contiguous()
         need_w, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_w = torch.zeros_like(weight) if need_w else None
-        grad_x = []
+        grad_x = torch.empty_like(x) if need_x else None
         for hd in range(h):
-            w, xh, g = weight[hd], x[:, hd], grad_out[:, hd]
+            w = weight[hd]
             if need_x:
                 # dx[:, j] = sum_{i >= j} W[i, j] g[:, i]: column block [c0, c1) reads rows c0..T only
-                cols = []
                 for c0, c1 in blocks:
-                    gx = _bmm(w[c0:c1, c0:c1].tril().t(), g[:, c0:c1])
-                    if c1 < t:
-                        gx.baddbmm_(w[c1:, c0:c1].t().expand(b, c1 - c0, t - c1), g[:, c1:])
-                    cols.append(gx)
-                grad_x.append(torch.cat(cols, dim=1))
+                    diag_t = w[c0:c1, c0:c1].tril().t()
+                    below_t = w[c1:, c0:c1].t()
+                    for bi in range(b):
+                        dst = grad_x[bi, hd, c0:c1]
+                        torch.mm(diag_t, g[bi, hd, c0:c1], out=dst)
+                        if c1 < t:
+                            dst.addmm_(below_t, g[bi, hd, c1:])
             if need_w:
-                # dW[i, j] = sum_b g[b, i] . x[b, j] for j <= i, written block row by block row
+                # dW[i, j] = sum_{b, c} g[b, i, c] x[b, j, c] for j <= i. With the batch folded into
+                # the feature axis ([T, B*C], one copy each) every block row is one GEMM with a long
+                # inner dimension over a contiguous prefix of rows.
+                gt = g[:, hd].transpose(0, 1).reshape(t, b * c)
+                xt = x[:, hd].transpose(0, 1).reshape(t, b * c)
                 gw = grad_w[hd]
                 for r0, r1 in blocks:
-                    dst = gw[r0:r1, :r1]
-                    for bi in range(b):
-                        dst.addmm_(g[bi, r0:r1], xh[bi, :r1].t())
-                    dst[:, r0:r1].tril_()  # masked entries of the diagonal block: exactly zero
-        if need_x:
-            grad_x = grad_x[0].unsqueeze(1) if h == 1 else torch.stack(grad_x, dim=1)
-        return grad_w, (grad_x if need_x else None), None
+                    gw[r0:r1, :r1] = gt[r0:r1] @ xt[:r1].t()
+                    gw[r0:r1, r0:r1].tril_()  # masked entries of the diagonal block: exactly zero
+        return grad_w, grad_x, None
