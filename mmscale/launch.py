@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -129,11 +130,13 @@ def _wait_child(child: subprocess.Popen, timeout: float | None = None) -> int | 
 class TrainJob(Checkpointable):
     """One task of a training job (submitit callable; checkpointable so the job is requeued)."""
 
-    def __init__(self, config_path: str, overrides: list[str], cwd: str, run_dir: str):
+    def __init__(self, config_path: str, overrides: list[str], cwd: str, run_dir: str, master_port: int = 0):
         self.config_path = config_path
         self.overrides = list(overrides)
         self.cwd = cwd
         self.run_dir = run_dir
+        # 0: derive it from the job id (all nodes agree); local jobs get a port that was free at submission
+        self.master_port = master_port
         self._child: subprocess.Popen | None = None
 
     def __getstate__(self):  # the child process is not part of what submitit pickles
@@ -152,7 +155,7 @@ class TrainJob(Checkpointable):
         child_env.update({
             "RANK": str(env.global_rank), "LOCAL_RANK": str(env.local_rank),
             "WORLD_SIZE": str(env.num_tasks), "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // env.num_nodes)),
-            "MASTER_ADDR": rendezvous_host(env.hostnames[0]), "MASTER_PORT": str(rendezvous_port(job_id)),
+            "MASTER_ADDR": rendezvous_host(env.hostnames[0]), "MASTER_PORT": str(self.master_port or rendezvous_port(job_id)),
         })
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
@@ -198,7 +201,7 @@ class TrainJob(Checkpointable):
                 print("[mmscale launch] the trainer did not stop in time; requeueing anyway "
                       "(it resumes from its last checkpoint)", file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(
-            TrainJob(self.config_path, self.overrides, self.cwd, self.run_dir))
+            TrainJob(self.config_path, self.overrides, self.cwd, self.run_dir, self.master_port))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +235,18 @@ def _check_partition(partition: str) -> None:
         raise UserError(f"partition '{partition}' does not exist; available: {', '.join(names) or 'none'}", 2)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _last_error_line(text: str) -> str:
+    """'RuntimeError: ...' from a traceback text (what the task raised), else its first line."""
+    errors = [ln.strip() for ln in text.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", ln.strip())]
+    return errors[-1] if errors else (text.strip().splitlines() or ["unknown error"])[0]
+
+
 def _has_accounting(job_id: str) -> bool:
     try:
         return subprocess.run(["sacct", "-n", "-j", str(job_id)], capture_output=True, timeout=30).returncode == 0
@@ -258,7 +273,7 @@ def _executor(args, cfg: Config, folder: Path):
     return ex
 
 
-def _sbatch_text(executor, job: TrainJob) -> str:
+def _sbatch_text(executor) -> str:
     """The sbatch script submitit would write (for --dry-run), without submitting anything."""
     inner = executor._executor  # AutoExecutor wraps the cluster's executor
     return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
@@ -269,6 +284,9 @@ def run(args) -> int:
     check_layout(cfg, args.nodes, args.gpus_per_node)
     if args.cluster == "debug" and args.nodes * args.gpus_per_node > 1:
         raise UserError("--cluster debug runs one task in this process; use --cluster local for several", 2)
+    if args.cluster == "local" and args.nodes > 1:
+        raise UserError(f"--cluster local runs on this machine only; use --nodes 1 (got {args.nodes}) "
+                        "or --cluster slurm", 2)
     if args.time < 1:
         raise UserError(f"--time must be at least 1 minute, got {args.time}", 2)
     if args.cluster == "slurm" and not args.dry_run:
@@ -276,14 +294,21 @@ def run(args) -> int:
             raise UserError("--cluster slurm needs sbatch on PATH; use --cluster local to run on this machine")
         if args.partition:
             _check_partition(args.partition)
+    overrides = list(args.overrides)
+    if args.cpus_per_task and cfg.data.num_workers > args.cpus_per_task - 1:
+        # data-loader workers share the task's cores with the trainer itself
+        overrides.append(f"data.num_workers={args.cpus_per_task - 1}")
+        print(f"data.num_workers {cfg.data.num_workers} -> {args.cpus_per_task - 1} "
+              f"(--cpus-per-task={args.cpus_per_task})", file=sys.stderr)
     run_dir = Path(cfg.run.dir).resolve()
-    job = TrainJob(str(Path(args.config).resolve()), args.overrides, os.getcwd(), str(run_dir))
+    job = TrainJob(str(Path(args.config).resolve()), overrides, os.getcwd(), str(run_dir),
+                   _free_port() if args.cluster == "local" else 0)
     folder = run_dir / "submitit"
     if args.dry_run:
         if args.cluster != "slurm":
             print(shlex.join(train_command(job.config_path, job.overrides)))
             return 0
-        print(_sbatch_text(_executor(args, cfg, folder), job))
+        print(_sbatch_text(_executor(args, cfg, folder)))
         return 0
     folder.mkdir(parents=True, exist_ok=True)
     ex = _executor(args, cfg, folder)
@@ -299,9 +324,8 @@ def run(args) -> int:
         print("  (no SLURM accounting: job states are read from submitit's result files)")
     try:
         results = sub.results()
-    except Exception as e:  # submitit re-raises the task's failure with its traceback text
-        raise UserError(f"job {sub.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
-                        f"see {sub.paths.stderr}") from None
+    except Exception as e:  # submitit re-raises the task's failure with its traceback in the message
+        raise UserError(f"job {sub.job_id} failed: {_last_error_line(str(e))}; see {sub.paths.stderr}") from None
     print(f"job {sub.job_id} done: {len(results)} task(s) finished; checkpoints in {run_dir / 'checkpoints'}")
     return 0
 

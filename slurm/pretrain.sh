@@ -40,9 +40,8 @@ if [[ -z ${SLURM_JOB_ID:-} ]]; then
   die "not inside a SLURM allocation; submit it with: sbatch slurm/pretrain.sh CONFIG [overrides]"
 fi
 [[ $# -ge 1 ]] || die "no config given; usage: sbatch slurm/pretrain.sh CONFIG [section.key=value ...]"
-[[ -f $1 ]] || die "config file '$1' does not exist (relative to $PWD); pass a YAML file such as configs/tiny.yaml"
-
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
+[[ -f $1 ]] || die "config file '$1' does not exist (relative to $PWD); pass a YAML file such as configs/tiny.yaml"
 PY=${MMSCALE_PYTHON:-}
 if [[ -z $PY ]]; then
   if [[ -x .venv/bin/python ]]; then PY=$PWD/.venv/bin/python; else PY=python3; fi
@@ -63,12 +62,13 @@ fi
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)
 if getent hosts "$first_node" >/dev/null 2>&1; then MASTER_ADDR=$first_node; else MASTER_ADDR=127.0.0.1; fi
 export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
-export LOCAL_WORLD_SIZE=$TASKS_PER_NODE OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+export LOCAL_WORLD_SIZE=$TASKS_PER_NODE OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 # Each task: its rank from SLURM, and (where we may: root) its node's own /dev/shm, a directory of the
 # real one bind-mounted over it. Emulated nodes share one machine: mosaicml-streaming's segments of
 # different nodes would collide, while tasks of one node must share them. The directory is removed at
-# the end, so segments a killed task leaves behind do not outlive the job either.
+# the end, so segments a killed task leaves behind do not outlive the job either (on this machine; on
+# real root-run clusters the other nodes' directories stay until their /dev/shm is cleared).
 shm_mode=${MMSCALE_PRIVATE_SHM:-auto}
 if [[ $shm_mode != 0 ]] && unshare -m true 2>/dev/null; then
   shm_mode=private

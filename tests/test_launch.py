@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def test_launch_bad_input_one_line_each(tmp_path):
           "--gpus-per-node", "3", "--dry-run"], "train.global_batch_size=20"),
         (["--config", "configs/tiny.yaml", "engine.kind=ddp", "--gpus-per-node", "2", "--cluster", "debug"],
          "--cluster debug runs one task"),
+        (["--config", "configs/tiny.yaml", "engine.kind=ddp", "--nodes", "2", "--cluster", "local"],
+         "--cluster local runs on this machine only"),
     ]
     for args, fragment in cases:
         out = _cli("launch", *args)
@@ -245,3 +248,14 @@ def test_launch_local_executor_trains_two_ranks(tmp_path):
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert (run_dir / "checkpoints" / "step_00000020").is_dir()
+
+
+@pytest.mark.slow
+def test_launch_wait_reports_a_failed_job_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    out = _cli("launch", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", "data.train=",
+               "--cluster", "local", "--gpus-per-node", "1", "--no-gpus", "--wait", timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("mmscale launch: error: job ") and "failed" in last
+    assert re.search(r"RuntimeError: the trainer exited with status [1-9]", last) and str(run_dir / "submitit") in last
