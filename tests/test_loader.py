@@ -182,6 +182,39 @@ def test_local_path_as_remote_with_cache_dir(packed, tmp_path):
     assert any((tmp_path / "cache").rglob("*.mds*"))
 
 
+def test_remote_with_a_url_scheme_is_cached(packed, tmp_path, monkeypatch):
+    """A remote URL goes through mosaicml-streaming's downloaders: register one for a test scheme
+    that reads local files, the way s3:// or gs:// would fetch objects."""
+    from mmscale.data._streaming import import_streaming
+
+    import_streaming()
+    from streaming.base.storage import download as dl
+
+    class TestSchemeDownloader(dl.LocalDownloader):
+        @staticmethod
+        def _client_identifier() -> str:
+            return "mmtest"
+
+        def _download_file_impl(self, remote, local, timeout):
+            fetched.append(remote)
+            super()._download_file_impl(remote[len("mmtest://"):], local, timeout)
+
+    fetched = []
+    monkeypatch.setitem(dl.DOWNLOADER_MAPPINGS, "mmtest", TestSchemeDownloader)
+    url = f"mmtest://{packed}"
+    vocab = json.loads((packed / "manifest.json").read_text())["vocab_size"]
+    assert check_dataset(url, ModelConfig(n_ctx=N_CTX, vocab_size=vocab), cache_dir=str(tmp_path / "c"))
+    with loader_for(packed, seed=3) as direct:
+        want = take(direct, 4)
+    with loader_for(url, seed=3, cache_dir=str(tmp_path / "c")) as remote:
+        assert take(remote, 4) == want
+    assert any(f.endswith("manifest.json") for f in fetched) and any(".mds" in f for f in fetched)
+    with pytest.raises(UserError, match="set data.cache_dir"):
+        check_dataset(url, ModelConfig(n_ctx=N_CTX, vocab_size=vocab))
+    with pytest.raises(UserError, match="could not fetch"):
+        check_dataset(f"mmtest://{tmp_path}/nothing", ModelConfig(), cache_dir=str(tmp_path / "c"))
+
+
 def test_check_dataset_names_both_values(packed):
     manifest = json.loads((packed / "manifest.json").read_text())
     vocab = manifest["vocab_size"]

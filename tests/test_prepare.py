@@ -112,6 +112,39 @@ def test_text_jsonl_parquet_and_directory_inputs_give_identical_shards(corpus, t
     assert list(iter_text_documents(str(blank))) == flat_docs
 
 
+def test_hugging_face_dataset_by_name(corpus, tmp_path, monkeypatch):
+    """The `hf:` loading code, against a stand-in `datasets` module (no network in tests)."""
+    import sys
+    import types
+
+    text, tok, docs = corpus
+    calls = []
+
+    class FakeDataset:
+        column_names = ["id", "story"]
+
+        def __len__(self):
+            return len(docs)
+
+        def __getitem__(self, column):
+            assert column == "story"
+            return list(docs)
+
+    from mmscale.data._streaming import import_streaming
+
+    import_streaming()  # (it imports transformers, which probes the real `datasets`)
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config=None, split=None: calls.append((name, config, split)) or FakeDataset()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    m = prepare(opts(["hf:someone/stories:small@train"], tok, tmp_path / "hf", text_field="story"))
+    prepare(opts([text], tok, tmp_path / "txt"))
+    assert calls and all(c == ("someone/stories", "small", "train") for c in calls)
+    assert shard_bytes(tmp_path / "hf") == shard_bytes(tmp_path / "txt")
+    assert m["sources"][0]["kind"] == "hf" and m["sources"][0]["documents"] == len(docs)
+    with pytest.raises(UserError, match="has no column 'text'"):
+        prepare(opts(["hf:someone/stories"], tok, tmp_path / "x"))
+
+
 def test_worker_processes_give_the_same_shards(corpus, tmp_path):
     text, tok, _ = corpus
     prepare(opts([text], tok, tmp_path / "one", workers=1))

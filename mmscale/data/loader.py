@@ -67,22 +67,26 @@ def _short_hash(text: str) -> str:
 # manifests
 
 def read_manifest(path: str, cache_dir: str = "") -> dict:
-    """The manifest of a prepared dataset (local dir or remote); UserError when there is none."""
+    """The manifest of a prepared dataset (local dir or remote); UserError when there is none.
+
+    A remote manifest is fetched afresh into `cache_dir` every time (it names the cache of the
+    shards, see `_shard_cache`)."""
     if _is_remote(path):
         if not cache_dir:
             raise UserError(f"dataset '{path}' is remote; set data.cache_dir to a local directory for its cache")
         from mmscale.data._streaming import import_streaming
 
         import_streaming()
-        from streaming.base.storage import download_file
+        from streaming.base.storage import CloudDownloader
 
-        local = Path(cache_dir) / _short_hash(path) / MANIFEST
-        local.parent.mkdir(parents=True, exist_ok=True)
+        local = Path(cache_dir) / _short_hash(path.rstrip("/")) / MANIFEST
+        local.unlink(missing_ok=True)  # streaming's downloader keeps an existing file
         try:
-            download_file(f"{path.rstrip('/')}/{MANIFEST}", str(local), timeout=60)
+            CloudDownloader.direct_download(f"{path.rstrip('/')}/{MANIFEST}", str(local), timeout=60)
         except Exception as e:
-            raise UserError(f"could not fetch '{path}/{MANIFEST}' ({type(e).__name__}); "
-                            "check the remote path and credentials") from None
+            raise UserError(f"could not fetch '{path.rstrip('/')}/{MANIFEST}' ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the remote path, "
+                            "credentials and that its client library is installed") from None
         return json.loads(local.read_text())
     mpath = Path(path) / MANIFEST
     if not mpath.is_file():
@@ -91,6 +95,13 @@ def read_manifest(path: str, cache_dir: str = "") -> dict:
         return json.loads(mpath.read_text())
     except json.JSONDecodeError:
         raise UserError(f"'{mpath}' is not valid JSON; prepare the dataset again") from None
+
+
+def _shard_cache(cache_dir: str, remote: str, manifest: dict) -> str:
+    """Where the shards of `remote` are cached: one directory per remote and per preparation, so a
+    dataset prepared again at the same remote never mixes with old cached shards."""
+    version = _short_hash(json.dumps(manifest, sort_keys=True))
+    return str(Path(cache_dir).resolve() / _short_hash(remote) / version)
 
 
 def check_dataset(path: str, model_cfg, *, tokenizer: str | None = None, cache_dir: str = "") -> dict:
@@ -334,7 +345,7 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
         if not data_cfg.cache_dir:
             raise UserError(f"dataset '{root}' is remote; set data.cache_dir to a local directory for its cache")
         remote = root.rstrip("/") if _is_remote(root) else str(Path(root).resolve())
-        local = str(Path(data_cfg.cache_dir).resolve() / _short_hash(remote))
+        local = _shard_cache(data_cfg.cache_dir, remote, manifest)
         stream_args = dict(remote=remote, local=local)
     else:
         remote, local = None, str(Path(root).resolve())
