@@ -9,14 +9,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
 from mmscale.config import DataConfig, ModelConfig
 from mmscale.data.loader import IGNORE_INDEX, build_dataloader, check_dataset
-from mmscale.data.prepare import iter_text_documents
+from mmscale.data.sources import iter_text_documents
 from mmscale.errors import UserError
 from tests._data_helpers import make_tiny_corpus, make_tiny_dataset
 

@@ -12,7 +12,8 @@ from mmscale.cli import main as cli
 from mmscale.config import DataConfig
 from mmscale.data import prepare as prep
 from mmscale.data.loader import build_dataloader
-from mmscale.data.prepare import PrepareOptions, iter_text_documents, prepare
+from mmscale.data.prepare import PrepareOptions, prepare
+from mmscale.data.sources import iter_text_documents
 from mmscale.data.tokenizer import file_sha256
 from mmscale.errors import UserError
 from tests._data_helpers import make_tiny_corpus

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmscale.cli import main as cli
-from mmscale.data.prepare import iter_text_documents
+from mmscale.data.sources import iter_text_documents
 from mmscale.data.synth import COLORS, KINDS, OBJECTS, PLACES, core_of, generate_stories
 from mmscale.errors import UserError
 from tests._data_helpers import make_tiny_corpus

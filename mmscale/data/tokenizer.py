@@ -61,7 +61,7 @@ def special_ids(sp) -> dict[str, int]:
 
 def _iter_training_documents(paths: list[str], separator: str):
     """Yield documents from plain-text files (separator lines or blank lines between documents)."""
-    from mmscale.data.prepare import iter_text_documents
+    from mmscale.data.sources import iter_text_documents
 
     for path in paths:
         yield from iter_text_documents(path, separator=separator, errors="strict")
