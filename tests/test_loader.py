@@ -181,6 +181,21 @@ def test_local_path_as_remote_with_cache_dir(packed, tmp_path):
     assert any((tmp_path / "cache").rglob("*.mds*"))
 
 
+def test_a_read_only_dataset_directory_asks_for_a_cache(packed, monkeypatch):
+    from mmscale.data import loader as loader_module
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # (chmod does not stop root, who runs CI)
+        if self.name == loader_module.LOCK_DIR:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(UserError, match="not writable.*set data.cache_dir"):
+        loader_for(packed)
+
+
 def test_remote_with_a_url_scheme_is_cached(packed, tmp_path, monkeypatch):
     """A remote URL goes through mosaicml-streaming's downloaders: register one for a test scheme
     that reads local files, the way s3:// or gs:// would fetch objects."""

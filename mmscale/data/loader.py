@@ -353,7 +353,11 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
     # writable: streaming decompresses shards there too), not into /tmp, where a killed run would
     # leave them behind
     lock_dir = Path(local) / LOCK_DIR
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        raise UserError(f"dataset directory '{local}' is not writable (streaming decompresses shards next to "
+                        "them); set data.cache_dir to a writable directory to read it as a remote") from None
     saved_tempdir = tempfile.tempdir
     tempfile.tempdir = str(lock_dir)  # streaming puts its lock files in gettempdir()
     try:
