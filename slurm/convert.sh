@@ -15,7 +15,9 @@
 #SBATCH --time=02:00:00
 #SBATCH --output=slurm/logs/%x-%j.out
 #
-# Environment: MMSCALE_PYTHON (default: $SLURM_SUBMIT_DIR/.venv/bin/python, else python3).
+# Environment: MMSCALE_PYTHON (default: $SLURM_SUBMIT_DIR/.venv/bin/python, else python3);
+#   MMSCALE_CONVERT_ARGS flags for `mmscale convert` (default --verify: reload the export in a fresh
+#   process and compare its logits with the checkpoint's; e.g. "--verify --dtype bf16").
 set -euo pipefail
 
 die() { echo "convert.sh: error: $*" >&2; exit 2; }
@@ -37,7 +39,8 @@ fi
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 echo "[convert.sh] job $SLURM_JOB_ID: $RUN_DIR -> $EXPORT_DIR"
-"$PY" -m mmscale.cli convert "$RUN_DIR" --out "$EXPORT_DIR"
+# shellcheck disable=SC2086  # MMSCALE_CONVERT_ARGS is a list of flags
+"$PY" -m mmscale.cli convert "$RUN_DIR" "$EXPORT_DIR" ${MMSCALE_CONVERT_ARGS---verify}
 if [[ ${#EVAL_DATA[@]} -gt 0 ]]; then
   "$PY" -m mmscale.cli eval "$EXPORT_DIR" --data "${EVAL_DATA[@]}" --json "$EXPORT_DIR/eval.json"
   echo "[convert.sh] evaluation: $EXPORT_DIR/eval.json"

@@ -90,6 +90,25 @@ def test_pretrain_sh_outside_allocation_says_how_to_submit(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0
     assert "sbatch slurm/pretrain.sh CONFIG" in out.stderr
+    out = subprocess.run(["bash", str(REPO / "slurm/convert.sh"), str(tmp_path)], capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=30)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "sbatch slurm/convert.sh RUN_DIR" in out.stderr
+
+
+def test_convert_sh_refuses_bad_runs_before_doing_anything(tmp_path):
+    env = dict(os.environ, SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(REPO))  # as inside an allocation
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    cases = [([str(tmp_path / "nope")], "has no checkpoints/ folder"),
+             ([str(tmp_path / "run"), str(tmp_path / "taken")], "already exists"),
+             ([str(tmp_path / "run"), str(tmp_path / "new"), str(tmp_path / "missing-data")], "does not exist")]
+    for args, fragment in cases:
+        out = subprocess.run(["bash", str(REPO / "slurm/convert.sh"), *args], capture_output=True, text=True,
+                             cwd=REPO, env=env, timeout=30)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and fragment in out.stderr, out.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "x" and not (tmp_path / "new").exists()
 
 
 def _plan(args, env_extra, capsys):

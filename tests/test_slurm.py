@@ -172,6 +172,11 @@ def test_pretrain_sh_runs_on_one_node_x2_and_two_nodes_x1(cluster, dataset, tmp_
                                 *_train_overrides(run_dir, dataset, engine, 30, every=20), "engine.zero_stage=2",
                                 "engine.precision=fp32"], env)
         jobs[name] = (jid, run_dir)
+    # chained after the DeepSpeed run: its checkpoint -> an export (verified) -> evaluation on val
+    export = tmp_path / "export"
+    convert = cluster.sbatch([f"--dependency=afterok:{jobs['1x2'][0]}", "--cpus-per-task=1",
+                              f"--output={tmp_path}/convert-%j.out", "slurm/convert.sh", str(jobs["1x2"][1]),
+                              str(export), str(dataset)], env)
     for name, (jid, run_dir) in jobs.items():
         info = cluster.wait(jid, 240)
         log = (tmp_path / f"{name}-{jid}.out").read_text()
@@ -191,6 +196,13 @@ def test_pretrain_sh_runs_on_one_node_x2_and_two_nodes_x1(cluster, dataset, tmp_
     # the same 2 ranks over the same data in fp32: the layouts and engines agree up to reduction order
     a, b = (_losses(run_dir) for _, run_dir in jobs.values())
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-3, (a, b)
+    info = cluster.wait(convert, 180)
+    log = (tmp_path / f"convert-{convert}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "verify: max |logit difference|" in log and "-> OK" in log
+    result = json.loads((export / "eval.json").read_text())
+    assert (export / "model.safetensors").is_file() and result["tokens"] > 0
+    assert result["loss"] < a[0][1] - 0.5  # the trained weights, not the initial ones
 
 
 def _wait_for_steps(cluster: Cluster, job_id: str, run_dir: Path, steps: int, timeout: float = 180) -> None:
