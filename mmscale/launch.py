@@ -312,7 +312,11 @@ def run(args) -> int:
         return 0
     folder.mkdir(parents=True, exist_ok=True)
     ex = _executor(args, cfg, folder)
-    sub = ex.submit(job)
+    try:
+        sub = ex.submit(job)
+    except Exception as e:  # sbatch refused it (no controller, bad account, limits, ...)
+        lines = [ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()] or [str(e).strip()]
+        raise UserError(f"the {args.cluster} job was not submitted: {lines[-1][:300]}") from None
     print(f"job {sub.job_id} ({args.cluster}, {args.nodes} node(s) x {args.gpus_per_node} task(s)); run dir {run_dir}")
     print(f"  stdout: {sub.paths.stdout}")
     print(f"  stderr: {sub.paths.stderr}")
@@ -339,6 +343,15 @@ def _tasks_per_node_from_env(env) -> int:
     return int(raw.split(",")[0].split("(")[0])
 
 
+def _gpus_per_node_from_env(env) -> int:
+    # SLURM_GPUS_PER_NODE looks like "8" or "a100:8"; SLURM_GPUS_ON_NODE is the count itself
+    raw = env.get("SLURM_GPUS_PER_NODE") or env.get("SLURM_GPUS_ON_NODE") or "0"
+    try:
+        return int(raw.rsplit(":", 1)[-1].split("(")[0])
+    except ValueError:
+        return 0
+
+
 def sbatch_plan(argv: list[str]) -> int:
     """`python -m mmscale.launch sbatch-plan CONFIG [overrides]`: prints VAR=value lines for bash."""
     env = os.environ
@@ -350,6 +363,10 @@ def sbatch_plan(argv: list[str]) -> int:
         nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
         tasks_per_node = _tasks_per_node_from_env(env)
         check_layout(cfg, nodes, tasks_per_node)
+        gpus = _gpus_per_node_from_env(env)
+        if gpus and gpus != tasks_per_node:
+            raise UserError(f"the job has {gpus} GPU(s) per node but {tasks_per_node} task(s) per node; one task "
+                            f"per GPU: submit with --ntasks-per-node={gpus} (or --gpus-per-node={tasks_per_node})", 2)
         extra = []
         cpus = int(env.get("SLURM_CPUS_PER_TASK") or 0)
         # data-loader workers share the task's cores with the trainer itself

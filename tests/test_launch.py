@@ -143,6 +143,13 @@ def test_sbatch_plan_checks_allocation_and_caps_workers(tmp_path, capsys):
     assert out.err.startswith("pretrain.sh: error: train.global_batch_size=24") and out.err.count("\n") == 1
     code, out = _plan([str(tmp_path / "missing.yaml")], {"SLURM_JOB_NUM_NODES": "1"}, capsys)
     assert code == 2 and "does not exist" in out.err
+    # one task per GPU: 4 GPUs per node with 2 tasks per node is refused, 2 with 2 is fine
+    code, out = _plan([str(cfg)], {"SLURM_JOB_NUM_NODES": "1", "SLURM_TASKS_PER_NODE": "2",
+                                   "SLURM_GPUS_PER_NODE": "a100:4"}, capsys)
+    assert code == 2 and "--ntasks-per-node=4" in out.err and out.err.count("\n") == 1
+    code, out = _plan([str(cfg)], {"SLURM_JOB_NUM_NODES": "1", "SLURM_TASKS_PER_NODE": "2",
+                                   "SLURM_GPUS_ON_NODE": "2"}, capsys)
+    assert code == 0, out.err
 
 
 # ----------------------------------------------------------------------------------------------
