@@ -348,6 +348,11 @@ def test_two_ranks_disjoint_resumable_and_onto_one_rank(packed, tmp_path):
         resumed.load_state_dict(r0["state"])
         rest = take(resumed, total - cut)
     assert _interleave([r0["part"], r1["part"]], batch) + rest == one_rank
+    # ... and with the same micro batch (half the global batch): the same global order, within the epoch
+    with loader_for(packed, seed=seed, batch=batch) as resumed:
+        resumed.load_state_dict(r0["state"])
+        rest = take(resumed, 2 * (per_epoch - cut))
+    assert rest == one_rank[cut * 2 * batch:per_epoch * 2 * batch]
     # val: the two ranks split the val samples (one pass, padded by at most one repeat)
     val = Counter(tuple(r) for r in r0["val"] + r1["val"])
     with loader_for(packed, split="val", batch=1) as v:
