@@ -20,12 +20,14 @@ split "train" reads its `train/` shards, split "val" the `val/` shards of `data.
 `data.train`. A dataset is read in place when it is a local directory and `data.cache_dir` is
 empty (zstd shards are decompressed next to themselves, so the directory must be writable);
 otherwise it is treated as a mosaicml-streaming remote (s3://, gs://, ... or a local path) and
-copied into `data.cache_dir/<hash of the remote>/`.
+copied into `data.cache_dir/<hash of the remote>/<hash of its manifest>/` (a dataset prepared again
+at the same remote gets a fresh cache). Cloud remotes need streaming's client for the scheme
+(boto3 for s3://, google-cloud-storage for gs://), which `tools/setup_env.sh` does not install.
 
 Order: mosaicml-streaming shuffles with `shuffle_seed = seed` and `num_canonical_nodes =
-data.num_canonical_nodes`; the global sample order then depends only on those and the batch
-size, not on the number of ranks, so a run resumed onto another world size continues the same
-sequence. Ranks get disjoint samples (an uneven epoch end repeats a few samples on some ranks;
+data.num_canonical_nodes`; the global sample order then depends only on those, not on the number
+of ranks (batch i of rank r holds global positions i*W*B + j*W + r), so a run resumed onto another
+world size continues the same sequence (tests/test_loader.py checks 1, 2 and 2 -> 1 ranks). Ranks get disjoint samples (an uneven epoch end repeats a few samples on some ranks;
 the train loader drops the last incomplete batch so every batch has B samples).
 
 mosaicml-streaming reads the world from RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; this
