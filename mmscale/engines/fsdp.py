@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from mmscale.engines.base import Engine, build_optimizer, grad_norm_or_clip, prepare_model, set_lr
@@ -26,12 +27,17 @@ def build_mesh(world_size: int, replicas: int, device_type: str):
     return init_device_mesh(device_type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
 
 
+def shard_on_largest_dim(param):
+    """FSDP2 shards dim 0 by default; a mixing weight shaped [1, 1, T, T] would then sit whole on rank 0."""
+    return Shard(max(range(param.dim()), key=lambda d: param.shape[d])) if param.dim() else None
+
+
 def shard_with_fsdp(model, mesh, precision: str):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision == "bf16" else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, shard_placement_fn=shard_on_largest_dim)
+    fully_shard(model, mesh=mesh, mp_policy=mp, shard_placement_fn=shard_on_largest_dim)
     return model
 
 
