@@ -127,6 +127,7 @@ def _wait_child(child: subprocess.Popen, timeout: float | None = None) -> int | 
         time.sleep(0.2)
     return child.returncode
 
+
 class TrainJob(Checkpointable):
     """One task of a training job (submitit callable; checkpointable so the job is requeued)."""
 
@@ -155,7 +156,8 @@ class TrainJob(Checkpointable):
         child_env.update({
             "RANK": str(env.global_rank), "LOCAL_RANK": str(env.local_rank),
             "WORLD_SIZE": str(env.num_tasks), "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // env.num_nodes)),
-            "MASTER_ADDR": rendezvous_host(env.hostnames[0]), "MASTER_PORT": str(self.master_port or rendezvous_port(job_id)),
+            "MASTER_ADDR": rendezvous_host(env.hostnames[0]),
+            "MASTER_PORT": str(self.master_port or rendezvous_port(job_id)),
         })
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:

@@ -250,7 +250,8 @@ def test_preempted_jobs_requeue_and_end_with_the_uninterrupted_losses(cluster, d
 
 def test_bad_input_to_sbatch_and_launch(cluster, tmp_path):
     env = cluster.job_env(tmp_path)
-    out = cluster.run("sbatch", "--partition=nope", "--gpus-per-node=0", "slurm/pretrain.sh", "configs/tiny.yaml", env=env, check=False)
+    out = cluster.run("sbatch", "--partition=nope", "--gpus-per-node=0", "slurm/pretrain.sh", "configs/tiny.yaml",
+                      env=env, check=False)
     assert out.returncode != 0 and "partition" in out.stderr.lower()
     out = cluster.run(PY, "-m", "mmscale.cli", "launch", "--config", "configs/tiny.yaml", "--partition", "nope",
                       env=env, check=False)
