@@ -26,10 +26,11 @@ at the same remote gets a fresh cache). Cloud remotes need streaming's client fo
 
 Order: mosaicml-streaming shuffles with `shuffle_seed = seed` and `num_canonical_nodes =
 data.num_canonical_nodes`; the global sample order then depends only on those (and, with several
-canonical nodes, on the global batch size), not on the number
-of ranks (batch i of rank r holds global positions i*W*B + j*W + r), so a run resumed onto another
-world size continues the same sequence (tests/test_loader.py checks 1, 2 and 2 -> 1 ranks). Ranks get disjoint samples (an uneven epoch end repeats a few samples on some ranks;
-the train loader drops the last incomplete batch so every batch has B samples).
+canonical nodes, on the global batch size), not on the number of ranks: batch i of rank r holds
+global positions i*W*B + j*W + r. So a run resumed onto another world size continues the same
+sequence (tests/test_loader.py checks 1, 2 and 2 -> 1 ranks). Ranks get disjoint samples (an
+uneven epoch end repeats a few samples on some ranks; the train loader drops the last incomplete
+batch so every batch has B samples).
 
 mosaicml-streaming reads the world from RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; this
 module sets them from its arguments (and refuses values that contradict ones already set).
