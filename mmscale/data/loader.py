@@ -26,8 +26,8 @@ at the same remote gets a fresh cache). Cloud remotes need streaming's client fo
 
 Order: mosaicml-streaming shuffles with `shuffle_seed = seed` and `num_canonical_nodes =
 data.num_canonical_nodes`; the global sample order then depends only on those (and, with several
-canonical nodes, on the global batch size), not on the number of ranks: batch i of rank r holds
-global positions i*W*B + j*W + r. So a run resumed onto another world size continues the same
+canonical nodes, on the global batch size), not on the number of ranks: sample j of batch i on
+rank r is global position i*W*B + j*W + r. So a run resumed onto another world size continues the same
 sequence (tests/test_loader.py checks 1, 2 and 2 -> 1 ranks). Ranks get disjoint samples (an
 uneven epoch end repeats a few samples on some ranks; the train loader drops the last incomplete
 batch so every batch has B samples).
