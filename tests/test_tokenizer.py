@@ -69,6 +69,7 @@ def test_tokenizer_command_and_its_errors(tmp_path, capsys):
         (["--input", str(empty), "--vocab-size", "512"], "holds no text"),
         (["--input", str(text), "--vocab-size", "100"], "need at least"),
         (["--input", str(text), "--vocab-size", "4"], "at least 8"),
+        (["--input", str(text), "--vocab-size", "8000"], "supports at most"),
     ]:
         target = tmp_path / "new.model"
         assert cli(["tokenizer", "train", *argv, "--out", str(target)]) != 0

@@ -120,6 +120,10 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | os.PathLike, 
             raise UserError(f"--vocab-size {vocab_size} is too small for this input: its characters, the 256 "
                             f"byte pieces and the specials need at least {need.group(2)}; pass --vocab-size "
                             f">= {need.group(2)}") from None
+        most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", msg)
+        if most:
+            raise UserError(f"--vocab-size {vocab_size} is too large for this input: it supports at most "
+                            f"{most.group(1)} pieces; pass --vocab-size <= {most.group(1)} or more text") from None
         if "Vocabulary size is too high" in msg or "vocab_size" in msg:
             raise UserError(f"--vocab-size {vocab_size} is too large for this input ({msg}); "
                             "pass a smaller --vocab-size or more text") from None
