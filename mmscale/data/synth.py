@@ -191,6 +191,9 @@ RELIEF = [
     "\"We did it!\" shouted {Friend}.",
     "{Hero} hugged the {obj} and smiled.",
 ]
+# joins what goes wrong to how it is put right (picked without drawing from the story's random
+# stream, so that the stories themselves do not depend on how summaries are phrased)
+CONNECTORS = ["and sorts it out", "and makes it right", "but fixes things", "and solves the problem"]
 # a summary: who (sometimes named), the core, then optional extras
 SUMMARY_FORMS = [
     "{who} {problem} at {where} {solution}, {ending}.",
@@ -262,7 +265,9 @@ def _tell(plan: dict, rng: random.Random) -> Story:
     who = rng.choice([f"{plan['hero']}, {_a(trait_kind)},", _a(trait_kind), f"{_a(trait_kind)} named {plan['hero']}"])
     summary = rng.choice(SUMMARY_FORMS).format(
         who=who, where=rng.choice(PLACES[place][1]), weather=plan["weather"],
-        problem=rng.choice(problem_phrases).format(**v), solution=rng.choice(solution_phrases).format(**v),
+        problem=rng.choice(problem_phrases).format(**v),
+        solution=CONNECTORS[(plan["solution"] + len(plan["hero"])) % len(CONNECTORS)] + " "
+        + rng.choice(solution_phrases).format(**v),
         ending=rng.choice(ending_phrases).format(**v))
     summary = _cap(summary)
     return Story(text=text, summary=summary, plan=plan)
