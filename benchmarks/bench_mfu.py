@@ -95,9 +95,11 @@ def main():
         for v in a.variants:
             try:
                 rows.append(measure(kind, a, "compile" in v, "ac" in v))
-            except torch.OutOfMemoryError:
-                rows.append({"model": kind, "compile": "compile" in v, "AC": "ac" in v, "tokens/s": "OOM"})
-                torch.cuda.empty_cache()
+            except Exception as e:  # OOM, or a compile failure: record it and go on with the rest
+                err = "OOM" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:80]}"
+                rows.append({"model": kind, "compile": "compile" in v, "AC": "ac" in v, "tokens/s": err})
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             print(rows[-1], flush=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "-") for k in keys} for r in rows]
