@@ -85,7 +85,10 @@ def default_model_factory(cfg: Config):
         if any(meta["model"].get(k, v) != v for k, v in cfg.to_dict()["model"].items()):
             raise UserError(f"train.init_from '{cfg.train.init_from}' holds a different model than model.*; "
                             "match the model config to the export")
-        model.load_state_dict(load_file(str(Path(cfg.train.init_from) / WEIGHTS)), strict=False)
+        missing, unexpected = model.load_state_dict(load_file(str(Path(cfg.train.init_from) / WEIGHTS)), strict=False)
+        if missing or unexpected:
+            raise UserError(f"train.init_from '{cfg.train.init_from}' does not fit the model: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}; re-export it with `mmscale convert`")
     return model
 
 

@@ -18,6 +18,9 @@ ENGINES_2RANK = {
     "zero2": {"engine.kind": "deepspeed", "engine.zero_stage": 2},
     "zero3": {"engine.kind": "deepspeed", "engine.zero_stage": 3},
     "fsdp": {"engine.kind": "fsdp"},
+    "zero0": {"engine.kind": "deepspeed", "engine.zero_stage": 0},
+    "zero2_offload": {"engine.kind": "deepspeed", "engine.zero_stage": 2, "engine.offload_optimizer": True},
+    "hsdp": {"engine.kind": "fsdp", "engine.hsdp_replicas": 2},  # 2-D mesh: 2 replicas x 1 shard
     # activation checkpointing must not change a single loss
     "zero3_ac": {"engine.kind": "deepspeed", "engine.zero_stage": 3, "engine.activation_checkpointing": True},
     "fsdp_ac": {"engine.kind": "fsdp", "engine.activation_checkpointing": True},
@@ -105,3 +108,26 @@ def test_param_groups_decay_matrices_only_and_tied_once():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [tuple(p.shape) for p in decay["params"]] == [(10, 4)]
     assert sorted(tuple(p.shape) for p in no_decay["params"]) == [(4,), (4,), (10,)]
+
+
+def test_init_from_export_loads_its_weights_and_refuses_another_model(tmp_path):
+    import torch
+
+    from mmscale.config import config_from_dict
+    from mmscale.errors import UserError
+    from mmscale.export.format import save_export
+    from mmscale.train import default_model_factory
+    from tests._dist import tiny_model
+
+    cfg = config_from_dict(tiny_config(tmp_path / "run"))
+    torch.manual_seed(99)
+    source = tiny_model(cfg)
+    save_export(tmp_path / "export", {k: v.contiguous() for k, v in source.state_dict().items()}, cfg.model, None)
+    cfg.train.init_from = str(tmp_path / "export")
+    torch.manual_seed(cfg.run.seed)
+    loaded = default_model_factory(cfg)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    cfg.model.d_model = 64
+    with pytest.raises(UserError, match="different model"):
+        default_model_factory(cfg)

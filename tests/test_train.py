@@ -192,11 +192,13 @@ def test_entry_points_on_real_data(tmp_path, tiny_dataset):
     `torchrun mmscale/train.py` resuming it to more steps from the same run dir."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TMPDIR": str(tmp_path)}
-    one = _real_config(tmp_path, tiny_dataset, "one", **{"train.max_steps": 3, "train.eval_every": 3})
+    one = _real_config(tmp_path, tiny_dataset, "one", **{"train.max_steps": 3, "train.eval_every": 3,
+                                                          "log.wandb": "offline"})
     proc = subprocess.run([sys.executable, "-m", "mmscale.train", "--config", str(one)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in _rows(tmp_path / "one") if "val_loss" in r] == [3]
+    assert list((tmp_path / "one" / "wandb").rglob("offline-run-*")), "wandb offline files inside run.dir"
 
     two = _real_config(tmp_path, tiny_dataset, "two", **{"engine.kind": "deepspeed", "engine.precision": "bf16",
                                                           "train.max_steps": 3, "train.eval_every": 3})
