@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmscale.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", metavar="PATH", help="your own text files / folders (default: built-in stories)")
     parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300: ~3-4 min on 2 cores)")
+    parser.add_argument("--steps", type=int, default=500, help="training steps (default 500: ~4 min on 2 cores)")
     parser.add_argument("--stories", type=int, default=6000, help="size of the built-in corpus")
     parser.add_argument("--vocab-size", type=int, default=1024)
     args = parser.parse_args(argv)

@@ -57,11 +57,27 @@ def detect(env: dict | None = None) -> DistInfo:
     return DistInfo()
 
 
+_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_exported: dict[str, str | None] = {}  # what export_env replaced, restored by shutdown()
+
+
 def export_env(info: DistInfo) -> None:
     """Make the env:// rendezvous (torch and DeepSpeed) see what was detected (SLURM sets none of it)."""
-    os.environ.update({"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank),
-                       "WORLD_SIZE": str(info.world_size), "MASTER_ADDR": info.master_addr,
-                       "MASTER_PORT": str(info.master_port)})
+    values = {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size),
+              "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port)}
+    for key in _ENV_KEYS:
+        _exported.setdefault(key, os.environ.get(key))
+    os.environ.update(values)
+
+
+def _restore_env() -> None:
+    # a later run in the same process must not mistake our one-process rendezvous for a launcher's
+    for key, old in _exported.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    _exported.clear()
 
 
 def device_for(info: DistInfo):
@@ -119,18 +135,9 @@ def all_reduce_sum(values: list[float], device=None) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_max(values: list[float], device=None) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def shutdown(deepspeed: bool = False) -> None:
     if not is_initialized():
+        _restore_env()
         return
     if deepspeed:
         import deepspeed.comm
@@ -140,3 +147,4 @@ def shutdown(deepspeed: bool = False) -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    _restore_env()

@@ -183,9 +183,10 @@ def train_runs(payload: dict) -> list:
     statuses = []
     base_port = int(os.environ.get("MASTER_PORT", 29500))
     for i, run in enumerate(payload["runs"]):
-        # a fresh rendezvous per run, hosted by rank 0 (re-using torchrun's store across groups hangs)
-        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-        os.environ["MASTER_PORT"] = str(base_port + 1 + i)
+        if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+            # a fresh rendezvous per run, hosted by rank 0 (re-using torchrun's store across groups hangs)
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+            os.environ["MASTER_PORT"] = str(base_port + 1 + i)
         mmscale.engines.lr_at = original_lr_at
         os.environ.pop("MMSCALE_FAULT_NAN_STEPS", None)
         os.environ.update(run.get("env", {}))

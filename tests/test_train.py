@@ -217,3 +217,18 @@ def test_entry_points_on_real_data(tmp_path, tiny_dataset):
     losses = read_losses(tmp_path / "two")
     assert sorted(losses) == [1, 2, 3, 4, 5] and all(0 < v < 10 for v in losses.values())
     assert ckpt.read_meta(tmp_path / "two" / "checkpoints" / "step_00000005")["tokens_seen"] == 5 * 2 * 2 * 16
+
+
+def test_one_process_fsdp_and_deepspeed_match_single_and_leave_no_env(tmp_path):
+    """`mmscale train` with engine.kind=fsdp / deepspeed on one process: a private rendezvous, the same
+    losses as the single engine, and no RANK/WORLD_SIZE left behind for the next run."""
+    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    runs = [{"config": tiny_config(tmp_path / kind, **{"engine.kind": kind, "train.max_steps": 3})}
+            for kind in ("single", "fsdp", "deepspeed")]
+    assert train_runs({"runs": runs}) == [0, 0, 0]
+    reference = read_losses(tmp_path / "single")
+    for kind in ("fsdp", "deepspeed"):
+        got = read_losses(tmp_path / kind)
+        assert got.keys() == reference.keys()
+        assert all(abs(got[s] - reference[s]) <= 1e-5 * reference[s] for s in got), kind
+    assert {k: os.environ.get(k) for k in before} == before
