@@ -100,15 +100,22 @@ def default_data_factory(cfg: Config, info, micro_batch_size: int):
 
     if not cfg.data.train:
         raise UserError("data.train is empty; prepare a dataset with `mmscale prepare` and set data.train=DIR")
-    check_dataset(cfg.data.train, cfg.model, cache_dir=cfg.data.cache_dir)
+    manifest = check_dataset(cfg.data.train, cfg.model, cache_dir=cfg.data.cache_dir)
     if cfg.data.val:
-        check_dataset(cfg.data.val, cfg.model, cache_dir=cfg.data.cache_dir)
+        manifest = check_dataset(cfg.data.val, cfg.model, cache_dir=cfg.data.cache_dir)
+    has_val = manifest.get("splits", {}).get("val", {}).get("samples", 0) > 0
+    if cfg.train.eval_every and not has_val:
+        if cfg.data.val:
+            raise UserError(f"data.val '{cfg.data.val}' has no val samples; prepare it with --val-fraction > 0")
+        if info.rank == 0:
+            print(f"mmscale train: note: '{cfg.data.train}' has no val split, so no val_loss "
+                  "(prepare with --val-fraction > 0 or set data.val)", file=sys.stderr)
     world = dict(n_ctx=cfg.model.n_ctx, micro_batch_size=micro_batch_size, seed=cfg.run.seed, rank=info.rank,
                  world_size=info.world_size, local_rank=info.local_rank,
                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
     train = build_dataloader(cfg.data, "train", **world)
     # held-out loss: data.val if set, else the val/ split of data.train (the loader picks)
-    val_fn = lambda: build_dataloader(cfg.data, "val", endless=False, **world)  # noqa: E731
+    val_fn = (lambda: build_dataloader(cfg.data, "val", endless=False, **world)) if has_val else None
     return train, val_fn
 
 
@@ -189,16 +196,15 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
         dist_.init(info, deepspeed=cfg.engine.kind == "deepspeed")
     device = dist_.device_for(info)
 
-    torch.manual_seed(cfg.run.seed)  # same seed -> same initial weights on every engine and rank
-    model = (model_factory or default_model_factory)(cfg)
-    fault_steps = {int(s) for s in os.environ.get("MMSCALE_FAULT_NAN_STEPS", "").split(",") if s}
-    current = {"step": 0}
-    if fault_steps:
-        install_nan_fault(model, fault_steps, current)
-
-    loader, val_fn = (data_factory or default_data_factory)(cfg, info, cfg.train.micro_batch_size)
-    clean = False
+    loader, clean = None, False
     try:
+        torch.manual_seed(cfg.run.seed)  # same seed -> same initial weights on every engine and rank
+        model = (model_factory or default_model_factory)(cfg)
+        fault_steps = {int(s) for s in os.environ.get("MMSCALE_FAULT_NAN_STEPS", "").split(",") if s}
+        current = {"step": 0}
+        if fault_steps:
+            install_nan_fault(model, fault_steps, current)
+        loader, val_fn = (data_factory or default_data_factory)(cfg, info, cfg.train.micro_batch_size)
         status = _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current)
         clean = True
         return status

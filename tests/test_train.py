@@ -232,3 +232,18 @@ def test_one_process_fsdp_and_deepspeed_match_single_and_leave_no_env(tmp_path):
         assert got.keys() == reference.keys()
         assert all(abs(got[s] - reference[s]) <= 1e-5 * reference[s] for s in got), kind
     assert {k: os.environ.get(k) for k in before} == before
+
+
+def test_dataset_without_val_split(tmp_path):
+    """No val split: data.val naming it is refused up front; as data.train, training runs without val_loss."""
+    from tests._data_helpers import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path, n_ctx=16, vocab_size=512, stories=60, val_fraction=0.0, name="noval")
+    cfg = _real_config(tmp_path, data, "r", **{"train.max_steps": 2, "train.eval_every": 1})
+    rc, err = _cli("--config", str(cfg), f"data.val={data}")
+    assert rc == 1 and err == [f"mmscale train: error: data.val '{data}' has no val samples; "
+                               "prepare it with --val-fraction > 0"]
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    rc, err = _cli("--config", str(cfg), "log.progress=false")
+    assert rc == 0 and any("has no val split" in line for line in err)
+    assert not [r for r in _rows(tmp_path / "r") if "val_loss" in r]
