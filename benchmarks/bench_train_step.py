@@ -6,9 +6,10 @@ as the paper wrote it, and mmscale's transformer (SDPA).
 
 Each step: forward with labels (mean shifted cross-entropy), backward, AdamW step, zero_grad; all
 models get the same batch, dims, precision (fp32, or bf16 autocast over fp32 weights) and optimizer.
-The candidates are timed round by round, interleaved; the table gives median tokens/s and the ratio
-to the paper-style mixer. Memory: peak allocated on CUDA; on the CPU (no allocator statistics) the
-bytes saved for backward by one forward (activations), plus parameters, gradients and AdamW state.
+The candidates are timed round by round, interleaved; the table gives median tokens/s and the
+median over rounds of the speed ratio to the paper-style mixer (see common.round_ratio). Memory:
+peak allocated on CUDA; on the CPU (no allocator statistics) the bytes saved for backward by one
+forward (activations), plus parameters, gradients and AdamW state.
 
 "mmscale mixer (plain CE)" is mmscale's mixer with the un-chunked loss, to separate the two changes.
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import add_clock_args, apply_clock_args, emit, header, spread, table, time_side_by_side  # noqa: I001
+from common import add_clock_args, apply_clock_args, emit, header, round_ratio, spread, table, time_side_by_side  # noqa: I001
 
 from mmscale.config import ModelConfig
 from mmscale.models import build_model, common as model_common
@@ -141,12 +142,11 @@ def run(args, d, t, amp_dtype, names):
             mem[n] = torch.cuda.max_memory_allocated() / 2**20
         else:
             mem[n] = (saved_activation_bytes(models[n], ids, amp_dtype, device) + state_bytes(models[n])) / 2**20
-    base = res["paper mixer"][0]
     rows = []
     for n in names:
         med, times = res[n]
         rows.append({"d": d, "T": t, "B": batch, "precision": "bf16" if amp_dtype else "fp32", "model": n,
-                     "tokens/s": batch * t / med, "x paper": base / med,
+                     "tokens/s": batch * t / med, "x paper": round_ratio(res, "paper mixer", n),
                      "memory MiB": mem[n], "spread": spread(times)})
     del models, opts
     return rows

@@ -77,6 +77,12 @@ def time_side_by_side(fns: dict, device="cpu", warmup=1, repeats=5):
     return {k: (statistics.median(v), v) for k, v in times.items()}
 
 
+def round_ratio(res, base, name):
+    """Median over rounds of base_time / name_time: each round's candidates ran back to back, so a
+    round's ratio sees the same machine load; more robust than a ratio of medians when shared."""
+    return statistics.median(b / t for b, t in zip(res[base][1], res[name][1]))
+
+
 def spread(times):
     """Relative spread (max - min) / median: the noise note of a measurement."""
     med = statistics.median(times)

@@ -3,13 +3,13 @@
 This is the masked mixer's replacement for attention: one learned T x T matrix per head (or per
 layer), lower-triangular when causal. Three exact implementations:
 
-- "dense":   mask the weight (`W * tril`) and run one grouped `F.conv1d` (kernel 1 over the feature
-             axis, channels = token positions), as the paper's Conv1d does. Half of its work is on
-             masked zeros.
-- "blocked": split the T output rows into blocks; block [r0, r1) only reads inputs [0, r1), so the
-             blocks above the diagonal are never computed (forward and both gradients). A custom
-             autograd function writes the weight gradient into one buffer instead of letting
-             autograd scatter a full T x T zero tensor per block.
+- "dense":   mask the weight (`W * tril`) and multiply everything: one `F.conv1d` for the flat
+             mixer (channels = token positions, kernel 1 over the feature axis, as the paper's
+             Conv1d), an einsum per head otherwise. Half of its work is on masked zeros.
+- "blocked": cut the T x T matrix into square blocks and compute only those on or below the
+             diagonal, in the forward and in both gradients (`BlockedMix`). The CPU path: one
+             2-D GEMM per block and batch element. On CUDA it works but launches too many small
+             GEMMs to be fast; `auto` never picks it there.
 - "triton":  a Triton kernel that visits only lower-triangular tiles (mmscale.ops.triton_mixing).
 
 "auto" picks per device and size (see `choose_impl`). Masked weight entries get exactly zero
@@ -82,7 +82,8 @@ def _canonical(weight, x):
         if weight.dim() == 3:
             weight = weight[..., None]
         elif weight.dim() != 4:
-            raise ValueError(f"token_mix: x [B, H, T, C] needs weight [H, T, T] or [H, T, T, k], got {tuple(weight.shape)}")
+            raise ValueError("token_mix: x [B, H, T, C] needs weight [H, T, T] or [H, T, T, k], "
+                             f"got {tuple(weight.shape)}")
     h, t = x.shape[1], x.shape[2]
     if weight.shape[0] != h or weight.shape[1] != t or weight.shape[2] != t:
         raise ValueError(f"token_mix: weight {tuple(weight.shape)} does not match x {tuple(x.shape)} "

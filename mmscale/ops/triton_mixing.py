@@ -41,7 +41,8 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(w_ptr, x_ptr, out_ptr, T, C, H,
-                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
         g = tl.program_id(0)
         it = tl.program_id(1)
         ct = tl.program_id(2)
@@ -66,7 +67,8 @@ if triton is not None:
 
     @triton.jit
     def _bwd_x_kernel(w_ptr, dout_ptr, dx_ptr, T, C, H,
-                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+                      PREC: tl.constexpr, UPCAST: tl.constexpr):
         g = tl.program_id(0)
         jt = tl.program_id(1)
         ct = tl.program_id(2)
@@ -92,7 +94,8 @@ if triton is not None:
 
     @triton.jit
     def _bwd_w_kernel(x_ptr, dout_ptr, dw_ptr, T, C, H, B, tile_i_ptr, tile_j_ptr,
-                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
         it = tl.load(tile_i_ptr + pid)
@@ -126,6 +129,10 @@ def _blocks(t: int, c: int, dtype: torch.dtype):
     return bi, bi, bc
 
 
+def _flags(dtype) -> dict:
+    return {"PREC": _precision(dtype), "UPCAST": _interpreting()}
+
+
 def _precision(dtype) -> str:
     # fp32 follows torch's matmul setting: exact ("ieee") unless TF32 was allowed
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -144,7 +151,7 @@ def mix_forward(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     bi, bj, bc = _blocks(t, c, x.dtype)
     grid = (b * h, triton.cdiv(t, bi), triton.cdiv(c, bc))
-    _fwd_kernel[grid](w, x, out, t, c, h, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, PREC=_precision(x.dtype), UPCAST=_interpreting())
+    _fwd_kernel[grid](w, x, out, t, c, h, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, **_flags(x.dtype))
     return out
 
 
@@ -155,14 +162,14 @@ def mix_backward(w, x, dout, need_w=True, need_x=True):
     if need_x:
         dx = torch.empty_like(x)
         grid = (b * h, triton.cdiv(t, bj), triton.cdiv(c, bc))
-        _bwd_x_kernel[grid](w, dout, dx, t, c, h, BLOCK_J=bj, BLOCK_I=bi, BLOCK_C=bc, PREC=_precision(x.dtype), UPCAST=_interpreting())
+        _bwd_x_kernel[grid](w, dout, dx, t, c, h, BLOCK_J=bj, BLOCK_I=bi, BLOCK_C=bc, **_flags(x.dtype))
     if need_w:
         assert bi == bj
         # fp32 accumulation buffer; tiles above the diagonal stay zero (never launched)
         dw = torch.zeros(h, t, t, device=x.device, dtype=torch.float32)
         ti, tj = _lower_tiles(triton.cdiv(t, bi), x.device)
         grid = (ti.numel(), h)
-        _bwd_w_kernel[grid](x, dout, dw, t, c, h, b, ti, tj, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, PREC=_precision(x.dtype), UPCAST=_interpreting())
+        _bwd_w_kernel[grid](x, dout, dw, t, c, h, b, ti, tj, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, **_flags(x.dtype))
         dw = dw.to(w.dtype)
     return dw, dx
 
