@@ -3,8 +3,8 @@
     results = run_distributed("tests._dist:train_runs", {"runs": [...]}, nproc=2)   # list, one per rank
 
 The target is "module:function"; it gets the JSON payload and returns something JSON-able. Also
-here: the stand-ins the engine tests use (a tiny LM with the model contract, a deterministic
-token source with the data-loader contract), so the engines are tested on their own.
+here: a deterministic token source with the data-loader contract (exact global order, resumable),
+so the engine tests need no prepared dataset, and tiny configs of the real model.
 """
 from __future__ import annotations
 
@@ -57,56 +57,8 @@ def run_distributed(target: str, payload: dict, nproc: int = 2, launcher: str = 
 # stand-ins with the model and data contracts of mmscale/ARCHITECTURE.md
 
 def tiny_model(cfg):
-    """The real model when mmscale.models has landed, else a tiny LM with the same contract."""
-    try:
-        from mmscale.models import build_model
-        return build_model(cfg.model)
-    except ImportError:
-        return TinyLM(cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers)
-
-
-def _tiny_lm_class():
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class Block(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.norm = nn.LayerNorm(d)
-            self.fc1 = nn.Linear(d, 2 * d)
-            self.fc2 = nn.Linear(2 * d, d)
-
-        def forward(self, x):
-            # a causal "mixing" by cumulative mean keeps it a language model
-            h = self.norm(x)
-            h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype)[:, None]
-            return x + self.fc2(F.gelu(self.fc1(h)))
-
-    class TinyLM(nn.Module):
-        def __init__(self, vocab, d, n_layers):
-            super().__init__()
-            self.embed = nn.Embedding(vocab, d)
-            self.blocks = nn.ModuleList(Block(d) for _ in range(n_layers))
-            self.norm = nn.Identity()
-            self.lm_head = nn.Linear(d, vocab, bias=False)
-
-        def forward(self, input_ids, labels=None):
-            x = self.embed(input_ids)
-            for block in self.blocks:
-                x = block(x)
-            logits = self.lm_head(self.norm(x))
-            if labels is None:
-                return logits
-            m = labels.shape[1]
-            return F.cross_entropy(logits[:, :m - 1].float().flatten(0, 1), labels[:, 1:m].flatten(),
-                                   ignore_index=-100)
-
-    return TinyLM
-
-
-def TinyLM(vocab, d, n_layers):  # noqa: N802 - builds the class lazily (torch imported only when needed)
-    return _tiny_lm_class()(vocab, d, n_layers)
+    from mmscale.models import build_model
+    return build_model(cfg.model)
 
 
 class SyntheticTokens:
