@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from common import emit, header, table, time_fn  # noqa: I001
+from common import Stopped, emit, header, stop_on_sigterm, table, time_fn  # noqa: I001
 
 from mmscale.config import EngineConfig, ModelConfig
 from mmscale.engines.base import prepare_model
@@ -91,16 +91,21 @@ def main():
     if torch.device(a.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
-    for kind in a.models:
-        for v in a.variants:
-            try:
-                rows.append(measure(kind, a, "compile" in v, "ac" in v))
-            except Exception as e:  # OOM, or a compile failure: record it and go on with the rest
-                err = "OOM" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:80]}"
-                rows.append({"model": kind, "compile": "compile" in v, "AC": "ac" in v, "tokens/s": err})
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            print(rows[-1], flush=True)
+    stop_on_sigterm()
+    # variants outer, models inner: a run cut short by its time limit still has both models' first rows
+    for v, kind in ((v, k) for v in a.variants for k in a.models):
+        flags = {"model": kind, "compile": "compile" in v, "AC": "ac" in v}
+        try:
+            rows.append(measure(kind, a, flags["compile"], flags["AC"]))
+        except Stopped:
+            rows.append({**flags, "tokens/s": "stopped (time limit)"})
+            break
+        except Exception as e:  # OOM, or a compile failure: record it and go on with the rest
+            err = "OOM" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:80]}"
+            rows.append({**flags, "tokens/s": err})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(rows[-1], flush=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "-") for k in keys} for r in rows]
     emit(header(f"MFU: d={a.d}, {a.layers} layers, T={a.T}, batch {a.batch}, bf16, vocab {a.vocab}, "

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from common import add_clock_args, apply_clock_args, emit, header, round_ratio, spread, table, time_side_by_side  # noqa: I001
+from common import Stopped, stop_on_sigterm, add_clock_args, apply_clock_args, emit, header, round_ratio, spread, table, time_side_by_side  # noqa: I001
 
 from mmscale.ops import triton_mixing
 from mmscale.ops.token_mixing import token_mix
@@ -79,10 +79,16 @@ def main():
     apply_clock_args(a)
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
     rows = []
-    for d in a.d:
-        for t in a.T:
-            rows.append(bench(t, d, a.batch, a.device, dtype, a.block_rows, a.repeats))
-            print(rows[-1], flush=True)
+    stop_on_sigterm()
+    try:
+        for d in a.d:
+            for t in a.T:
+                rows.append(bench(t, d, a.batch, a.device, dtype, a.block_rows, a.repeats))
+                print(rows[-1], flush=True)
+    except Stopped:
+        print("stopped by SIGTERM: writing the rows measured so far", flush=True)
+    if not rows:
+        return
     # blocked columns differ by T (blocks >= T are skipped): fill gaps for one table
     keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "-") for k in keys} for r in rows]

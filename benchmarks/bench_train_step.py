@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import add_clock_args, apply_clock_args, emit, header, round_ratio, spread, table, time_side_by_side  # noqa: I001
+from common import Stopped, stop_on_sigterm, add_clock_args, apply_clock_args, emit, header, round_ratio, spread, table, time_side_by_side  # noqa: I001
 
 from mmscale.config import ModelConfig
 from mmscale.models import build_model, common as model_common
@@ -172,12 +172,18 @@ def main():
     if "paper mixer" not in a.models:
         a.models = ["paper mixer"] + a.models
     rows = []
-    for prec in a.precision:
-        for d in a.d:
-            for t in a.T:
-                for r in run(a, d, t, torch.bfloat16 if prec == "bf16" else None, a.models):
-                    print(r, flush=True)
-                    rows.append(r)
+    stop_on_sigterm()
+    try:
+        for prec in a.precision:
+            for d in a.d:
+                for t in a.T:
+                    for r in run(a, d, t, torch.bfloat16 if prec == "bf16" else None, a.models):
+                        print(r, flush=True)
+                        rows.append(r)
+    except Stopped:
+        print("stopped by SIGTERM: writing the rows measured so far", flush=True)
+    if not rows:
+        return
     emit(header(f"Training step ({a.layers} layers, vocab {a.vocab}, AdamW)", a.device) + "\n" + table(rows), a.out)
 
 

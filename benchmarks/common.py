@@ -123,6 +123,19 @@ def _fmt(v):
     return str(v)
 
 
+class Stopped(Exception):
+    """SIGTERM arrived (e.g. from `timeout`): write what was measured so far, then stop."""
+
+
+def stop_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise Stopped()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def emit(text, out_path=None):
     print(text, flush=True)
     if out_path:
