@@ -134,5 +134,5 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
-            self.wandb.finish(quiet=True) if "quiet" in self.wandb.finish.__code__.co_varnames else self.wandb.finish()
+            self.wandb.finish()
             self.wandb = None

@@ -114,4 +114,5 @@ class DeepSpeedEngine(Engine):
         return self.engine.module
 
     def close(self):
-        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        if hasattr(self.engine, "destroy"):  # frees DeepSpeed's hooks and buffers (newer versions)
+            self.engine.destroy()
