@@ -11,7 +11,7 @@ median over rounds of the speed ratio to the paper-style mixer (see common.round
 peak allocated on CUDA; on the CPU (no allocator statistics) the bytes saved for backward by one
 forward (activations), plus parameters, gradients and AdamW state.
 
-"mmscale mixer (plain CE)" is mmscale's mixer with the un-chunked loss, to separate the two changes.
+"mmscale mixer (chunked CE)" is mmscale's mixer with the un-chunked loss, to separate the two changes.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from common import Stopped, stop_on_sigterm, add_clock_args, apply_clock_args, e
 
 from mmscale.config import ModelConfig
 from mmscale.models import build_model, common as model_common
+from mmscale.ops.cross_entropy import chunked_cross_entropy
 
 
 class PaperMixerBlock(nn.Module):
@@ -59,14 +60,14 @@ class PaperMixerLM(nn.Module):
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
 
 
-def plain_lm_loss(hidden, lm_head, labels):
+def chunked_lm_loss(hidden, lm_head, labels):
     n = labels.shape[1] - 1
-    logits = lm_head(hidden[:, :n])
-    return F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return chunked_cross_entropy(hidden[:, :n], lm_head.weight, labels[:, 1:])
 
 
-class PlainCE(nn.Module):
-    """Runs a model with the un-chunked loss (swaps mmscale.models.common.lm_loss during the call)."""
+class ChunkedCE(nn.Module):
+    """Runs a model with the chunked loss at any size (swaps mmscale.models.common.lm_loss during
+    the call); mmscale's own lm_loss chunks only from CHUNKED_MIN_LOGITS logits."""
 
     def __init__(self, model):
         super().__init__()
@@ -74,7 +75,7 @@ class PlainCE(nn.Module):
 
     def forward(self, ids, labels):
         saved = model_common.lm_loss
-        model_common.lm_loss = plain_lm_loss
+        model_common.lm_loss = chunked_lm_loss
         try:
             return self.model(ids, labels)
         finally:
@@ -87,7 +88,7 @@ def build(name, d, t, layers, vocab, heads):
         return PaperMixerLM(vocab, d, t, layers)
     kind = "transformer" if name == "mmscale transformer" else "mixer"
     m = build_model(ModelConfig(kind=kind, d_model=d, n_layers=layers, n_ctx=t, vocab_size=vocab, heads=heads))
-    return PlainCE(m) if name.endswith("(plain CE)") else m
+    return ChunkedCE(m) if name.endswith("(chunked CE)") else m
 
 
 def state_bytes(model):
@@ -164,7 +165,7 @@ def main():
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens // T)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", nargs="+",
-                   default=["paper mixer", "mmscale mixer", "mmscale mixer (plain CE)", "mmscale transformer"])
+                   default=["paper mixer", "mmscale mixer", "mmscale mixer (chunked CE)", "mmscale transformer"])
     p.add_argument("--out", default=None)
     add_clock_args(p)
     a = p.parse_args()

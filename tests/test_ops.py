@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.ops import choose_impl, token_mix
-from mmscale.ops.cross_entropy import chunked_cross_entropy
+from mmscale.ops import cross_entropy
+from mmscale.ops.cross_entropy import chunked_cross_entropy, lm_head_cross_entropy
 
 
 def reference_mix(weight, x, causal):
@@ -170,6 +171,23 @@ def test_chunked_ce_under_bf16_autocast_is_close_and_keeps_fp32_grads():
         torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-2 * b.abs().max().item())
 
 
+def test_lm_head_cross_entropy_chunks_only_large_logits(monkeypatch):
+    torch.manual_seed(9)
+    hidden = torch.randn(2, 10, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    labels = torch.randint(0, 13, (2, 10))
+    calls = []
+    real = cross_entropy.chunked_cross_entropy
+    monkeypatch.setattr(cross_entropy, "chunked_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    want = reference_ce(hidden, weight, labels)
+    for threshold, chunked in ((2 * 10 * 13 + 1, False), (2 * 10 * 13, True)):
+        monkeypatch.setattr(cross_entropy, "CHUNKED_MIN_LOGITS", threshold)
+        calls.clear()
+        loss = lm_head_cross_entropy(hidden, weight, labels)
+        assert bool(calls) == chunked
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_ce_no_grad_and_all_ignored():
     torch.manual_seed(5)
     hidden, weight = torch.randn(2, 9, 8), torch.randn(11, 8)
@@ -201,8 +219,11 @@ def _loss_and_grads(model, ids):
     return loss, grads
 
 
+@pytest.mark.parametrize("chunked_loss", [False, True])
 @pytest.mark.parametrize("variant", [dict(), dict(mixer="multihead", heads=2, kernel_size=3)])
-def test_model_impls_agree_with_a_plain_float64_forward(variant):
+def test_model_impls_agree_with_a_plain_float64_forward(variant, chunked_loss, monkeypatch):
+    if chunked_loss:
+        monkeypatch.setattr(cross_entropy, "CHUNKED_MIN_LOGITS", 1)
     ids = torch.randint(0, 50, (3, 37), generator=torch.Generator().manual_seed(0))
     results = {impl: _loss_and_grads(_mixer(impl, **variant), ids) for impl in ("dense", "blocked")}
     # reference: the same weights in float64, the LM head and loss computed the plain way
@@ -216,9 +237,10 @@ def test_model_impls_agree_with_a_plain_float64_forward(variant):
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_model_with_blocked_mixing_and_chunked_loss_matches_eager():
+def test_compiled_model_with_blocked_mixing_and_chunked_loss_matches_eager(monkeypatch):
     # dynamo traces both autograd functions into the graph (aot_eager: the capture and autograd
     # split that break on untraceable code, without inductor's minutes of C++ codegen on 2 cores)
+    monkeypatch.setattr(cross_entropy, "CHUNKED_MIN_LOGITS", 1)  # the model's loss takes the chunked path
     ids = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
     eager = _loss_and_grads(_mixer("blocked", n_layers=1), ids)
     model = _mixer("blocked", n_layers=1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmscale.ops.cross_entropy import chunked_cross_entropy
+from mmscale.ops.cross_entropy import lm_head_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -39,7 +39,7 @@ def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> t
     """
     n_pred = labels.shape[1] - 1
     if getattr(lm_head.weight, "ds_id", None) is None:  # ZeRO-3 gathers it only inside lm_head's forward
-        return chunked_cross_entropy(hidden[:, :n_pred], lm_head.weight, labels[:, 1:], bias=lm_head.bias,
+        return lm_head_cross_entropy(hidden[:, :n_pred], lm_head.weight, labels[:, 1:], bias=lm_head.bias,
                                      ignore_index=IGNORE_INDEX)
     logits = lm_head(hidden[:, :n_pred])
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),

@@ -8,6 +8,7 @@ head weight (the softmax minus the one-hot, times the head), so only one chunk o
 alive and backward merely scales the stored gradients by the incoming scalar.
 
     loss = chunked_cross_entropy(hidden, lm_head.weight, labels)   # mean over labels != -100
+    loss = lm_head_cross_entropy(hidden, lm_head.weight, labels)   # chunked only when logits are big
 
 Matmuls run in the autocast dtype when autocast is on (like nn.Linear), softmax and loss in fp32,
 and the weight gradient is accumulated in fp32.
@@ -15,11 +16,29 @@ and the weight gradient is accumulated in fp32.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 # Logit elements per chunk (rows = this // vocab): ~4 MiB of fp32 logits (256 rows at V = 4096: the
 # fastest of 64..1024 rows on a 2-core CPU), small enough for the caches, large enough for GEMMs.
 CHUNK_ELEMENTS = 1 << 20
+# lm_head_cross_entropy chunks only from this many logits (512 MiB in fp32). Below it the plain
+# path was as fast or faster inside a whole CPU training step (benchmarks/RESULTS.md: the chunked
+# loss wins alone, but measured 1-5% slower in 8 of 9 step configurations at 16M logits), and
+# the memory it saves is small; above it the saved memory (the fp32 logits, their low-precision
+# copy and the softmax gradient) is what decides whether a batch fits.
+CHUNKED_MIN_LOGITS = 1 << 27
+
+
+def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of `F.linear(hidden, weight, bias)` against `labels`: chunked when the full
+    logits would be large (CHUNKED_MIN_LOGITS), the plain fp32-logits path otherwise."""
+    if labels.numel() * weight.shape[0] >= CHUNKED_MIN_LOGITS:
+        return chunked_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index)
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=ignore_index)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
