@@ -26,6 +26,7 @@ if not ON_CUDA and not IN_SUBPROCESS:
     if "mmscale.ops.triton_mixing" in sys.modules:
         importlib.reload(sys.modules["mmscale.ops.triton_mixing"])
 
+from mmscale.errors import UserError  # noqa: E402
 from mmscale.ops import token_mix  # noqa: E402
 from mmscale.ops import triton_mixing  # noqa: E402
 
@@ -108,7 +109,7 @@ def test_triton_with_kernel_size_3_and_a_clear_error_off_gpu(monkeypatch):
     if not ON_CUDA:
         os.environ["TRITON_INTERPRET"] = "0"
         try:
-            with pytest.raises(RuntimeError, match="runs on CUDA"):
+            with pytest.raises(UserError, match="runs on CUDA"):
                 triton_mixing.triton_mix(weight[..., 0], x.unsqueeze(1))
         finally:
             os.environ["TRITON_INTERPRET"] = "1"

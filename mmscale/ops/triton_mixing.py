@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from mmscale.errors import UserError
+
 try:
     import triton
     import triton.language as tl
@@ -190,10 +192,11 @@ class TritonMix(torch.autograd.Function):
 
 def triton_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Causal token mixing: w [H, T, T] (raw, unmasked), x [B, H, T, C], same dtype."""
+    # a configuration the machine cannot run (model.mixer_impl): a one-line error, exit status 2
     if triton is None:
-        raise RuntimeError("token_mix impl 'triton' needs the triton package; pip install triton, "
-                           "or set model.mixer_impl to auto, dense or blocked")
+        raise UserError("token_mix impl 'triton' needs the triton package; pip install triton, "
+                        "or set model.mixer_impl to auto, dense or blocked", exit_code=2)
     if x.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("token_mix impl 'triton' runs on CUDA (or on the CPU with TRITON_INTERPRET=1); "
-                           "set model.mixer_impl to auto, dense or blocked")
+        raise UserError("token_mix impl 'triton' runs on CUDA (or on the CPU with TRITON_INTERPRET=1); "
+                        "set model.mixer_impl to auto, dense or blocked", exit_code=2)
     return TritonMix.apply(w, x)
