@@ -108,10 +108,11 @@ def test_autocast_bf16_computes_in_bf16_and_returns_fp32_weight_grads():
 
 
 def test_auto_selection_by_device_and_size():
-    assert choose_impl(64, "cpu", True) == "dense"
-    assert choose_impl(4096, "cpu", True) == "blocked"
-    assert choose_impl(4096, "cpu", True, batch=32) == "dense"
-    assert choose_impl(4096, "cpu", False) == "dense"
+    assert choose_impl(64, "cpu", True, threads=1) == "dense"
+    assert choose_impl(4096, "cpu", True, threads=1) == "blocked"
+    assert choose_impl(4096, "cpu", True, batch=32, threads=1) == "dense"
+    assert choose_impl(4096, "cpu", True, threads=2) == "dense"
+    assert choose_impl(4096, "cpu", False, threads=1) == "dense"
 
 
 def test_bad_shapes_and_impl_are_named():

@@ -34,7 +34,8 @@ IMPLS = ("auto", "dense", "blocked", "triton")
 CPU_BLOCK_ROWS = 128
 # Below this context the masked half is too small to pay for the extra calls.
 CPU_BLOCKED_MIN_T = 256
-# From this many [T, C] slices (batch x heads) torch's CPU conv uses oneDNN and dense wins.
+# From this many [T, C] slices (batch x heads) torch's CPU conv uses oneDNN and dense wins
+# (as it does with more than one thread; see choose_impl).
 CPU_DENSE_MIN_BATCH = 16
 # CUDA: Triton from this context up, dense below it. Not yet measured on a GPU (no device was lent
 # to this work): a guess from the tile counts, to be set from tools/gpu_check.sh results.
@@ -93,12 +94,14 @@ def _canonical(weight, x):
     return weight, x, flat
 
 
-def choose_impl(t: int, device: torch.device | str, causal: bool, batch: int = 1) -> str:
+def choose_impl(t: int, device: torch.device | str, causal: bool, batch: int = 1,
+                threads: int | None = None) -> str:
     """The fastest exact path for this size and device (measurements in benchmarks/RESULTS.md).
 
-    `batch` counts the independent [T, C] slices (batch x heads): on the CPU, from 16 of them torch
-    runs the dense conv through oneDNN, 1.6-2x more work per second than the GEMMs of the blocked
-    path, which then no longer wins despite skipping ~half of the work.
+    CPU: the blocked path wins (1.35-1.7x at T >= 512) in a single-threaded process, the layout of
+    multi-process training (one rank per core, OMP_NUM_THREADS=1). With more threads, or from 16
+    [T, C] slices (`batch` = batch x heads), torch runs the dense conv through oneDNN, 2-3x more
+    work per second than the blocked path's many small GEMMs, and dense is faster.
     """
     if not causal:
         return "dense"  # nothing is masked: no work to skip
@@ -108,7 +111,10 @@ def choose_impl(t: int, device: torch.device | str, causal: bool, batch: int = 1
         if t >= CUDA_TRITON_MIN_T and triton_mixing.available():
             return "triton"
         return "dense"
-    return "blocked" if t >= CPU_BLOCKED_MIN_T and batch < CPU_DENSE_MIN_BATCH else "dense"
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads == 1 and t >= CPU_BLOCKED_MIN_T and batch < CPU_DENSE_MIN_BATCH:
+        return "blocked"
+    return "dense"
 
 
 def _dispatch(weight, x, causal, impl, block_rows):
