@@ -81,23 +81,25 @@ def _model_config(meta: dict, where: Path):
 # ---------------------------------------------------------------------------------------------
 # readers: each yields (name, fp32 tensor) one parameter at a time
 
-def _slice_virtual(parts: list, start: int, n: int):
-    """Elements [start, start + n) of the concatenation of 1-D `parts`, copying only those elements."""
+def _slice_virtual(parts: list, start: int, n: int, out=None):
+    """Elements [start, start + n) of the concatenation of 1-D `parts`, copied into `out` (fp32, new
+    when None) without materialising the concatenation."""
     import torch
 
-    pieces, offset = [], 0
+    out = torch.empty(n, dtype=torch.float32) if out is None else out
+    offset, filled = 0, 0
     for part in parts:
         size = part.numel()
         lo, hi = max(start, offset), min(start + n, offset + size)
         if lo < hi:
-            pieces.append(part[lo - offset:hi - offset])
+            out[filled:filled + hi - lo].copy_(part[lo - offset:hi - offset])
+            filled += hi - lo
         offset += size
         if offset >= start + n:
             break
-    got = sum(p.numel() for p in pieces)
-    if got != n:
-        raise ValueError(f"wanted {n} elements at {start}, the partitions hold {got}")
-    return torch.cat(pieces).float() if len(pieces) > 1 else pieces[0].float().clone()
+    if filled != n:
+        raise ValueError(f"wanted {n} elements at {start}, the partitions hold {filled}")
+    return out
 
 
 def _load(path: Path, weights_only: bool = True):
@@ -190,18 +192,22 @@ def read_deepspeed(step_dir: Path, meta: dict, model_cfg):
         for name in frozen_shapes:  # frozen parameters are stored whole in the module states
             yield name, states0["frozen_param_fragments"][name].float().clone()
     else:
+        import torch
+
         flats = [o["fp32_flat_groups"] for o in optim]
         offset = 0
         for shapes in param_shapes:
             for name, shape in shapes.items():
                 n = math.prod(shape)
                 per_rank = math.ceil(n / world)
-                import torch
-                full = torch.cat([_slice_virtual(flats[r], offset, per_rank) for r in range(world)])
-                yield name, full[:n].view(tuple(shape)).clone()
+                full = torch.empty(n, dtype=torch.float32)
+                for r in range(world):  # rank r holds elements [r * per_rank, (r + 1) * per_rank), padded at the end
+                    take = min(per_rank, n - r * per_rank)
+                    if take > 0:
+                        _slice_virtual(flats[r], offset, take, full[r * per_rank:r * per_rank + take])
+                yield name, full.view(tuple(shape))
                 offset += per_rank
         if frozen_shapes:
-            import torch
             frags = [_load(f, weights_only=False)["frozen_param_fragments"] for f in model_files]
             for name, shape in frozen_shapes.items():
                 n = math.prod(shape)
