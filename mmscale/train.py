@@ -80,17 +80,10 @@ def default_model_factory(cfg: Config):
 
     model = build_model(cfg.model)
     if cfg.train.init_from:
-        from safetensors.torch import load_file
+        from mmscale.export.format import load_export_state
 
-        from mmscale.export.format import WEIGHTS, load_export_config
-        meta = load_export_config(cfg.train.init_from)
-        if any(meta["model"].get(k, v) != v for k, v in cfg.to_dict()["model"].items()):
-            raise UserError(f"train.init_from '{cfg.train.init_from}' holds a different model than model.*; "
-                            "match the model config to the export")
-        missing, unexpected = model.load_state_dict(load_file(str(Path(cfg.train.init_from) / WEIGHTS)), strict=False)
-        if missing or unexpected:
-            raise UserError(f"train.init_from '{cfg.train.init_from}' does not fit the model: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}; re-export it with `mmscale convert`")
+        # strict: every tensor present with its exact shape, architecture keys equal (one-line error otherwise)
+        model.load_state_dict(load_export_state(cfg.train.init_from, cfg.model))
     return model
 
 

@@ -129,5 +129,5 @@ def test_init_from_export_loads_its_weights_and_refuses_another_model(tmp_path):
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     cfg.model.d_model = 64
-    with pytest.raises(UserError, match="different model"):
+    with pytest.raises(UserError, match="has model.d_model=.*this run has 64"):
         default_model_factory(cfg)
