@@ -21,6 +21,7 @@ class DistInfo:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     launcher: str = "none"  # none | torchrun | slurm
+    local_world_size: int = 1  # ranks on this node (mosaicml-streaming shares /dev/shm per node)
 
     @property
     def is_main(self) -> bool:
@@ -45,25 +46,36 @@ def detect(env: dict | None = None) -> DistInfo:
     """Read the launcher's environment (does not initialise anything)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        # the deepspeed launcher exports LOCAL_SIZE and no LOCAL_WORLD_SIZE, so a LOCAL_WORLD_SIZE it
+        # inherited from the caller's environment would be stale: LOCAL_SIZE wins
+        local_world = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or world)
         return DistInfo(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", 0)),
-                        world_size=int(env["WORLD_SIZE"]), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                        master_port=int(env.get("MASTER_PORT", 29500)), launcher="torchrun")
+                        world_size=world, master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                        master_port=int(env.get("MASTER_PORT", 29500)), launcher="torchrun",
+                        local_world_size=local_world)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 15000 + job % 20000
         addr = env.get("MASTER_ADDR") or _first_slurm_node(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        world = int(env["SLURM_NTASKS"])
+        # SLURM_NTASKS_PER_NODE is only set with --ntasks-per-node; SLURM_TASKS_PER_NODE reads like "2(x3),1"
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
+        local_world = int(per_node) if per_node.isdigit() else max(1, world // int(env.get("SLURM_NNODES", 1) or 1))
         return DistInfo(rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)),
-                        world_size=int(env["SLURM_NTASKS"]), master_addr=addr, master_port=port, launcher="slurm")
+                        world_size=world, master_addr=addr, master_port=port, launcher="slurm",
+                        local_world_size=local_world)
     return DistInfo()
 
 
-_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _exported: dict[str, str | None] = {}  # what export_env replaced, restored by shutdown()
 
 
 def export_env(info: DistInfo) -> None:
     """Make the env:// rendezvous (torch and DeepSpeed) see what was detected (SLURM sets none of it)."""
     values = {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size),
+              "LOCAL_WORLD_SIZE": str(info.local_world_size),
               "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port)}
     for key in _ENV_KEYS:
         _exported.setdefault(key, os.environ.get(key))

@@ -105,7 +105,7 @@ def default_data_factory(cfg: Config, info, micro_batch_size: int):
                   "(prepare with --val-fraction > 0 or set data.val)", file=sys.stderr)
     world = dict(n_ctx=cfg.model.n_ctx, micro_batch_size=micro_batch_size, seed=cfg.run.seed, rank=info.rank,
                  world_size=info.world_size, local_rank=info.local_rank,
-                 local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+                 local_world_size=info.local_world_size)
     train = build_dataloader(cfg.data, "train", **world)
     # held-out loss: data.val if set, else the val/ split of data.train (the loader picks)
     val_fn = (lambda: build_dataloader(cfg.data, "val", endless=False, **world)) if has_val else None

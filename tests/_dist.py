@@ -42,7 +42,17 @@ def run_distributed(target: str, payload: dict, nproc: int = 2, launcher: str = 
         cmd += [str(REPO / "tests" / "_dist.py"), target, json.dumps(payload), out]
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
                     "TMPDIR": out, **(env or {})}
-        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+        # own process group: on a timeout the launcher *and* its ranks are killed (no orphans holding
+        # ports and streaming's /dev/shm segments for the tests that follow)
+        child = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            stdout, stderr = child.communicate()
+            raise RuntimeError(f"distributed run timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+        proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
         results = []
         for r in range(nproc):
             f = Path(out) / f"rank_{r}.json"
