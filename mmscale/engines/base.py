@@ -100,6 +100,14 @@ class Engine:
         """Drop this step's gradients without updating (non-finite loss)."""
         raise NotImplementedError
 
+    def _optimizer_step(self, params, lr: float) -> float:
+        """The torch-optimizer update the single/DDP and FSDP engines share: clip, step, clear."""
+        set_lr(self.optimizer, lr)
+        norm = grad_norm_or_clip(params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError

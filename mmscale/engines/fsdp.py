@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from mmscale.engines.base import Engine, build_optimizer, grad_norm_or_clip, prepare_model, set_lr
+from mmscale.engines.base import Engine, build_optimizer, prepare_model
 from mmscale.errors import UserError
 
 
@@ -62,11 +62,7 @@ class FSDPEngine(Engine):
         return loss.detach().float()
 
     def step(self, lr):
-        set_lr(self.optimizer, lr)
-        norm = grad_norm_or_clip(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return self._optimizer_step(self.model.parameters(), lr)
 
     def skip_step(self):
         self.optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mmscale.engines.base import Engine, build_optimizer, grad_norm_or_clip, prepare_model, set_lr
+from mmscale.engines.base import Engine, build_optimizer, prepare_model
 
 
 class SingleEngine(Engine):
@@ -40,11 +40,7 @@ class SingleEngine(Engine):
         return loss.detach().float()
 
     def step(self, lr):
-        set_lr(self.optimizer, lr)
-        norm = grad_norm_or_clip(self.raw.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return self._optimizer_step(self.raw.parameters(), lr)
 
     def skip_step(self):
         self.optimizer.zero_grad(set_to_none=True)
