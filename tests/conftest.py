@@ -79,3 +79,15 @@ def streaming_hygiene(tmp_path_factory):
         pytest.fail("streaming state outlived the tests (removed now; a loader was not closed?): "
                     + ", ".join([f"/dev/shm/{n}" for n in segments] + [str(p) for p in locks]),
                     pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine spinning threads cost 5-10x.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,13 +19,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 EXPECTED = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine spinning threads cost 5-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_tool():

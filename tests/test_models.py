@@ -16,13 +16,7 @@ from mmscale.models import LlamaLM, MaskedMixerLM, TokenMixer, build_model
 V, D, T = 37, 24, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine spinning threads cost 5-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = {
     "flat": dict(kind="mixer", mixer="flat"),
