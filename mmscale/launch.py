@@ -218,6 +218,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run --gpus-per-node tasks per node without requesting GPUs (CPU clusters)")
     p.add_argument("--cpus-per-task", type=int, default=0,
                    help="CPU cores per task (default: data.num_workers + 1)")
+    p.add_argument("--mem-gb", type=float, default=0,
+                   help="memory per node in GB (default 0: the partition's default)")
     p.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
     p.add_argument("--time", type=int, default=60, help="time limit in minutes")
     p.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
@@ -256,20 +258,49 @@ def _has_accounting(job_id: str) -> bool:
         return False
 
 
-def _executor(args, cfg: Config, folder: Path):
+def _render_only_slurm_executor(folder: Path):
+    """submitit's SlurmExecutor without its "is srun on PATH" check: it only renders the sbatch script.
+
+    `--dry-run` is for machines without SLURM (a laptop, a login node without srun), where submitit's
+    own constructor refuses ("Could not detect srun"); nothing is ever submitted through this one.
+    """
+    from submitit.slurm.slurm import SlurmExecutor
+
+    class RenderOnly(SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 2
+
+        def _make_submission_command(self, submission_file_path):  # never submits
+            raise RuntimeError("a dry-run executor cannot submit")
+
+    return RenderOnly(folder=folder)
+
+
+def _executor(args, cfg: Config, folder: Path, render_only: bool = False):
     import submitit
 
     cpus = args.cpus_per_task or cfg.data.num_workers + 1
-    ex = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
     params = dict(nodes=args.nodes, tasks_per_node=args.gpus_per_node, cpus_per_task=cpus,
                   timeout_min=args.time, name=args.name)
+    if args.mem_gb:
+        params["mem_gb"] = args.mem_gb
     if args.cluster == "slurm":
-        params["slurm_signal_delay_s"] = PREEMPT_SIGNAL_DELAY_S
+        slurm = dict(signal_delay_s=PREEMPT_SIGNAL_DELAY_S)
         if not args.no_gpus:
-            params["gpus_per_node"] = args.gpus_per_node
+            slurm["gpus_per_node"] = args.gpus_per_node
         if args.partition:
-            params["slurm_partition"] = args.partition
-    elif not args.no_gpus:
+            slurm["partition"] = args.partition
+        if render_only:
+            ex = _render_only_slurm_executor(folder)
+            # the generic names (timeout_min, tasks_per_node, ...) as AutoExecutor translates them
+            ex.update_parameters(**ex._convert_parameters(params), **slurm)
+            return ex
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        ex.update_parameters(**params, **{f"slurm_{k}": v for k, v in slurm.items()})
+        return ex
+    ex = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
+    if not args.no_gpus:
         params["gpus_per_node"] = args.gpus_per_node
     ex.update_parameters(**params)
     return ex
@@ -277,8 +308,85 @@ def _executor(args, cfg: Config, folder: Path):
 
 def _sbatch_text(executor) -> str:
     """The sbatch script submitit would write (for --dry-run), without submitting anything."""
-    inner = executor._executor  # AutoExecutor wraps the cluster's executor
-    return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+# ----------------------------------------------------------------------------------------------
+# what the partition's nodes can hold (SLURM keeps an impossible job PENDING forever, silently)
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs in a sinfo %G field: 'gpu:8', 'gpu:a100:4(S:0-1)', 'gpu:2,shard:8', '(null)' -> 8, 4, 2, 0."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2:
+            try:
+                total += int(parts[-1])
+            except ValueError:
+                total += 1 if len(parts) == 2 else 0
+    return total
+
+
+def partition_nodes(sinfo_text: str, partition: str) -> list[dict]:
+    """Nodes of `partition` ('' = the default, marked '*') from `sinfo -h -N -o '%P|%N|%c|%m|%G'` lines."""
+    nodes: dict[str, dict] = {}
+    for line in sinfo_text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5:
+            continue
+        part, name, cpus, mem, gres = fields
+        is_default = part.endswith("*")
+        part = part.rstrip("*")
+        if (partition and part != partition) or (not partition and not is_default):
+            continue
+        try:
+            nodes[name] = {"name": name, "cpus": int(cpus.rstrip("+")), "mem_mb": int(mem.rstrip("+")),
+                           "gpus": _gres_gpus(gres)}
+        except ValueError:
+            continue
+    return list(nodes.values())
+
+
+def check_fits_partition(nodes: list[dict], partition: str, n_nodes: int, tasks_per_node: int,
+                         cpus_per_task: int, gpus_per_node: int, mem_gb: float) -> None:
+    """Raise UserError when fewer than `n_nodes` nodes of the partition can each hold one node's share."""
+    where = f"partition '{partition}'" if partition else "the default partition"
+    if not nodes:
+        raise UserError(f"{where} has no nodes (sinfo); pass --partition with one that has", 2)
+    cpus = cpus_per_task * tasks_per_node
+    mem_mb = int(mem_gb * 1024)
+    fit = [n for n in nodes if n["cpus"] >= cpus and n["gpus"] >= gpus_per_node and n["mem_mb"] >= mem_mb]
+    if len(fit) >= n_nodes:
+        return
+    best = lambda k: max(n[k] for n in nodes)  # noqa: E731
+    if not any(n["cpus"] >= cpus for n in nodes):
+        raise UserError(f"the job asks {cpus} CPUs per node ({tasks_per_node} task(s) x --cpus-per-task="
+                        f"{cpus_per_task}) but the largest node of {where} has {best('cpus')}; lower "
+                        f"--cpus-per-task to {max(1, best('cpus') // tasks_per_node)} or fewer", 2)
+    if not any(n["gpus"] >= gpus_per_node for n in nodes):
+        raise UserError(f"the job asks {gpus_per_node} GPU(s) per node but the nodes of {where} have at most "
+                        f"{best('gpus')}; lower --gpus-per-node, pass --no-gpus on a CPU partition, or pick "
+                        "another --partition", 2)
+    if not any(n["mem_mb"] >= mem_mb for n in nodes):
+        raise UserError(f"the job asks --mem-gb={mem_gb:g} per node but the largest node of {where} has "
+                        f"{best('mem_mb') / 1024:.1f} GB; lower --mem-gb", 2)
+    raise UserError(f"the job needs {n_nodes} node(s) with {cpus} CPUs, {gpus_per_node} GPU(s) and "
+                    f"{mem_gb:g} GB each but only {len(fit)} node(s) of {where} have that; lower --nodes "
+                    "or the per-node request", 2)
+
+
+def _check_capacity(args, cpus_per_task: int) -> None:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%m|%G"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise UserError(f"cannot run sinfo ({e}); check that the SLURM client is installed, or use --cluster local")
+    if out.returncode != 0:
+        raise UserError(f"cannot reach the SLURM controller (sinfo: {out.stderr.strip()[:200]}); "
+                        "check SLURM_CONF or use --cluster local")
+    gpus = 0 if args.no_gpus else args.gpus_per_node
+    check_fits_partition(partition_nodes(out.stdout, args.partition), args.partition, args.nodes,
+                         args.gpus_per_node, cpus_per_task, gpus, args.mem_gb)
 
 
 def run(args) -> int:
@@ -289,6 +397,8 @@ def run(args) -> int:
     if args.cluster == "local" and args.nodes > 1:
         raise UserError(f"--cluster local runs on this machine only; use --nodes 1 (got {args.nodes}) "
                         "or --cluster slurm", 2)
+    if args.mem_gb < 0:
+        raise UserError(f"--mem-gb must be 0 (the partition's default) or positive, got {args.mem_gb:g}", 2)
     if args.time < 1:
         raise UserError(f"--time must be at least 1 minute, got {args.time}", 2)
     if args.cluster == "slurm" and not args.dry_run:
@@ -296,6 +406,7 @@ def run(args) -> int:
             raise UserError("--cluster slurm needs sbatch on PATH; use --cluster local to run on this machine")
         if args.partition:
             _check_partition(args.partition)
+        _check_capacity(args, args.cpus_per_task or cfg.data.num_workers + 1)
     overrides = list(args.overrides)
     if args.cpus_per_task and cfg.data.num_workers > args.cpus_per_task - 1:
         # data-loader workers share the task's cores with the trainer itself
@@ -310,7 +421,7 @@ def run(args) -> int:
         if args.cluster != "slurm":
             print(shlex.join(train_command(job.config_path, job.overrides)))
             return 0
-        print(_sbatch_text(_executor(args, cfg, folder)))
+        print(_sbatch_text(_executor(args, cfg, folder, render_only=True)))
         return 0
     folder.mkdir(parents=True, exist_ok=True)
     ex = _executor(args, cfg, folder)

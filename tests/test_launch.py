@@ -175,21 +175,65 @@ def test_launch_bad_input_one_line_each(tmp_path):
     assert not (tmp_path / "nope.yaml").exists()
 
 
+def _env_without_slurm() -> dict:
+    """This environment with every PATH entry that holds a SLURM client removed: a laptop or a bare login node."""
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not any(os.path.exists(os.path.join(d, b)) for b in ("srun", "sbatch", "sinfo"))]
+    return dict(os.environ, PATH=os.pathsep.join(dirs))
+
+
 def test_launch_dry_run_prints_the_sbatch_script(tmp_path):
     run_dir = tmp_path / "run"
+    env = _env_without_slurm()
     out = _cli("launch", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", "engine.kind=fsdp",
-               "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "90", "--dry-run")
+               "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "90", "--mem-gb", "200",
+               "--dry-run", env=env)
     assert out.returncode == 0, out.stderr
     script = out.stdout
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --signal=USR2@120", "#SBATCH --mem=200GB",
                  f"#SBATCH --output={run_dir}/submitit/%j_0_log.out"]:
         assert line in script.splitlines(), (line, script)
     assert "srun" in script and "submitit.core._submit" in script
     assert not run_dir.exists()  # a dry run writes nothing
     cpu = _cli("launch", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", "engine.kind=ddp",
-               "--gpus-per-node", "2", "--no-gpus", "--dry-run")
+               "--gpus-per-node", "2", "--no-gpus", "--cpus-per-task", "3", "--dry-run", env=env)
     assert cpu.returncode == 0 and "--gpus-per-node" not in cpu.stdout and "--ntasks-per-node=2" in cpu.stdout
+    assert "#SBATCH --cpus-per-task=3" in cpu.stdout.splitlines()
+    # a real submission without SLURM is one line that names the fix, and writes nothing
+    real = _cli("launch", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", env=env)
+    assert real.returncode != 0 and real.stderr.count("\n") == 1 and "--cluster local" in real.stderr, real.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("gres,gpus", [("(null)", 0), ("gpu:8", 8), ("gpu:a100:4(S:0-1)", 4),
+                                       ("gpu:2,shard:8", 2), ("gpu:a100:2,gpu:v100:1", 3)])
+def test_gres_gpu_count(gres, gpus):
+    from mmscale.launch import _gres_gpus
+    assert _gres_gpus(gres) == gpus
+
+
+def test_partition_capacity_check():
+    from mmscale.launch import check_fits_partition, partition_nodes
+
+    sinfo = "\n".join(["cpu*|c1|4|8000|(null)", "cpu*|c2|16+|64000|(null)", "gpu|g1|64|512000|gpu:h100:8(S:0-1)",
+                       "gpu|g2|64|512000|gpu:h100:4", "debug|c1|4|8000|(null)", "garbage line"])
+    default = partition_nodes(sinfo, "")
+    assert sorted(n["name"] for n in default) == ["c1", "c2"] and default[1]["cpus"] == 16
+    gpu = partition_nodes(sinfo, "gpu")
+    assert [n["gpus"] for n in gpu] == [8, 4]
+    check_fits_partition(default, "", 1, 2, 8, 0, 0)      # c2 holds 2 x 8 CPUs
+    check_fits_partition(gpu, "gpu", 2, 4, 16, 4, 400)  # both hold 4 GPUs, 64 CPUs, 400 GB
+    cases = [(default, "", 1, 2, 9, 0, 0, "asks 18 CPUs per node", "--cpus-per-task to 8"),
+             (default, "", 1, 1, 1, 1, 0, "1 GPU(s) per node", "--no-gpus"),
+             (gpu, "gpu", 1, 8, 1, 8, 1000, "--mem-gb=1000", "largest node of partition 'gpu' has 500.0 GB"),
+             (gpu, "gpu", 2, 8, 1, 8, 0, "only 1 node(s) of partition 'gpu'", "lower --nodes"),
+             (partition_nodes(sinfo, "nope"), "nope", 1, 1, 1, 0, 0, "has no nodes", "--partition")]
+    for nodes, part, n, tasks, cpt, g, mem, frag1, frag2 in cases:
+        with pytest.raises(UserError) as e:
+            check_fits_partition(nodes, part, n, tasks, cpt, g, mem)
+        msg = str(e.value)
+        assert frag1 in msg and frag2 in msg and "\n" not in msg and e.value.exit_code == 2, msg
 
 
 # ----------------------------------------------------------------------------------------------

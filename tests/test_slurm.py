@@ -257,6 +257,22 @@ def test_bad_input_to_sbatch_and_launch(cluster, tmp_path):
                       env=env, check=False)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "partition 'nope' does not exist; available: debug" in out.stderr
+    # a request no node can hold is refused at submission (SLURM itself would leave it PENDING forever)
+    for extra, fragment in [(["--cpus-per-task", "8"], "the largest node of the default partition has 4"),
+                            (["--gpus-per-node", "2"], "have at most 0"),
+                            (["--mem-gb", "64", "--no-gpus"], "--mem-gb=64 per node")]:
+        out = cluster.run(PY, "-m", "mmscale.cli", "launch", "--config", "configs/tiny.yaml", "engine.kind=ddp",
+                          f"run.dir={tmp_path}/never", *extra, env=env, check=False)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and fragment in out.stderr, (extra, out.stderr)
+    assert not (tmp_path / "never").exists()
+    # --dry-run renders the same script with or without SLURM on PATH (tests/test_launch.py runs it without)
+    dry = [PY, "-m", "mmscale.cli", "launch", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}/never",
+           "--nodes", "2", "--gpus-per-node", "2", "--partition", "debug", "--dry-run"]
+    bare = dict(env, PATH=os.pathsep.join(d for d in env["PATH"].split(os.pathsep)
+                                          if d and not os.path.exists(os.path.join(d, "srun"))))
+    with_slurm, without = cluster.run(*dry, env=env).stdout, cluster.run(*dry, env=bare).stdout
+    assert with_slurm == without and "#SBATCH --nodes=2" in with_slurm
+    assert cluster.run("squeue", "-h", "-o", "%i", env=env).stdout.strip() == ""  # nothing was queued
     # inside an allocation whose layout does not fit the config's batch: one line, exit 2, no training
     jid = cluster.sbatch(_sbatch_args(tmp_path, 1, 2, "badbatch")
                          + ["slurm/pretrain.sh", "configs/tiny.yaml", "engine.kind=ddp",
