@@ -26,136 +26,150 @@ class ConfigError(UserError, ValueError):
     exit_code = 2
 
 
+def opt(default: Any, help: str, allowed: str = "") -> Any:
+    """A config field with its one-line meaning (and, where the type does not say it, the allowed values).
+
+    The meaning lives here and nowhere else: `mmscale config show|keys` and the README read it back.
+    """
+    meta = {"help": help, "allowed": allowed}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
-    kind: Literal["mixer", "transformer"] = "mixer"
-    d_model: int = 64
-    n_layers: int = 2
-    n_ctx: int = 64
-    vocab_size: int = 4096
-    # mixer: heads of the multi-head token mixing; transformer: attention heads
-    heads: int = 4
-    # transformer only: key/value heads for grouped-query attention (0 = same as heads)
-    kv_heads: int = 0
-    # mixer only: token-mixing variant
-    mixer: Literal["flat", "multihead"] = "flat"
-    # mixer only: taps of the token-mixing conv along the feature axis (paper's kernel size)
-    kernel_size: int = 1
-    # mixer only: how masked token mixing is computed (all give the same result)
-    mixer_impl: Literal["auto", "dense", "blocked", "triton"] = "auto"
-    # FFN hidden size = ffn_mult * d_model (transformer: SwiGLU hidden = ffn_mult * d_model unless ffn_hidden > 0)
-    ffn_mult: int = 4
-    ffn_hidden: int = 0
-    tie_embeddings: bool = False
-    # mixer: no mask on token mixing (sees the future); transformer: non-causal attention
-    bidirectional: bool = False
-    # a norm before the LM head (off reproduces the paper's mixer; Llama has one)
-    final_norm: bool = False
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
+    kind: Literal["mixer", "transformer"] = opt("mixer", "masked mixer or the Llama-style transformer baseline")
+    d_model: int = opt(64, "width of the residual stream", ">= 1, divisible by heads")
+    n_layers: int = opt(2, "number of blocks", ">= 1")
+    n_ctx: int = opt(64, "context length T (the mixer's window is fixed to it)", ">= 2")
+    vocab_size: int = opt(4096, "tokenizer vocabulary size (must match the dataset's)", ">= 2")
+    heads: int = opt(4, "mixer: heads of the multi-head token mixing; transformer: attention heads", ">= 1")
+    kv_heads: int = opt(0, "transformer: key/value heads for grouped-query attention (0 = same as heads)",
+                        ">= 0, divides heads")
+    mixer: Literal["flat", "multihead"] = opt("flat", "mixer: token-mixing variant")
+    kernel_size: int = opt(1, "mixer: taps of the token-mixing conv along the feature axis (paper's kernel size)",
+                           "odd, >= 1")
+    mixer_impl: Literal["auto", "dense", "blocked", "triton"] = opt(
+        "auto", "mixer: how masked token mixing is computed (all give the same result)")
+    ffn_mult: int = opt(4, "FFN hidden size = ffn_mult x d_model (transformer: SwiGLU hidden)", ">= 1")
+    ffn_hidden: int = opt(0, "explicit FFN hidden size (0 = ffn_mult x d_model)", ">= 0")
+    tie_embeddings: bool = opt(False, "share the embedding and LM-head weights")
+    bidirectional: bool = opt(False, "mixer: no mask on token mixing (sees the future); transformer: non-causal")
+    final_norm: bool = opt(False, "a norm before the LM head (off reproduces the paper's mixer; Llama has one)")
+    norm_eps: float = opt(1e-5, "epsilon of the norms", "> 0")
+    rope_theta: float = opt(10000.0, "transformer: RoPE base")
+    init_std: float = opt(0.02, "standard deviation of the weight init", "> 0")
 
 
 @dataclass
 class DataConfig:
-    # a prepared MDS dataset: a local directory, or a remote (s3://, gs://, ... or a local path
-    # used as remote) that is cached under cache_dir
-    train: str = ""
-    val: str = ""
-    cache_dir: str = ""
-    num_workers: int = 0
-    shuffle: bool = True
-    # fixes the global sample order independently of the number of nodes (mosaicml-streaming)
-    num_canonical_nodes: int = 1
-    shuffle_block_size: int = 1 << 18
+    train: str = opt("", "prepared MDS dataset: a local directory or a remote (s3://, gs://, ...) cached "
+                         "under cache_dir")
+    val: str = opt("", "held-out dataset (empty = the val/ split of train)")
+    cache_dir: str = opt("", "local cache for remote datasets")
+    num_workers: int = opt(0, "data-loader worker processes", ">= 0")
+    shuffle: bool = opt(True, "shuffle samples (seeded by run.seed)")
+    num_canonical_nodes: int = opt(1, "fixes the global sample order independently of the number of nodes "
+                                      "(mosaicml-streaming)", ">= 1")
+    shuffle_block_size: int = opt(1 << 18, "samples per shuffle block (mosaicml-streaming)")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    # samples per optimizer step over all ranks; 0 = micro_batch_size * grad_accum * ranks. When set,
-    # grad_accum is derived from it (it must be a multiple of micro_batch_size * ranks)
-    global_batch_size: int = 0
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    schedule: Literal["cosine", "constant"] = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    # stop after this many non-finite losses in a row (each one's step is skipped)
-    max_bad_steps: int = 5
-    # start from a consolidated export (mmscale convert) instead of a fresh init
-    init_from: str = ""
+    max_steps: int = opt(100, "optimizer steps to train for", ">= 1")
+    micro_batch_size: int = opt(8, "samples per rank per forward/backward", ">= 1")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (derived when global_batch_size is set)", ">= 1")
+    global_batch_size: int = opt(0, "samples per optimizer step over all ranks (0 = micro_batch_size x grad_accum "
+                                    "x ranks); a multiple of micro_batch_size x ranks", ">= 0")
+    lr: float = opt(5e-4, "peak learning rate", "> 0")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at min_lr_ratio x lr", "[0, 1]")
+    warmup_steps: int = opt(10, "linear warm-up steps", ">= 0")
+    schedule: Literal["cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ">= 0")
+    beta1: float = opt(0.9, "AdamW beta1", "[0, 1)")
+    beta2: float = opt(0.95, "AdamW beta2", "[0, 1)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", ">= 0")
+    eval_every: int = opt(50, "held-out loss every N steps (0 = never)", ">= 0")
+    eval_batches: int = opt(8, "batches per held-out evaluation", ">= 1")
+    max_bad_steps: int = opt(5, "stop after this many non-finite losses in a row (each one's step is skipped)",
+                             ">= 0")
+    init_from: str = opt("", "start from a consolidated export (mmscale convert) instead of a fresh init")
 
 
 @dataclass
 class EngineConfig:
-    kind: Literal["single", "ddp", "deepspeed", "fsdp"] = "single"
-    zero_stage: int = 2
-    precision: Literal["bf16", "fp32"] = "bf16"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    # DeepSpeed: offload optimizer states to CPU memory
-    offload_optimizer: bool = False
-    # DeepSpeed: a raw DeepSpeed JSON merged on top of the generated config (experts only)
-    deepspeed_config: str = ""
-    # FSDP2: replicas of a 2-D (replicate, shard) mesh for HSDP; 1 = plain FSDP
-    hsdp_replicas: int = 1
+    kind: Literal["single", "ddp", "deepspeed", "fsdp"] = opt("single", "how the model is trained across ranks")
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage", "0, 1, 2 or 3")
+    precision: Literal["bf16", "fp32"] = opt("bf16", "compute precision (master weights stay fp32)")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward")
+    compile: bool = opt(False, "torch.compile each block")
+    offload_optimizer: bool = opt(False, "DeepSpeed: offload optimizer states to CPU memory")
+    deepspeed_config: str = opt("", "DeepSpeed: a raw DeepSpeed JSON merged on top of the generated config "
+                                    "(experts only)")
+    hsdp_replicas: int = opt(1, "FSDP2: replicas of a 2-D (replicate, shard) mesh for HSDP; 1 = plain FSDP",
+                             ">= 1, divides the ranks")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 50
-    keep: int = 2
+    every: int = opt(50, "save a checkpoint every N steps (0 = only at the end)", ">= 0")
+    keep: int = opt(2, "complete checkpoints kept in run.dir", ">= 1")
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    seed: int = 1234
-    # auto: continue from the latest complete checkpoint in dir; never; or a checkpoint path
-    resume: str = "auto"
+    dir: str = opt("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/, samples, traces")
+    seed: int = opt(1234, "seed of the initial weights and the data order")
+    resume: str = opt("auto", "auto: continue from the latest complete checkpoint in dir; never; or a "
+                              "checkpoint path", "auto, never or a path")
 
 
 @dataclass
 class LogConfig:
-    every: int = 1
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "mmscale"
-    # peak FLOP/s of one device, for MFU (0 = do not report MFU)
-    peak_flops: float = 0.0
-    progress: bool = True
+    every: int = opt(1, "write a metrics.jsonl row every N steps", ">= 1")
+    wandb: Literal["offline", "online", "disabled"] = opt("offline", "Weights & Biases mode (files under "
+                                                                     "run.dir/wandb)")
+    wandb_project: str = opt("mmscale", "wandb project")
+    wandb_entity: str = opt("", "wandb entity (team or user; empty = your default)")
+    wandb_group: str = opt("", "wandb group (e.g. one per comparison)")
+    wandb_tags: list[str] = opt([], "wandb tags, e.g. [mixer, d512]")
+    project: str = opt("", "deprecated spelling of wandb_project (used when set)")
+    tensorboard: bool = opt(False, "also write the metrics.jsonl scalars to run.dir/tensorboard")
+    peak_flops: float = opt(0.0, "peak FLOP/s of one device for MFU (0 = from the built-in GPU table by "
+                                 "torch.cuda.get_device_name and engine.precision; none on CPU)", ">= 0")
+    progress: bool = opt(True, "show a progress bar with ETA on rank 0")
+    sample_every: int = opt(0, "write generated continuations of sample_prompts to run.dir/samples.jsonl every "
+                               "N steps and at the end (0 = never)", ">= 0")
+    sample_prompts: list[str] = opt(["Once upon a time", "The little"], "prompts to continue")
+    sample_tokens: int = opt(48, "new tokens per sample", ">= 1")
+    sample_temperature: float = opt(0.8, "sampling temperature (0 = greedy); top-k 40", ">= 0")
+    profile_steps: list[int] = opt([], "[start, count]: record a torch.profiler trace of steps start .. "
+                                       "start+count-1 (empty = off)", "[] or [start >= 1, count >= 1]")
+    profile_ranks: list[int] = opt([0], "ranks that record the profiler trace")
 
 
 @dataclass
 class RetrievalConfig:
-    pairs: str = ""
-    # InfoNCE temperature on cosine similarity
-    temperature: float = 0.02
-    # one query, one positive and group_size - 2 negatives per example
-    group_size: int = 32
-    # also use the other examples' passages on every rank as negatives
-    gather_negatives: bool = False
-    # which token embeds a sequence: "last" real token, or an integer index (the paper: -2)
-    position: str = "last"
+    pairs: str = opt("", "JSONL of {query, passage[, negatives]} pairs")
+    temperature: float = opt(0.02, "InfoNCE temperature on cosine similarity", "> 0")
+    group_size: int = opt(32, "one query, one positive and group_size - 2 negatives per example", ">= 2")
+    gather_negatives: bool = opt(False, "also use the other examples' passages on every rank as negatives")
+    position: str = opt("last", "which token embeds a sequence: the last real token, or an integer index "
+                                "(the paper: -2)", "last or an integer")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the network"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "parallelism and precision"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "run directory, seed, resume"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "metrics, wandb, TensorBoard, "
+                                                                        "samples, profiler"})
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig, metadata={"help": "retrieval fine-tuning"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,6 +199,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: "
                               + ", ".join(str(c) for c in choices))
         return value
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list such as [a, b], got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -345,7 +366,17 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     _check(cfg.run.dir != "", "run.dir must not be empty")
     _check(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
-    _check(cfg.log.peak_flops >= 0, f"log.peak_flops must be >= 0, got {cfg.log.peak_flops}")
+    _check(cfg.log.peak_flops >= 0, f"log.peak_flops must be >= 0 (0 = from the GPU table), got {cfg.log.peak_flops}")
+    lg = cfg.log
+    _check(lg.sample_every >= 0, f"log.sample_every must be >= 0 (0 = never), got {lg.sample_every}")
+    _check(lg.sample_tokens >= 1, f"log.sample_tokens must be >= 1, got {lg.sample_tokens}")
+    _check(lg.sample_temperature >= 0, f"log.sample_temperature must be >= 0 (0 = greedy), got {lg.sample_temperature}")
+    _check(not lg.sample_every or len(lg.sample_prompts) >= 1,
+           "log.sample_prompts is empty; give at least one prompt (e.g. log.sample_prompts='[Once upon a time]')")
+    _check(lg.profile_steps == [] or (len(lg.profile_steps) == 2 and lg.profile_steps[0] >= 1
+                                      and lg.profile_steps[1] >= 1),
+           f"log.profile_steps must be [] or [start, count] with start >= 1 and count >= 1, got {lg.profile_steps}")
+    _check(all(r >= 0 for r in lg.profile_ranks), f"log.profile_ranks must be ranks >= 0, got {lg.profile_ranks}")
     _check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     _check(cfg.data.num_canonical_nodes >= 1,
            f"data.num_canonical_nodes must be >= 1, got {cfg.data.num_canonical_nodes}")
