@@ -1,21 +1,27 @@
-"""Training metrics: metrics.jsonl, a progress bar with ETA, wandb, and the loss-curve PNG (rank 0 only).
+"""Training metrics: metrics.jsonl, a progress bar with ETA, wandb, TensorBoard and the loss-curve PNG
+(rank 0 only).
 
-metrics.jsonl holds one JSON object per line: training rows
-  {"step", "loss", "lr", "grad_norm", "tokens_per_s" (global), "mfu", "step_time" (s), "data_wait" (s),
-   "peak_mem" (MiB: CUDA max allocated, or the process's peak RSS on CPU), "tokens", "skipped"}
-and evaluation rows {"step", "val_loss"}.
+metrics.jsonl holds one JSON object per line, each with "step" and "time" (unix seconds): training rows
+  {"loss", "lr", "grad_norm", "tokens_per_s" (global), "mfu_dense", "mfu_causal", "mfu" (= mfu_dense, the
+   old name), "step_time" (s), "data_wait" (s), "peak_mem" (MiB: CUDA max allocated, or the process's peak
+   RSS on CPU), "tokens", "skipped"},
+evaluation rows {"val_loss"}, and event rows {"event": "start" | "resume" | "checkpoint" | "samples" |
+"profile", ...} that `mmscale report` marks on the time axis.
 
-MFU convention: model FLOPs per token = `model.flops_per_token()["dense"]`: matmul FLOPs (2 per
-multiply-add) of forward + backward (= 3 x forward), with the full dense T x T token mixing /
-attention; activation recomputation not counted. MFU = tokens_per_s x that / (log.peak_flops x ranks).
-Omitted (null) when log.peak_flops is 0.
+MFU convention: model FLOPs per token = `model.flops_per_token()`: matmul FLOPs (2 per multiply-add) of
+forward + backward (= 3 x forward); activation recomputation not counted. "dense" counts the full T x T
+token mixing / attention (what a dense kernel executes), "causal" only the live lower triangle.
+MFU = tokens_per_s x FLOPs per token / (peak x ranks), the peak from `log.peak_flops` or, when that is 0,
+from the GPU table in mmscale/peak_flops.py; null on CPU and on GPUs the table does not know.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +32,27 @@ def peak_mem_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def flops_per_token_both(model) -> dict:
+    """{"dense": ..., "causal": ...} training FLOPs per token; 6 x parameters for both if the model cannot say."""
+    fn = getattr(model, "flops_per_token", None)
+    if fn is not None:
+        flops = fn()
+        if isinstance(flops, dict):
+            return {"dense": float(flops["dense"]), "causal": float(flops.get("causal", flops["dense"]))}
+        return {"dense": float(flops), "causal": float(flops)}
+    n = 6.0 * sum(p.numel() for p in model.parameters())
+    return {"dense": n, "causal": n}
+
+
+def mfu_columns(tokens_per_s: float, flops: dict, peak: float | None, world_size: int) -> dict:
+    """The MFU columns of a training row: dense and causal (live) FLOPs; null when the peak is unknown."""
+    if not peak:
+        return {"mfu_dense": None, "mfu_causal": None, "mfu": None}
+    denom = peak * world_size
+    dense = tokens_per_s * flops["dense"] / denom
+    return {"mfu_dense": dense, "mfu_causal": tokens_per_s * flops["causal"] / denom, "mfu": dense}
 
 
 def train_flops_per_token(model) -> float:
@@ -79,6 +106,10 @@ class MetricsLogger:
         self.png = run_dir / "loss_curve.png"
         self.bar = None
         self.wandb = None
+        self.tb = None
+        # wandb keeps every step it was sent; steps up to here were sent before a restart and are not resent
+        self.wandb_floor = 0
+        self._wandb_last = 0
         if not enabled:
             return
         if cfg.log.progress:
@@ -87,6 +118,28 @@ class MetricsLogger:
                             file=sys.stderr, dynamic_ncols=True)
         if cfg.log.wandb != "disabled":
             self.wandb = self._start_wandb(cfg, run_dir)
+            seen = run_dir / "wandb" / "last_step"
+            if seen.is_file():
+                try:
+                    self.wandb_floor = self._wandb_last = int(seen.read_text().strip() or 0)
+                except ValueError:
+                    pass
+            if self.wandb_floor > start_step:
+                self.write(f"wandb: steps {start_step + 1}..{self.wandb_floor} were logged before the restart; "
+                           "they are written to metrics.jsonl again but not resent to wandb")
+        if cfg.log.tensorboard:
+            self.tb = self._start_tensorboard(run_dir, start_step)
+
+    @staticmethod
+    def _start_tensorboard(run_dir: Path, start_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from mmscale.errors import UserError
+            raise UserError("log.tensorboard=true needs the tensorboard package; "
+                            "pip install tensorboard (tools/setup_env.sh installs it)") from None
+        # purge_step: on resume, TensorBoard hides what an earlier start logged after the checkpoint
+        return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     @staticmethod
     def _start_wandb(cfg, run_dir: Path):
@@ -101,16 +154,36 @@ class MetricsLogger:
         id_file = wandb_dir / "run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
-        return wandb.init(project=cfg.log.project, dir=str(wandb_dir), mode=cfg.log.wandb, id=run_id,
-                          resume="allow", config=cfg.to_dict(), name=Path(cfg.run.dir).name)
+        lg = cfg.log
+        return wandb.init(project=lg.project or lg.wandb_project, entity=lg.wandb_entity or None,
+                          group=lg.wandb_group or None, tags=list(lg.wandb_tags) or None, dir=str(wandb_dir),
+                          mode=lg.wandb, id=run_id, resume="allow", config=cfg.to_dict(),
+                          name=Path(cfg.run.dir).name)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
+        row = {"step": row["step"], "time": round(time.time(), 3), **{k: v for k, v in row.items() if k != "step"}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+        if "event" in row:
+            return
+        scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))
+                   and v is not None and math.isfinite(float(v))}
+        if self.wandb is not None and row["step"] > self.wandb_floor:
+            self.wandb.log(scalars, step=row["step"])
+            if row["step"] > self._wandb_last:
+                self._wandb_last = row["step"]
+                tmp = self.run_dir / "wandb" / ".last_step.tmp"
+                tmp.write_text(f"{self._wandb_last}\n")
+                os.replace(tmp, self.run_dir / "wandb" / "last_step")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+
+    def event(self, step: int, kind: str, **info) -> None:
+        """A marker on the time axis (start, resume, checkpoint, samples, profile) in metrics.jsonl."""
+        self.log({"step": step, "event": kind, **info})
 
     def progress(self, step: int, loss: float | None) -> None:
         if self.bar is not None:
@@ -136,3 +209,6 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

@@ -242,6 +242,8 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
     logger = MetricsLogger(cfg, run_dir, info.rank == 0, start_step, cfg.train.max_steps)
     if resume_dir is not None:
         logger.write(f"resumed from {resume_dir} (step {start_step}, {tokens} tokens)")
+    from mmscale.watch import RunWatch  # MFU vs the device's peak, samples, profiler (mmscale/watch.py)
+    watch = RunWatch(cfg, info, engine, model, device, logger, start_step, resume_dir)
 
     stop = StopFlag()
     stop.install()
@@ -277,8 +279,7 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
             if done % cfg.log.every == 0 or done == cfg.train.max_steps or n_bad:
                 tps = n_tokens / step_time
                 row = {"step": done, "loss": loss if not n_bad else None, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tps, "mfu": (tps * flops_per_token / (cfg.log.peak_flops * info.world_size))
-                       if cfg.log.peak_flops else None, "step_time": step_time, "data_wait": data_wait,
+                       "tokens_per_s": tps, **watch.mfu(tps), "step_time": step_time, "data_wait": data_wait,
                        "peak_mem": peak_mem_mib(device), "tokens": tokens, "skipped": bool(n_bad)}
                 logger.log(row)
             logger.progress(done, None if n_bad else loss)
@@ -298,9 +299,11 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
                     logger.write(f"step {done}: val_loss {val:.4f}")
                 logger.plot()
             at_end = done == cfg.train.max_steps
+            watch.after_step(done, at_end)
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or at_end or n_stop:
                 path = save_checkpoint(cfg, engine, info, root, done, tokens, loader, cfg.train.micro_batch_size)
                 logger.write(f"checkpoint: {path}")
+                logger.event(done, "checkpoint", path=str(path))
             if n_stop and not at_end:
                 logger.write(f"stopped by a signal at step {done} after saving a checkpoint; "
                              f"rerun the same command to resume (exit status {EXIT_SIGNAL})")
@@ -316,6 +319,7 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
         if status == EXIT_OK:
             logger.plot()
     finally:
+        watch.close()
         logger.close()
     engine.close()
     return status
@@ -324,14 +328,10 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
 
 
 def _trim_metrics(path: Path, upto_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint (they are about to be logged again)."""
-    if not path.is_file():
-        return
-    import json
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
-    tmp = path.with_name(".tmp_" + path.name)
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    """On resume, drop rows logged after the checkpoint (they are about to be logged again), and a line a
+    crash left half-written."""
+    from mmscale.watch import trim_jsonl
+    trim_jsonl(path, upto_step)
 
 
 # ----------------------------------------------------------------------------------------------
