@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("mmscale.export.evaluate", "mean loss and perplexity of an export on a dataset or text files"),
     "retrieval": ("mmscale.retrieval", "InfoNCE retrieval fine-tuning and evaluation (`retrieval train|eval`)"),
     "representation": ("mmscale.representation", "input-representation accuracy of an export (the paper's metric)"),
+    "report": ("mmscale.report", "one self-contained HTML page comparing runs (curves, config diff, samples)"),
+    "config": ("mmscale.config_cli", "every config key with its default, allowed values and meaning "
+                                     "(`config show|keys`)"),
 }
 
 
@@ -48,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmscale: error: unknown command '{name}'; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"mmscale {name}", description=COMMANDS[name][1])
+    from mmscale import cli_conventions
+
+    parser = argparse.ArgumentParser(prog=f"mmscale {name}", description=COMMANDS[name][1],
+                                     formatter_class=cli_conventions.HelpFormatter)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    conv = cli_conventions.apply(name, parser)  # help with defaults, --data/--out/--json/--no-progress
+    args = parser.parse_args(conv.rewrite_argv(argv[1:]))
     try:
-        return int(module.run(args) or 0)
+        with conv.outputs(args):
+            return int(module.run(args) or 0)
     except UserError as e:
         print(f"mmscale {name}: error: {e}", file=sys.stderr)
         return e.exit_code

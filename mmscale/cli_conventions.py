@@ -1,0 +1,171 @@
+"""One convention for every `mmscale` command's flags, applied by cli.py to each command's parser.
+
+- Help: every option has a line of help, and its default is shown when it has one.
+- Inputs are `--data` (text files, datasets); outputs are `--out` (a file or folder to write).
+  Old spellings keep working and print a one-line deprecation note: `--input` (prepare, tokenizer train)
+  is `--data`; convert's positional OUT is `--out OUT`.
+- `--json` prints the result as JSON on stdout; `--json FILE` (or `--json=FILE`) writes it to FILE instead.
+- `--no-progress` turns progress bars off wherever there is one (prepare; and the training commands, where
+  it is the same as the override log.progress=false).
+- Commands that take dotted config overrides point to `mmscale config keys` / `mmscale config show`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from mmscale.errors import UserError
+
+# help for options that their command module leaves without one (by argparse dest)
+FALLBACK_HELP = {
+    "seed": "random seed",
+    "steps": "optimisation steps",
+    "top_k": "how many top candidates count as recovered",
+    "max_new_tokens": "tokens to generate after the prompt",
+    "num_samples": "how many samples to print",
+    "layout": "packed: documents joined with EOS and cut into n_ctx + 1 windows; padded: one document per sample",
+    "val_fraction": "fraction of documents held out as the val split",
+    "model_type": "sentencepiece model type",
+    "dtype": "dtype of the exported weights",
+    "nodes": "number of nodes",
+    "export": "an export folder (mmscale convert)",
+    "batch_size": "samples per forward pass",
+    "no_progress": "no progress bar",
+    "workdir": "folder for the demo's data and runs",
+    "vocab_size": "tokenizer vocabulary size",
+}
+
+CONFIG_EPILOG = ("Every config key with its default, allowed values and meaning: `mmscale config keys`; "
+                 "the resolved config for these arguments: `mmscale config show --config X [overrides]`.")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: X)" after an option's help unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if (text and "default" not in text and d is not argparse.SUPPRESS and d is not None and d is not False
+                and d != [] and (action.option_strings or action.nargs in ("?", "*"))):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    yield parser
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                yield from _subparsers(sub)
+
+
+def _add_alias(parser: argparse.ArgumentParser, old: str, new: str) -> bool:
+    """Make option `new` a spelling of the existing option `old` (listed first in help)."""
+    action = parser._option_string_actions.get(old)
+    if action is None or new in parser._option_string_actions:
+        return False
+    action.option_strings.insert(0, new)
+    parser._option_string_actions[new] = action
+    return True
+
+
+class Conventions:
+    def __init__(self, command: str, parser: argparse.ArgumentParser):
+        self.command = command
+        self.deprecated: dict[str, str] = {}
+        self.json_file: str | None = None
+        self.out_positional = False
+        self.json_takes_file = False
+        self.json_flag = False
+        self.has_no_progress_override = False
+        for p in _subparsers(parser):
+            p.formatter_class = HelpFormatter
+            if _add_alias(p, "--input", "--data"):
+                self.deprecated["--input"] = "--data"
+            for a in list(p._actions):
+                if a.help is None and a.dest in FALLBACK_HELP:
+                    a.help = FALLBACK_HELP[a.dest]
+                if not a.option_strings and a.dest == "out" and a.nargs is None:
+                    # a positional OUT (convert): keep it, optional, and add --out
+                    a.nargs, a.required, a.default = "?", False, None
+                    a.help = (a.help or "output") + " (deprecated position: use --out)"
+                    p.add_argument("--out", dest="_out_opt", metavar="OUT", default=None, help=a.help.split(
+                        " (deprecated")[0])
+                    self.out_positional = True
+                if a.dest == "json" and a.option_strings:
+                    if a.nargs == 0:
+                        self.json_flag = True
+                    elif a.nargs is None:
+                        a.nargs, a.const = "?", "-"
+                        a.help = "print the result as JSON on stdout, or write it to FILE"
+                        self.json_takes_file = True
+                if a.dest == "overrides" and not a.option_strings:
+                    p.epilog = CONFIG_EPILOG
+                    if command not in ("model-info", "config") and "--no-progress" not in p._option_string_actions:
+                        p.add_argument("--no-progress", dest="_no_progress", action="store_true",
+                                       help="no progress bar (the same as log.progress=false)")
+                        self.has_no_progress_override = True
+
+    def rewrite_argv(self, argv: list[str]) -> list[str]:
+        out, skip = [], False
+        for i, tok in enumerate(argv):
+            if skip:
+                skip = False
+                continue
+            flag = tok.split("=", 1)[0]
+            if flag in self.deprecated:
+                self.note(f"{flag} is deprecated; use {self.deprecated[flag]} (the same option)")
+            if self.json_flag and tok.startswith("--json="):
+                self.json_file = tok.split("=", 1)[1]
+                tok = "--json"
+            elif self.json_flag and tok == "--json" and i + 1 < len(argv) and not argv[i + 1].startswith("-") \
+                    and "=" not in argv[i + 1]:  # overrides always hold "=": this is a FILE
+                self.json_file, skip = argv[i + 1], True
+            out.append(tok)
+        return out
+
+    def note(self, msg: str) -> None:
+        print(f"mmscale {self.command}: note: {msg}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def outputs(self, args: argparse.Namespace):
+        """Applies --out / --json / --no-progress to `args` around the command's run()."""
+        if self.out_positional:
+            opt = getattr(args, "_out_opt", None)
+            if opt is not None and args.out is not None and opt != args.out:
+                raise UserError(f"two outputs given ('{args.out}' and --out '{opt}'); give only --out", 2)
+            if args.out is not None and opt is None:
+                self.note("the output as a positional argument is deprecated; use --out OUT")
+            args.out = opt if opt is not None else args.out
+            if args.out is None:
+                raise UserError("no output given; pass --out FOLDER", 2)
+        if getattr(args, "_no_progress", False):
+            args.overrides = list(args.overrides or []) + ["log.progress=false"]
+        tmp = None
+        if self.json_takes_file and getattr(args, "json", None) == "-":
+            fd, tmp = tempfile.mkstemp(prefix="mmscale-json-", suffix=".json")
+            os.close(fd)
+            os.unlink(tmp)
+            args.json = tmp
+        try:
+            if self.json_file is not None:
+                target = Path(self.json_file)
+                if not target.parent.is_dir():
+                    raise UserError(f"--json: folder '{target.parent}' does not exist; create it first", 2)
+                with target.open("w") as f, contextlib.redirect_stdout(f):
+                    yield
+            else:
+                yield
+            if tmp is not None and Path(tmp).is_file():
+                sys.stdout.write(Path(tmp).read_text().rstrip("\n") + "\n")
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def apply(command: str, parser: argparse.ArgumentParser) -> Conventions:
+    return Conventions(command, parser)
