@@ -41,6 +41,8 @@ DS_BUILD_OPS=0 pip install -c "$cons" \
   "pytest>=7" "pytest-timeout>=2.1" "matplotlib>=3.7" "pyarrow>=12" \
   zstd "xxhash>=3,<4" brotli python-snappy catalogue "transformers<5" pillow
 pip install -c "$cons" --no-deps "mosaicml-streaming>=0.9"
+# log.tensorboard and the profiler's traces (torch.utils.tensorboard writes the event files)
+pip install -c "$cons" "tensorboard>=2.14"
 if [[ -z $cuda_torch ]] && [[ "${MMSCALE_NO_TRITON:-0}" != 1 ]]; then
   # Triton runs its kernels on the CPU under TRITON_INTERPRET=1 (the kernel tests use it).
   pip install -c "$cons" triton || echo "[setup] triton unavailable; its tests will skip"
