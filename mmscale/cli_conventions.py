@@ -37,6 +37,7 @@ FALLBACK_HELP = {
     "no_progress": "no progress bar",
     "workdir": "folder for the demo's data and runs",
     "vocab_size": "tokenizer vocabulary size",
+    "overwrite": "replace what is already there",
 }
 
 CONFIG_EPILOG = ("Every config key with its default, allowed values and meaning: `mmscale config keys`; "
