@@ -109,6 +109,10 @@ class EngineConfig:
                                     "(experts only)")
     hsdp_replicas: int = opt(1, "FSDP2: replicas of a 2-D (replicate, shard) mesh for HSDP; 1 = plain FSDP",
                              ">= 1, divides the ranks")
+    dist_timeout_min: int = opt(60, "minutes a collective may wait for the other ranks before the process "
+                                    "group gives up (rank-0 work such as checkpoint finalising runs meanwhile)",
+                                ">= 1")
+    tf32: bool = opt(True, "CUDA: TF32 tensor cores for fp32 matmuls and convolutions (no effect on CPU)")
 
 
 @dataclass
@@ -362,6 +366,7 @@ def validate(cfg: Config) -> None:
 
     _check(e.zero_stage in (0, 1, 2, 3), f"engine.zero_stage must be 0, 1, 2 or 3, got {e.zero_stage}")
     _check(e.hsdp_replicas >= 1, f"engine.hsdp_replicas must be >= 1, got {e.hsdp_replicas}")
+    _check(e.dist_timeout_min >= 1, f"engine.dist_timeout_min must be >= 1, got {e.dist_timeout_min}")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {cfg.checkpoint.every}")
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     _check(cfg.run.dir != "", "run.dir must not be empty")

@@ -1,4 +1,6 @@
-"""Rank, local rank, world size and the rendezvous, from torchrun, the deepspeed launcher or SLURM.
+"""Rank, local rank, world size and the rendezvous, from torchrun, the deepspeed launcher or SLURM;
+starting and using the process group (every collective of the loop goes through here, on the engine's
+device).
 
 torchrun and the deepspeed launcher both export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
 MASTER_PORT. Under `srun` (one task per rank) only SLURM_* is set: the rendezvous is the first
@@ -93,6 +95,10 @@ def _restore_env() -> None:
 
 
 def device_for(info: DistInfo):
+    """This rank's device, made current: cuda:LOCAL_RANK when CUDA is there, else the CPU.
+
+    Called before the process group starts, so that NCCL binds each rank to its own GPU.
+    """
     import torch
 
     if torch.cuda.is_available():
@@ -101,9 +107,24 @@ def device_for(info: DistInfo):
     return torch.device("cpu")
 
 
-def init(info: DistInfo, *, deepspeed: bool = False) -> None:
-    """Start the process group (gloo on CPU, nccl on CUDA); also for one process (DeepSpeed, FSDP need one)."""
-    import torch
+def backend_for(device) -> str:
+    """The process-group backend: gloo on CPU; on CUDA NCCL for CUDA tensors *and* gloo for CPU ones.
+
+    The loop's own collectives use the engine's device, but not everything handed to torch.distributed
+    is on the GPU (object collectives pickle into CPU tensors, libraries reduce CPU counters); with
+    plain "nccl" those fail with "No backend type associated with device type cpu".
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def init(info: DistInfo, device, *, deepspeed: bool = False, timeout_min: float = 60) -> None:
+    """Start the process group on `device` (see backend_for); also for one process (DeepSpeed, FSDP need one).
+
+    `device` comes from device_for (the GPU is set before the group starts, and the group is bound to it
+    with device_id); `timeout_min` bounds how long a collective waits for the other ranks.
+    """
+    import datetime
+
     import torch.distributed as dist
 
     if info.launcher == "none":  # a one-process group: any free local port (others may run beside us)
@@ -111,16 +132,18 @@ def init(info: DistInfo, *, deepspeed: bool = False) -> None:
             s.bind(("127.0.0.1", 0))
             info = DistInfo(master_port=s.getsockname()[1])
     export_env(info)
+    timeout = datetime.timedelta(minutes=timeout_min)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device), timeout=timeout, **kwargs)
     if deepspeed:
         import deepspeed as ds
         import deepspeed.ops
 
         # the shared-memory comm op JIT-compiles for ~30 s (needs g++) and gives identical results
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        ds.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        return
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # DeepSpeed adopts the torch group started above (its backend string, device and timeout)
+        ds.init_distributed(dist_backend=backend_for(device), timeout=timeout)
 
 
 def is_initialized() -> bool:
@@ -129,19 +152,30 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def barrier() -> None:
+def barrier(device=None) -> None:
+    """All ranks meet; on CUDA the barrier runs on this rank's GPU (NCCL), else over gloo."""
     import torch.distributed as dist
 
     if is_initialized():
-        dist.barrier()
+        if device is not None and device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device=None) -> list[float]:
-    """Sum a few floats over all ranks (float64 so counts and losses survive exactly)."""
+def all_reduce_sum(values, device) -> list[float]:
+    """Sum a few numbers over all ranks (float64 so counts and losses survive exactly); one host sync.
+
+    `values` may mix Python numbers and 0-d tensors (on `device`, e.g. a loss not yet read back):
+    they are stacked on `device`, the engine's device, so NCCL gets CUDA tensors and nothing syncs
+    with the host before the single read-back at the end.
+    """
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    parts = [v.to(device=device, dtype=torch.float64).reshape(()) if torch.is_tensor(v)
+             else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values]
+    t = torch.stack(parts)
     if is_initialized():
         dist.all_reduce(t)
     return t.tolist()

@@ -12,7 +12,6 @@ or SIGINT after saving a checkpoint (requeue: the run resumes); 3 too many non-f
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -123,6 +122,12 @@ def endless(loader):
             raise UserError("the training dataset yields no batches; it is smaller than one batch per rank")
 
 
+def configure_cuda(cfg: Config) -> None:
+    """Fast choices on CUDA only (CPU keeps its deterministic defaults, so resumes stay bit-exact there)."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.engine.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
+
+
 def install_nan_fault(model, steps: set[int], current: dict) -> None:
     """Tests only (MMSCALE_FAULT_NAN_STEPS=3,4): poison the embeddings at those steps (1-based)."""
     def hook(module, args, output):
@@ -140,11 +145,12 @@ def evaluate(engine, val_fn, eval_batches: int, device) -> float | None:
     for i, batch in enumerate(loader):
         if i >= eval_batches:
             break
-        total += float(engine.eval_loss(batch))
+        loss = engine.eval_loss(batch).double()  # stays on the device: one read-back at the end
+        total = loss if count == 0 else total + loss
         count += 1
     if hasattr(loader, "close"):
         loader.close()  # frees the val dataset's shared memory (collective: every rank gets here)
-    total, count = dist_.all_reduce_sum([total, count])
+    total, count = dist_.all_reduce_sum([total, count], engine.device)
     return total / count if count else None
 
 
@@ -152,11 +158,11 @@ def save_checkpoint(cfg, engine, info, root: Path, step: int, tokens: int, loade
     tmp = root / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
     if info.rank == 0:
         ckpt.prepare_tmp_dir(root, step)
-    dist_.barrier()
+    dist_.barrier(engine.device)
     files = engine.save(tmp)
     data_state = loader.state_dict() if hasattr(loader, "state_dict") else None
     ckpt.save_rank_state(tmp, info.rank, data_state)
-    dist_.barrier()
+    dist_.barrier(engine.device)
     final = root / ckpt.step_dir_name(step)
     if info.rank == 0:
         meta = {"step": step, "tokens_seen": tokens, "engine": engine.kind, "zero_stage": cfg.engine.zero_stage,
@@ -165,7 +171,7 @@ def save_checkpoint(cfg, engine, info, root: Path, step: int, tokens: int, loade
                 "rank_files": [ckpt.rank_file_name(r) for r in range(info.world_size)],
                 "config": cfg.to_dict(), "model": cfg.to_dict()["model"]}
         final = ckpt.finalize(root, tmp, step, meta, cfg.checkpoint.keep)
-    dist_.barrier()
+    dist_.barrier(engine.device)
     return final
 
 
@@ -185,9 +191,11 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
         ckpt.check_compatible(meta, cfg, info.world_size, where)
 
     needs_group = info.world_size > 1 or cfg.engine.kind in ("deepspeed", "fsdp")
+    device = dist_.device_for(info)  # before the group: NCCL binds each rank to its own GPU
+    if device.type == "cuda":
+        configure_cuda(cfg)
     if needs_group:
-        dist_.init(info, deepspeed=cfg.engine.kind == "deepspeed")
-    device = dist_.device_for(info)
+        dist_.init(info, device, deepspeed=cfg.engine.kind == "deepspeed", timeout_min=cfg.engine.dist_timeout_min)
 
     loader, clean = None, False
     try:
@@ -210,7 +218,7 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
         if clean:  # after a crash the other ranks may be gone: no collectives, just exit
             if hasattr(loader, "close"):
                 loader.close()
-            dist_.barrier()
+            dist_.barrier(device)
             if needs_group:
                 dist_.shutdown(deepspeed=cfg.engine.kind == "deepspeed")
 
@@ -253,17 +261,20 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
         for step in range(start_step, cfg.train.max_steps):
             current["step"] = step + 1
             t0 = time.perf_counter()
-            data_wait, loss_local, n_tokens = 0.0, 0.0, 0
+            data_wait, loss_local, n_tokens = 0.0, None, 0
             for micro in range(grad_accum):
                 tw = time.perf_counter()
                 batch = next(batches)
                 data_wait += time.perf_counter() - tw
                 n_tokens += batch["input_ids"].numel()
-                loss_local += float(engine.forward_backward(batch, last=micro == grad_accum - 1)) / grad_accum
-            # one all-reduce agrees on the loss, a non-finite loss anywhere, a stop request anywhere
-            finite = math.isfinite(loss_local)
+                # float64 on the device, no host sync per micro-batch (the same sums as Python floats)
+                part = engine.forward_backward(batch, last=micro == grad_accum - 1).double() / grad_accum
+                loss_local = part if loss_local is None else loss_local + part
+            # one all-reduce (one host sync) agrees on the loss, a non-finite loss anywhere, a stop request
+            finite = torch.isfinite(loss_local)
             loss_sum, n_bad, n_stop, n_tokens = dist_.all_reduce_sum(
-                [loss_local if finite else 0.0, 0.0 if finite else 1.0, float(stop.signum != 0), n_tokens])
+                [torch.where(finite, loss_local, 0.0), (~finite).double(), float(stop.signum != 0), n_tokens],
+                engine.device)
             lr = lr_at(step, cfg.train)
             if n_bad:
                 engine.skip_step()

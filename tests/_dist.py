@@ -162,6 +162,43 @@ def train_runs(payload: dict) -> list:
     return statuses
 
 
+_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+                "reduce_scatter", "all_to_all_single", "reduce", "gather", "scatter")
+
+
+def train_runs_recording_collectives(payload: dict) -> dict:
+    """train_runs, recording the device of every tensor handed to a torch.distributed collective and the
+    device of each engine the loop built: {"statuses": [...], "tensor_devices": [...], "engine_devices": [...]}."""
+    import torch
+    import torch.distributed as dist
+
+    import mmscale.engines
+
+    seen, engines = set(), set()
+
+    def wrap(fn):
+        def recorder(*args, **kwargs):
+            for a in list(args) + list(kwargs.values()):
+                for t in (a if isinstance(a, (list, tuple)) else [a]):
+                    if isinstance(t, torch.Tensor):
+                        seen.add(str(t.device))
+            return fn(*args, **kwargs)
+        return recorder
+
+    for name in _COLLECTIVES:
+        setattr(dist, name, wrap(getattr(dist, name)))
+    build = mmscale.engines.build_engine
+
+    def build_and_record(cfg, model, info, device):
+        engine = build(cfg, model, info, device)
+        engines.add(str(engine.device))
+        return engine
+
+    mmscale.engines.build_engine = build_and_record
+    statuses = train_runs(payload)
+    return {"statuses": statuses, "tensor_devices": sorted(seen), "engine_devices": sorted(engines)}
+
+
 def _signal_self_at(spec: dict) -> None:
     """Send this rank a signal once it starts step `spec['step']` (tests SIGTERM handling)."""
     import signal

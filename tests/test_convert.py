@@ -146,9 +146,9 @@ def test_bad_checkpoints_and_outputs(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
 
-    # incomplete: one rank's optimizer partition missing
+    # incomplete: one rank's ZeRO-3 partition missing (ZeRO 1/2 keep whole fp32 weights in the module states)
     broken = tmp_path / "broken"
-    shutil.copytree(resolve_checkpoint(root / "zero1_bf16"), broken)
+    shutil.copytree(resolve_checkpoint(root / "zero3_bf16"), broken)
     next((broken / "ds").glob("*rank_1*optim_states.pt")).unlink()
     fails(["convert", str(broken), str(tmp_path / "o1"), "--tokenizer", str(tok)], "incomplete")
     # an interrupted save (no meta.json)

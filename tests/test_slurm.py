@@ -267,6 +267,7 @@ def test_bad_input_to_sbatch_and_launch(cluster, tmp_path):
     assert not (tmp_path / "never").exists()
     # --dry-run renders the same script with or without SLURM on PATH (tests/test_launch.py runs it without)
     dry = [PY, "-m", "mmscale.cli", "launch", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}/never",
+           "engine.kind=ddp",
            "--nodes", "2", "--gpus-per-node", "2", "--partition", "debug", "--dry-run"]
     bare = dict(env, PATH=os.pathsep.join(d for d in env["PATH"].split(os.pathsep)
                                           if d and not os.path.exists(os.path.join(d, "srun"))))

@@ -37,7 +37,11 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": e.precision == "bf16"},
+        # mmscale's precision policy (ARCHITECTURE.md) rather than DeepSpeed's bf16 mode, which keeps
+        # bf16 weights and accumulates gradients in bf16: the model stays fp32 (ZeRO partitions the fp32
+        # weights, gradients and Adam moments: 16 bytes a parameter, as in bf16 mode), the engine runs the
+        # forward under bf16 autocast, and gradients are reduced and accumulated in fp32
+        "bf16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW also with offload
         "steps_per_print": 10 ** 12,
@@ -64,7 +68,8 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         model = prepare_model(model, cfg.engine)
-        optimizer = build_optimizer(model, cfg.train)
+        # with optimizer offload the update runs on CPU partitions: the CPU choice of AdamW
+        optimizer = build_optimizer(model, cfg.train, None if cfg.engine.offload_optimizer else device)
         self.ds_config = deepspeed_config(cfg, info.world_size)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
@@ -73,7 +78,8 @@ class DeepSpeedEngine(Engine):
     def forward_backward(self, batch, last):
         batch = self.to_device(batch)
         self.engine.train()
-        loss = self.engine(batch["input_ids"], labels=batch["labels"])
+        with self.autocast():
+            loss = self.engine(batch["input_ids"], labels=batch["labels"])
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
         if not last:
             self.engine.step()  # a micro-step: DeepSpeed counts it, updates only at the boundary
@@ -97,13 +103,23 @@ class DeepSpeedEngine(Engine):
     def eval_loss(self, batch):
         batch = self.to_device(batch)
         self.engine.eval()
-        return self.engine(batch["input_ids"], labels=batch["labels"]).float()
+        with self.autocast():
+            return self.engine(batch["input_ids"], labels=batch["labels"]).float()
 
     def save(self, step_dir: Path):
         self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
-        return {"model_files": [TAG], "optimizer_files": []}
+        # the file layout depends on DeepSpeed's own bf16 mode (bf16_zero_pp_rank_* files, bf16 module
+        # states); mmscale >= 0.2 never enables it: `mmscale convert` reads this key
+        return {"model_files": [TAG], "optimizer_files": [], "ds_bf16": False}
 
     def load(self, step_dir: Path):
+        from mmscale.checkpoint import read_meta
+
+        meta = read_meta(step_dir)
+        if meta.get("ds_bf16", meta.get("precision") == "bf16"):
+            raise UserError(f"'{step_dir}' was written in DeepSpeed's bf16 mode by an older mmscale and cannot be "
+                            "resumed; convert it (mmscale convert STEP_DIR OUT) and start from the export with "
+                            "train.init_from=OUT")
         path, _ = self.engine.load_checkpoint(str(step_dir), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

@@ -1,4 +1,4 @@
-"""PyTorch FSDP2: `fully_shard` per block then the root; bf16 compute with fp32 reduction; DCP checkpoints.
+"""PyTorch FSDP2: `fully_shard` per block then the root; mmscale's precision policy; DCP checkpoints.
 
 `engine.hsdp_replicas > 1` builds a 2-D (replicate, shard) mesh: weights sharded inside a group of
 world / replicas ranks (a node) and replicated across groups (HSDP).
@@ -27,17 +27,52 @@ def build_mesh(world_size: int, replicas: int, device_type: str):
     return init_device_mesh(device_type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
 
 
-def shard_on_largest_dim(param):
-    """FSDP2 shards dim 0 by default; a mixing weight shaped [1, 1, T, T] would then sit whole on rank 0."""
-    return Shard(max(range(param.dim()), key=lambda d: param.shape[d])) if param.dim() else None
+def placement_fn(shard_size: int):
+    """Where FSDP2 shards each parameter, for `shard_size` ranks per shard group.
+
+    Every parameter on dim 0 (FSDP2's default; uneven sizes allowed there), except the token-mixing
+    weights [heads, k, T, T]: with one head dim 0 has size 1 and the whole T x T matrix would sit on
+    rank 0, so they shard on their rows (dim 2) when T divides evenly — torch allows uneven shards on
+    dim 0 only (NotImplementedError otherwise) — and fall back to dim 0 when it does not, so any rank
+    count runs.
+    """
+    def place(param):
+        if param.dim() == 4 and param.shape[2] == param.shape[3] and param.shape[2] % shard_size == 0:
+            return Shard(2)
+        return Shard(0)
+    return place
+
+
+def precision_policies(precision: str):
+    """(blocks' policy, root's policy): mmscale's one mixed-precision policy (ARCHITECTURE.md) under FSDP2.
+
+    fp32 master weights (the sharded parameters); the blocks all-gather bf16 copies of their matrices (what
+    autocast would cast them to anyway, at half the traffic; norms stay fp32) and keep their fp32 residual
+    inputs (no input cast); the
+    root (embedding, head, final norm) stays fp32, so the residual stream starts fp32 as in the single
+    engine; gradients are reduced and accumulated in fp32. The engine runs the forward under autocast.
+    """
+    if precision != "bf16":
+        return MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    root = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return blocks, root
+
+
+def _norms(block) -> list:
+    return [m for m in block.modules() if isinstance(m, torch.nn.LayerNorm) or type(m).__name__ == "RMSNorm"]
 
 
 def shard_with_fsdp(model, mesh, precision: str):
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16" else MixedPrecisionPolicy()
+    blocks_mp, root_mp = precision_policies(precision)
+    place = placement_fn(mesh.size(mesh.ndim - 1))
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, shard_placement_fn=shard_on_largest_dim)
-    fully_shard(model, mesh=mesh, mp_policy=mp, shard_placement_fn=shard_on_largest_dim)
+        # norms keep fp32 weights (their own small FSDP groups): a norm computes in fp32 on the fp32
+        # residual stream, and CPU autocast, unlike CUDA's, does not cast a bf16 norm weight up
+        for norm in _norms(block):
+            fully_shard(norm, mesh=mesh, mp_policy=root_mp, shard_placement_fn=place)
+        fully_shard(block, mesh=mesh, mp_policy=blocks_mp, shard_placement_fn=place)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp, shard_placement_fn=place)
     return model
 
 
@@ -50,14 +85,15 @@ class FSDPEngine(Engine):
         mesh = build_mesh(info.world_size, cfg.engine.hsdp_replicas, device.type)
         model = prepare_model(model.to(device), cfg.engine)
         self.model = shard_with_fsdp(model, mesh, cfg.engine.precision)
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.optimizer = build_optimizer(self.model, cfg.train, device)
 
     def forward_backward(self, batch, last):
         batch = self.to_device(batch)
         self.model.train()
         # reduce-scatter gradients only on the last micro-batch of a step
         self.model.set_requires_gradient_sync(last)
-        loss = self.model(batch["input_ids"], labels=batch["labels"])
+        with self.autocast():
+            loss = self.model(batch["input_ids"], labels=batch["labels"])
         (loss / self.grad_accum).backward()
         return loss.detach().float()
 
@@ -71,7 +107,8 @@ class FSDPEngine(Engine):
     def eval_loss(self, batch):
         batch = self.to_device(batch)
         self.model.eval()
-        return self.model(batch["input_ids"], labels=batch["labels"]).float()
+        with self.autocast():
+            return self.model(batch["input_ids"], labels=batch["labels"]).float()
 
     def save(self, step_dir: Path):
         dcp.save(get_model_state_dict(self.model), checkpoint_id=str(step_dir / "model"))

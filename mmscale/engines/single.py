@@ -17,15 +17,10 @@ class SingleEngine(Engine):
         super().__init__(cfg, model, info, device)
         self.raw = prepare_model(model.to(device), cfg.engine)
         self.wrapped = self.wrap(self.raw)
-        self.optimizer = build_optimizer(self.raw, cfg.train)
+        self.optimizer = build_optimizer(self.raw, cfg.train, device)
 
     def wrap(self, model):
         return model
-
-    def autocast(self):
-        if self.cfg.engine.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def no_sync(self, last: bool):
         return contextlib.nullcontext()

@@ -166,7 +166,9 @@ def read_deepspeed(step_dir: Path, meta: dict, model_cfg):
     frozen_shapes = dict(states0.get("frozen_param_shapes") or {})
     shared = dict(states0.get("shared_params") or {})
 
-    if stage <= 2 and meta.get("precision") == "fp32":
+    # DeepSpeed's bf16 mode (mmscale < 0.2 with engine.precision=bf16) keeps fp32 masters apart from the module
+    ds_bf16 = meta.get("ds_bf16", meta.get("precision") == "bf16")
+    if stage <= 2 and not ds_bf16:
         yield from ((k, v.float()) for k, v in states0["module"].items())
         return
     if stage == 0:

@@ -9,9 +9,9 @@ positions (T = n_ctx, fixed), lower-triangular so that position i only sees posi
         x = x + FFN(LayerNorm(x))                   # Linear(d, 4d) -> GELU -> Linear(4d, d)
     logits = lm_head(norm(x))                       # norm is Identity unless model.final_norm
 
-The causal mask is applied functionally inside TokenMixer.forward (weight * mask, the mask a
-non-persistent buffer), never written into the weight: state dicts hold clean parameters, masked
-entries get exactly zero gradient, and sharded engines (FSDP2, ZeRO-3) see a pure function.
+The causal mask is applied functionally inside mmscale.ops.token_mix (no mask tensor is kept), never
+written into the weight: state dicts hold clean parameters, masked entries get exactly zero gradient,
+and sharded engines (FSDP2, ZeRO-3) see a pure function.
 
 Inputs shorter than n_ctx are right-padded with zero vectors after the embedding and the output is
 cut back: with causal mixing, padding after position i cannot change position i. (With
@@ -45,8 +45,8 @@ class TokenMixer(nn.Module):
         self.impl = impl  # how mmscale.ops.token_mix computes it (model.mixer_impl); all exact
         self.weight = nn.Parameter(torch.empty(heads, kernel_size, n_ctx, n_ctx))
         self.bias = nn.Parameter(torch.empty(n_ctx)) if bias else None
-        mask = torch.ones(n_ctx, n_ctx)
-        self.register_buffer("mask", torch.tril(mask) if causal else mask, persistent=False)
+        # no mask buffer: mmscale.ops masks functionally, and a T x T buffer per layer would only sit
+        # in device memory (2 GiB at T 8192 x 8 layers) and be broadcast by DDP every step
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -55,7 +55,8 @@ class TokenMixer(nn.Module):
         bound = 1.0 / math.sqrt(self.n_ctx * self.kernel_size)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
-            self.weight.mul_(self.mask)
+            if self.causal:
+                self.weight.copy_(torch.tril(self.weight))
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 

@@ -1,0 +1,118 @@
+"""What can be guarded on CPU of the GPU path (issue F3): collectives on the engine's device, the
+process-group backend for CUDA, FSDP2 on a rank count that does not divide n_ctx, no T x T mask buffer,
+the device-dependent fast choices (fused AdamW, TF32) and the precision policy's FSDP2 layout."""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import pytest
+import torch
+
+from mmscale import distributed
+from mmscale.config import load_config
+from mmscale.engines.base import build_optimizer
+from mmscale.models import build_model
+from tests._dist import read_losses, run_distributed, tiny_config, train_runs
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def test_backend_serves_cpu_and_cuda_tensors_on_gpu_machines():
+    assert distributed.backend_for(torch.device("cpu")) == "gloo"
+    # plain "nccl" refuses CPU tensors ("No backend type associated with device type cpu")
+    assert distributed.backend_for(torch.device("cuda", 3)) == "cpu:gloo,cuda:nccl"
+    # the loop's reductions must name a device: there is no CPU default to fall back on
+    assert inspect.signature(distributed.all_reduce_sum).parameters["device"].default is inspect.Parameter.empty
+
+
+def test_all_reduce_sum_keeps_values_exact_and_reads_tensors_without_python_floats():
+    loss = torch.tensor(2.0 / 3.0, dtype=torch.float32)
+    out = distributed.all_reduce_sum([loss.double() / 3, 1.0, 7, torch.tensor(True)], torch.device("cpu"))
+    assert out == [float(loss) / 3, 1.0, 7.0, 1.0]  # the same float64 arithmetic as Python floats
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_collective_of_the_loop_gets_the_engines_device(tmp_path):
+    common = {"train.max_steps": 4, "train.grad_accum": 2, "train.eval_every": 2, "checkpoint.every": 2}
+    runs = [{"config": tiny_config(tmp_path / k, **{**common, **ov})} for k, ov in
+            {"ddp": {"engine.kind": "ddp"}, "fsdp": {"engine.kind": "fsdp"},
+             "zero2": {"engine.kind": "deepspeed", "engine.zero_stage": 2}}.items()]
+    results = run_distributed("tests._dist:train_runs_recording_collectives", {"runs": runs})
+    for r in results:
+        assert r["statuses"] == [0, 0, 0]
+        assert r["engine_devices"] == ["cpu"]
+        # the loop, FSDP2 and DeepSpeed handed tensors to torch.distributed, all on the engine's device
+        assert r["tensor_devices"] == r["engine_devices"], r
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_on_three_ranks_with_n_ctx_not_divisible_by_three(tmp_path):
+    # n_ctx 16 on 3 ranks: torch refuses uneven shards on any dim but 0, so the T x T weights fall back
+    # to dim 0; the losses must still be those of one process with the same global batch
+    common = {"train.max_steps": 6, "train.grad_accum": 1, "model.n_ctx": 16}
+    train_runs({"runs": [{"config": tiny_config(tmp_path / "single", **{**common, "train.micro_batch_size": 6})}]})
+    reference = read_losses(tmp_path / "single")
+    runs = [{"config": tiny_config(tmp_path / name, **{**common, "train.micro_batch_size": 2, "engine.kind": "fsdp",
+                                                       **extra})}
+            for name, extra in {"flat": {}, "multihead": {"model.mixer": "multihead", "model.heads": 2}}.items()]
+    train_runs({"runs": [{"config": tiny_config(tmp_path / "single_mh", **{**common, "train.micro_batch_size": 6,
+                                                                           "model.mixer": "multihead",
+                                                                           "model.heads": 2})}]})
+    statuses = run_distributed("tests._dist:train_runs", {"runs": runs}, nproc=3)
+    assert statuses == [[0, 0]] * 3
+    for name, ref in (("flat", reference), ("multihead", read_losses(tmp_path / "single_mh"))):
+        got = read_losses(tmp_path / name)
+        assert sorted(got) == sorted(ref)
+        for step in ref:
+            assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (name, step, got[step], ref[step])
+
+
+def test_fsdp_placement_rows_when_they_divide_else_dim0():
+    from mmscale.engines.fsdp import placement_fn
+
+    def dims(shape, n):
+        return placement_fn(n)(torch.empty(shape)).dim
+
+    assert dims((1, 1, 16, 16), 2) == 2 and dims((1, 1, 16, 16), 4) == 2
+    assert dims((1, 1, 16, 16), 3) == 0 and dims((4, 2, 10, 10), 4) == 0
+    # everything else on dim 0, the FFN down-projection [d, 4d] included (not its larger dim 1)
+    assert dims((32, 128), 2) == 0 and dims((128,), 2) == 0 and dims((64, 32), 3) == 0
+
+
+def test_no_mask_buffer_and_the_init_is_still_causal():
+    for mixer in ("flat", "multihead"):
+        cfg = load_config(None, [f"model.mixer={mixer}", "model.heads=2", "model.n_ctx=12", "model.d_model=16",
+                                 "model.n_layers=2", "model.vocab_size=32"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        assert not [n for n, _ in model.named_buffers() if n.endswith("mask")]
+        assert not [k for k in model.state_dict() if k.endswith("mask")]
+        for name, p in model.named_parameters():
+            if p.dim() == 4:  # [heads, k, T, T]: nothing above the diagonal at init
+                assert torch.equal(p, torch.tril(p)), name
+                assert (torch.tril(p) != 0).sum() > 0.9 * p.shape[0] * p.shape[1] * 12 * 13 / 2
+
+
+def test_adamw_is_fused_on_cuda_and_plain_on_cpu():
+    model = torch.nn.Linear(4, 4)
+    cfg = load_config(None, [])
+    cpu = build_optimizer(model, cfg.train, torch.device("cpu"))
+    assert cpu.defaults["foreach"] is False and not cpu.defaults.get("fused")
+    if not torch.cuda.is_available():
+        # fused AdamW checks its parameters' device when it steps, not when built
+        fused = build_optimizer(model, cfg.train, torch.device("cuda", 0))
+        assert fused.defaults["fused"] is True
+    assert build_optimizer(model, cfg.train).defaults["foreach"] is False  # no device: the CPU choice
+
+
+def test_dist_timeout_and_tf32_are_config_keys():
+    cfg = load_config(None, ["engine.dist_timeout_min=120", "engine.tf32=false"])
+    assert cfg.engine.dist_timeout_min == 120 and cfg.engine.tf32 is False
+    from mmscale.errors import UserError
+    with pytest.raises(UserError, match="engine.dist_timeout_min"):
+        load_config(None, ["engine.dist_timeout_min=0"])
+    assert math.isclose(load_config(None, []).engine.dist_timeout_min, 60)
