@@ -127,6 +127,9 @@ class Conventions:
                     and "=" not in argv[i + 1]:  # overrides always hold "=": this is a FILE
                 self.json_file, skip = argv[i + 1], True
             out.append(tok)
+        if self.has_no_progress_override and "--no-progress" in out:
+            # anywhere among the overrides (argparse stops a `*` positional at the first option otherwise)
+            out = ["--no-progress"] + [t for t in out if t != "--no-progress"]
         return out
 
     def note(self, msg: str) -> None:

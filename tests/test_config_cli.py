@@ -158,6 +158,6 @@ def test_json_prints_or_writes_a_file(tmp_path, capsys, mm):
     parser = argparse.ArgumentParser()
     train_mod.add_arguments(parser)
     conv = cli_conventions.apply("train", parser)
-    args = parser.parse_args(["--no-progress", "train.max_steps=3"])
+    args = parser.parse_args(conv.rewrite_argv(["train.max_steps=3", "--no-progress", "train.lr=0.1"]))
     with conv.outputs(args):
         assert load_config(None, args.overrides).log.progress is False
