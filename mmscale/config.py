@@ -161,6 +161,17 @@ class RetrievalConfig:
     gather_negatives: bool = opt(False, "also use the other examples' passages on every rank as negatives")
     position: str = opt("last", "which token embeds a sequence: the last real token, or an integer index "
                                 "(the paper: -2)", "last or an integer")
+    collection: str = opt("", "a BEIR-layout collection directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); "
+                              "instead of pairs")
+    split: str = opt("", "the qrels split to train on (empty: train, or the only one)")
+    negatives: Literal["random", "bm25", "model"] = opt("random", "hard negatives: random documents, or the top "
+                                                                  "non-relevant ones of BM25 or of the initial export "
+                                                                  "(mined once, cached)")
+    hard_negatives: int = opt(0, "mined negatives per group (0 = half of the group_size - 2 slots, rounded up)", ">= 0")
+    mine_depth: int = opt(32, "mined negatives kept per query; groups draw from them", ">= 1")
+    passage_mode: Literal["truncate", "first_window", "max_chunk"] = opt(
+        "truncate", "documents longer than n_ctx: cut, first title-prefixed window, or the best window (eval, mining)")
+    cache_dir: str = opt("", "corpus embeddings and mined negatives cache (empty: run.dir/retrieval_cache)")
 
 
 @dataclass
@@ -389,6 +400,8 @@ def validate(cfg: Config) -> None:
     r = cfg.retrieval
     _check(r.temperature > 0, f"retrieval.temperature must be > 0, got {r.temperature}")
     _check(r.group_size >= 2, f"retrieval.group_size must be >= 2 (a query and its positive), got {r.group_size}")
+    _check(r.hard_negatives >= 0, f"retrieval.hard_negatives must be >= 0 (0 = half the negatives), got {r.hard_negatives}")
+    _check(r.mine_depth >= 1, f"retrieval.mine_depth must be >= 1, got {r.mine_depth}")
     if r.position != "last":
         try:
             int(r.position)

@@ -57,8 +57,8 @@ def pooled_embeddings(model, input_ids, lengths, position: int | None = None):
     return F.normalize(picked.float(), dim=-1)
 
 
-def encode_texts(sp, texts: Sequence[str], n_ctx: int) -> list[list[int]]:
-    """Token ids of each text (its pieces, as in training data: no BOS), cut to the first n_ctx."""
+def tokenize_texts(sp, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text (its pieces, as in training data: no BOS), whole."""
     if isinstance(texts, str):
         raise UserError("encode() takes a list of texts, not a single string; wrap it: encode([text])")
     out = []
@@ -66,8 +66,25 @@ def encode_texts(sp, texts: Sequence[str], n_ctx: int) -> list[list[int]]:
         ids = list(ids)
         if not ids:
             raise UserError(f"text {i} encodes to no tokens (an empty string?); remove it or give it some text")
-        out.append(ids[:n_ctx])
+        out.append(ids)
     return out
+
+
+def encode_texts(sp, texts: Sequence[str], n_ctx: int) -> list[list[int]]:
+    """Token ids of each text (its pieces, as in training data: no BOS), cut to the first n_ctx."""
+    return [ids[:n_ctx] for ids in tokenize_texts(sp, texts)]
+
+
+def windows(ids: Sequence[int], n_ctx: int, prefix: Sequence[int] = ()) -> list[list[int]]:
+    """Split token ids into consecutive windows of at most n_ctx tokens, each starting with `prefix`
+    (a document's title), which leaves n_ctx - len(prefix) tokens of text per window. A prefix of
+    n_ctx // 2 tokens or more is cut to that. Without text, one window holding the prefix."""
+    prefix = list(prefix)[:n_ctx // 2]
+    step = n_ctx - len(prefix)
+    ids = list(ids)
+    if not ids:
+        return [prefix[:n_ctx]]
+    return [prefix + ids[s:s + step] for s in range(0, len(ids), step)]
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0):
@@ -108,20 +125,29 @@ class Embedder:
     def encode(self, texts: Sequence[str] | Iterable[str], batch_size: int = 32, position: int | str | None = None,
                progress: bool = False):
         """L2-normalised float32 numpy array [len(texts), d_model]."""
+        seqs = self.tokenize(list(texts) if not isinstance(texts, str) else texts)
+        return self.encode_ids(seqs, batch_size=batch_size, position=position, progress=progress)
+
+    def encode_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 32, position: int | str | None = None,
+                   progress: bool | str = False):
+        """Embeddings of token sequences (each at most n_ctx tokens): float32 [len(seqs), d_model], unit rows."""
         import numpy as np
         import torch
 
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         pos = self.position if position is None else parse_position(position)
-        seqs = self.tokenize(list(texts) if not isinstance(texts, str) else texts)
+        seqs = [list(s) for s in seqs]
+        if any(len(s) > self.n_ctx or not s for s in seqs):
+            raise UserError(f"token sequences must hold 1 to n_ctx = {self.n_ctx} tokens; split or cut them first")
         # sort by length so each batch pads little; the output keeps the input order
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = np.zeros((len(seqs), self.dim), dtype=np.float32)
         batches = range(0, len(order), batch_size)
         if progress:
             from tqdm import tqdm
-            batches = tqdm(batches, desc="embedding", unit="batch", leave=False)
+            batches = tqdm(batches, desc=progress if isinstance(progress, str) else "embedding", unit="batch",
+                           leave=False)
         pad = self.tokenizer.pad_id()
         with torch.no_grad():
             for start in batches:

@@ -1,109 +1,173 @@
-"""Retrieval fine-tuning (InfoNCE) and top-1 evaluation: `mmscale retrieval train|eval`.
+"""Retrieval fine-tuning (InfoNCE) and evaluation on whole collections: `mmscale retrieval train|eval|import`.
 
-    mmscale retrieval train --init exports/mixer --pairs pairs.jsonl --config configs/tiny.yaml run.dir=runs/ret
+    mmscale retrieval import --format smart --docs CISI.ALL --queries CISI.QRY --qrels CISI.REL --out cisi
+    mmscale retrieval train --init exports/mixer --collection cisi --split train --negatives bm25 run.dir=runs/ret
     torchrun --standalone --nproc_per_node 2 -m mmscale.cli retrieval train --init ... engine.kind=fsdp
     mmscale convert runs/ret exports/mixer-retrieval
-    mmscale retrieval eval exports/mixer-retrieval --pairs test.jsonl --candidates 32,128
+    mmscale retrieval eval exports/mixer-retrieval --collection cisi --candidates 32,128
 
-The paper's method (Badger 2024, v2+): the generative model without its LM head embeds a text by
-its hidden state at one token (mmscale.embedder); training uses InfoNCE on cosine similarity with
-temperature tau: each example is a group of 1 query, its passage and group_size - 2 negatives
-(the pair's own "negatives" first, then other passages drawn with a seed). With
-retrieval.gather_negatives every query also scores the candidates of all other groups on all
-ranks (gathered without gradient; each rank's own candidates keep theirs).
+A collection is a BEIR-layout directory or a pairs JSONL (mmscale.retrieval_data). The paper's method
+(Badger 2024, v2+): the generative model without its LM head embeds a text by its hidden state at one
+token (mmscale.embedder); training uses InfoNCE on cosine similarity with temperature tau: each
+example is a group of 1 query, one of its relevant documents and group_size - 2 negatives (the
+query's given or mined hard negatives first, then random documents). A document judged relevant to
+the query (or an exact duplicate of one) is never its negative: not in its group, and, with
+retrieval.gather_negatives (every query also scores the candidates of all other groups on all ranks,
+gathered without gradient), masked out of the gathered candidates.
 
 Training is the pre-training loop (mmscale.train.train) with a retrieval model and data factory,
 so every engine, checkpoints, resume, signals and metrics work unchanged: the model's `forward`
 is replaced on the instance by the InfoNCE loss (parameter names, hence checkpoints and
 `mmscale convert`, are those of the language model), and a batch is {"input_ids": Long[B*G, n_ctx]
-(right-padded groups), "labels": Long[B*G] (the number of real tokens of each sequence)}.
+(right-padded groups), "labels": Long[B*G + words]}: the number of real tokens of each sequence,
+then the bit-packed mask [B, candidates] of candidates that must not count as negatives.
+
+Evaluation ranks every document of the corpus for every query (mmscale.ir_metrics): nDCG@10,
+Recall@10/100, MRR@10, MAP, and the paper's top-1 among n, beside a BM25 row on the same queries,
+corpus and candidates (mmscale.bm25). Corpus embeddings are cached, keyed by the export's files, the
+corpus, the passage mode and the embedding position.
+
+Long documents (retrieval.passage_mode): `truncate` embeds the first n_ctx tokens of title + text;
+`first_window` the first window of the max_chunk split (the title, then the text's first tokens);
+`max_chunk` splits the text into windows of n_ctx tokens, each starting with the title, and scores a
+document by its best window. Training always embeds the first window (truncate or first_window);
+both say how many documents were longer than the window.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from mmscale.errors import UserError
+from mmscale.retrieval_data import Collection, collection_from_pairs, load_collection, read_pairs  # noqa: F401
+
+CACHE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
-# pairs
+# groups
 
-def read_pairs(path: str | os.PathLike) -> list[dict]:
-    """JSONL rows {"query": str, "passage": str, optional "negatives": [str, ...]}; UserError per bad line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"pairs file '{path}' does not exist; pass a JSONL file of {{\"query\", \"passage\"}} rows "
-                        "(`mmscale data synth` writes one)")
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n} is not valid JSON; each line must be one object") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n} is not a JSON object; give {{\"query\": ..., \"passage\": ...}}")
-            for field in ("query", "passage"):
-                if not isinstance(row.get(field), str) or not row[field].strip():
-                    raise UserError(f"{path}:{n} has no non-empty string field \"{field}\"; every line needs "
-                                    "\"query\" and \"passage\"")
-            negs = row.get("negatives", [])
-            if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
-                raise UserError(f"{path}:{n}: \"negatives\" must be a list of strings")
-            rows.append({"query": row["query"], "passage": row["passage"], "negatives": negs})
-    if len(rows) < 2:
-        raise UserError(f"pairs file '{path}' holds {len(rows)} pair(s); retrieval needs at least 2")
-    return rows
+def pack_mask(mask) -> "torch.Tensor":
+    """bool [B, C] -> Long[B * ceil(C / 32)]: 32 bits per word."""
+    import torch
+
+    B, C = mask.shape
+    words = (C + 31) // 32
+    padded = torch.zeros(B, words * 32, dtype=torch.long)
+    padded[:, :C] = torch.as_tensor(mask, dtype=torch.long)
+    shifts = torch.arange(32, dtype=torch.long)
+    return (padded.view(B, words, 32) << shifts).sum(-1).reshape(-1)
+
+
+def unpack_mask(words, rows: int, cols: int):
+    """The inverse of pack_mask: bool [rows, cols]."""
+    import torch
+
+    w = words.view(rows, -1)
+    shifts = torch.arange(32, dtype=torch.long, device=words.device)
+    bits = (w.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(rows, -1)[:, :cols].bool()
 
 
 class PairGroups:
     """Endless groups of token sequences for InfoNCE, with the data-loader contract of the trainer.
 
-    The global stream of pairs is a seeded permutation per epoch; global batch k holds stream
-    positions [k W B, (k + 1) W B) and rank r its slice [k W B + r B, k W B + (r + 1) B), so the
-    samples depend only on the global batch size (resume onto another world size continues it).
-    The random negatives of stream position t depend only on (seed, t).
+    The stream is the (query, relevant document) pairs, a seeded permutation per epoch; global batch
+    k holds stream positions [k W B, (k + 1) W B) and rank r its slice [k W B + r B, k W B + (r + 1) B),
+    so the samples depend only on the global batch size (resume onto another world size continues it).
+    The negatives of stream position t depend only on (seed, t).
+
+    queries, docs: token lists; negatives[q]: the query's hard negatives, doc indices (or token lists);
+    pairs: the stream items (query, doc) (default: query i with doc i); excluded[q]: doc indices that
+    are never negatives of q (default: doc q); hard_per_group: None takes the hard negatives in order
+    (up to G - 2), k draws k of them per group with the seed.
     """
 
     def __init__(self, queries, passages, negatives, *, group_size: int, micro_batch: int, n_ctx: int,
-                 seed: int, rank: int = 0, world: int = 1, pad_id: int = 0):
-        if len(passages) < group_size - 1 and group_size > 2:
-            raise UserError(f"retrieval.group_size is {group_size} but the pairs file holds only {len(passages)} "
-                            f"passages; set retrieval.group_size <= {len(passages) + 1} or add pairs")
+                 seed: int, rank: int = 0, world: int = 1, pad_id: int = 0, pairs=None, excluded=None,
+                 hard_per_group: int | None = None, gather: bool = False):
         self.q, self.p, self.negs = queries, passages, negatives
+        self.pairs = pairs if pairs is not None else [(i, i) for i in range(len(queries))]
+        self.excluded = excluded if excluded is not None else [np.array([i]) for i in range(len(queries))]
+        self._excl_sets = [set(int(x) for x in e) for e in self.excluded]
         self.G, self.B, self.n_ctx, self.seed = group_size, micro_batch, n_ctx, seed
         self.rank, self.world, self.pad = rank, world, max(pad_id, 0)
+        self.hard_per_group, self.gather = hard_per_group, gather
+        most = max(len(e) for e in self.excluded)
+        if group_size > 2 and len(passages) - most < group_size - 2:
+            raise UserError(f"retrieval.group_size is {group_size} but a query has only {len(passages) - most} "
+                            f"passages that are not relevant to it; set retrieval.group_size <= "
+                            f"{len(passages) - most + 2} or add documents")
         self.batches = 0
         self._perm_epoch, self._perm = -1, None
 
-    def _pair_at(self, t: int) -> int:
+    def _pair_at(self, t: int) -> tuple[int, int]:
         import torch
 
-        n = len(self.q)
+        n = len(self.pairs)
         epoch = t // n
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
-        return self._perm[t % n]
+        return self.pairs[self._perm[t % n]]
+
+    def group_docs(self, t: int) -> tuple[int, list]:
+        """(query index, [positive, negatives...]) of stream position t: doc indices, or token lists for
+        negatives given as text."""
+        qi, di = self._pair_at(t)
+        excl = self._excl_sets[qi]
+        hard = [x for x in self.negs[qi] if not (isinstance(x, int) and x in excl)] if self.negs else []
+        if self.hard_per_group is None:
+            hard = hard[:self.G - 2]
+        elif hard:
+            rng = np.random.default_rng([self.seed, 104_729, t])
+            k = min(self.hard_per_group, len(hard), self.G - 2)
+            hard = [hard[j] for j in rng.choice(len(hard), k, replace=False)]
+        cands = [di] + hard
+        need = self.G - 1 - len(cands)
+        if need > 0:
+            rng = np.random.default_rng([self.seed, 7_919, t])
+            taken = excl | {x for x in hard if isinstance(x, int)}
+            while need > 0:
+                for x in rng.integers(0, len(self.p), size=2 * need + 8).tolist():
+                    if x not in taken:
+                        taken.add(x)
+                        cands.append(x)
+                        need -= 1
+                        if need == 0:
+                            break
+        return qi, cands
 
     def group(self, t: int) -> list[list[int]]:
         """[query, passage, negatives...] token lists of stream position t."""
+        qi, cands = self.group_docs(t)
+        return [self.q[qi]] + [self.p[x] if isinstance(x, int) else x for x in cands]
+
+    def _mask(self, k: int, own: dict) -> "torch.Tensor":
+        """bool [B, C]: the candidates of this rank's queries that are relevant to them (never the own positive).
+
+        `own` maps this rank's stream positions to their group_docs."""
         import torch
 
-        i = self._pair_at(t)
-        seqs = [self.q[i], self.p[i]] + self.negs[i][:self.G - 2]
-        need = self.G - len(seqs)
-        if need > 0:
-            g = torch.Generator().manual_seed(self.seed * 7_919 + t)
-            others = torch.randperm(len(self.p) - 1, generator=g)[:need].tolist()
-            seqs += [self.p[j + (j >= i)] for j in others]  # every passage but the pair's own
-        return seqs
+        start = (k * self.world + self.rank) * self.B
+        if self.gather:
+            everyone = range(k * self.world * self.B, (k + 1) * self.world * self.B)
+            flat = [x for u in everyone for x in (own[u] if u in own else self.group_docs(u))[1]]
+        mask = []
+        for b, t in enumerate(range(start, start + self.B)):
+            qi, cands = own[t]
+            excl = self._excl_sets[qi]
+            row = [isinstance(x, int) and x in excl for x in (flat if self.gather else cands)]
+            row[(self.rank * self.B + b) * (self.G - 1) if self.gather else 0] = False
+            mask.append(row)
+        return torch.tensor(mask, dtype=torch.bool)
 
     def batch_at(self, k: int) -> dict:
         import torch
@@ -111,11 +175,13 @@ class PairGroups:
         from mmscale.embedder import pad_batch
 
         start = (k * self.world + self.rank) * self.B
-        seqs = [s for t in range(start, start + self.B) for s in self.group(t)]
+        own = {t: self.group_docs(t) for t in range(start, start + self.B)}
+        seqs = [s for t in own for s in [self.q[own[t][0]]] + [self.p[x] if isinstance(x, int) else x
+                                                                for x in own[t][1]]]
         ids, lengths = pad_batch(seqs, self.pad)
         full = torch.full((len(seqs), self.n_ctx), self.pad, dtype=torch.long)
         full[:, :ids.shape[1]] = ids  # a fixed width: the same shapes every step (compile-friendly)
-        return {"input_ids": full, "labels": lengths}
+        return {"input_ids": full, "labels": torch.cat([lengths, pack_mask(self._mask(k, own))])}
 
     def __iter__(self):
         while True:
@@ -134,11 +200,12 @@ class PairGroups:
 # ---------------------------------------------------------------------------------------------
 # the loss
 
-def info_nce(emb, group_size: int, temperature: float, gather: bool = False):
+def info_nce(emb, group_size: int, temperature: float, gather: bool = False, mask=None):
     """Mean InfoNCE loss of normalised embeddings [B*G, d] laid out as groups [query, positive, negatives].
 
     Without `gather` each query scores its own group's G - 1 candidates; with it, the candidates of
-    every group on every rank (other ranks' embeddings without gradient).
+    every group on every rank (other ranks' embeddings without gradient). `mask` (bool [B, C], or the
+    packed words of PairGroups) marks candidates that are relevant to the query: left out of its softmax.
     """
     import torch
     import torch.distributed as dist
@@ -161,7 +228,12 @@ def info_nce(emb, group_size: int, temperature: float, gather: bool = False):
             flat = torch.cat(parts)
         logits = queries @ flat.T / temperature
         target = (rank * B + torch.arange(B, device=emb.device)) * (group_size - 1)
-    return F.cross_entropy(logits.float(), target)
+    logits = logits.float()
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            mask = unpack_mask(mask, B, logits.shape[1])
+        logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
+    return F.cross_entropy(logits, target)
 
 
 def install_retrieval_loss(model, rcfg) -> None:
@@ -174,14 +246,16 @@ def install_retrieval_loss(model, rcfg) -> None:
     def forward(input_ids, labels=None):
         if labels is None or labels.dim() != 1:
             return lm_forward(input_ids, labels)
-        emb = pooled_embeddings(model, input_ids, labels, position)
-        return info_nce(emb, rcfg.group_size, rcfg.temperature, rcfg.gather_negatives)
+        n = input_ids.shape[0]
+        emb = pooled_embeddings(model, input_ids, labels[:n], position)
+        mask = labels[n:] if labels.shape[0] > n else None
+        return info_nce(emb, rcfg.group_size, rcfg.temperature, rcfg.gather_negatives, mask)
 
     model.forward = forward
 
 
 # ---------------------------------------------------------------------------------------------
-# training
+# tokens of documents and queries
 
 def _tokenizer_of(export: str):
     from mmscale.data.tokenizer import load_tokenizer
@@ -193,6 +267,175 @@ def _tokenizer_of(export: str):
         raise UserError(f"export '{export}' has no tokenizer.model; re-run `mmscale convert` with --tokenizer")
     return load_tokenizer(tok)
 
+
+PASSAGE_MODES = ("truncate", "first_window", "max_chunk")
+
+
+def doc_sequences(sp, coll: Collection, n_ctx: int, mode: str) -> tuple[list[list[int]], np.ndarray, int]:
+    """(token sequences, doc_starts, documents longer than the window) of a corpus under a passage mode.
+
+    doc_starts[i] is the first sequence of document i (one sequence per document unless max_chunk).
+    """
+    from mmscale.embedder import tokenize_texts, windows
+
+    if mode not in PASSAGE_MODES:
+        raise UserError(f"retrieval.passage_mode must be one of {', '.join(PASSAGE_MODES)}, got {mode!r}")
+    if mode == "truncate":
+        full = tokenize_texts(sp, coll.doc_texts())
+        return [ids[:n_ctx] for ids in full], np.arange(len(full)), sum(len(ids) > n_ctx for ids in full)
+    # the title and the text tokenized apart: the title starts every window
+    texts = [sp.encode(coll.texts[i]) if coll.texts[i] else [] for i in range(coll.n_docs)]
+    titles = [sp.encode(coll.titles[i]) if coll.titles[i] else [] for i in range(coll.n_docs)]
+    seqs, starts, cut = [], [], 0
+    for i, (title, text) in enumerate(zip(titles, texts)):
+        w = windows(text, n_ctx, title)
+        if not w[0]:
+            raise UserError(f"document '{coll.doc_ids[i]}' encodes to no tokens; remove it or give it text")
+        cut += len(w) > 1 or len(title) > n_ctx // 2
+        starts.append(len(seqs))
+        seqs.extend(w if mode == "max_chunk" else w[:1])
+    return seqs, np.array(starts, dtype=np.int64), cut
+
+
+def query_sequences(sp, coll: Collection, n_ctx: int) -> tuple[list[list[int]], int]:
+    from mmscale.embedder import tokenize_texts
+
+    full = tokenize_texts(sp, coll.queries)
+    return [ids[:n_ctx] for ids in full], sum(len(ids) > n_ctx for ids in full)
+
+
+def truncation_note(n_docs_cut: int, n_docs: int, n_q_cut: int, n_ctx: int, mode: str) -> str:
+    what = {"truncate": "cut to their first n_ctx tokens", "first_window": "cut to their first window",
+            "max_chunk": "split into windows (scored by the best one)"}[mode]
+    return (f"{n_docs_cut} of {n_docs} documents ({100 * n_docs_cut / max(n_docs, 1):.0f}%) are longer than "
+            f"n_ctx {n_ctx} tokens and were {what} (retrieval.passage_mode {mode}); "
+            f"{n_q_cut} queries were cut to n_ctx")
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpus cache
+
+def export_fingerprint(export: str | os.PathLike) -> str:
+    """sha256 over the export's config.json, weights and tokenizer: changes whenever the export does."""
+    root = Path(export)
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".model")):
+        h.update(name.encode() + b"\0")
+        with open(root / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def corpus_embeddings(embedder, export, coll: Collection, mode: str, *, batch_size: int = 32,
+                      cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                      fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(embeddings of every sequence, doc_starts, info) of the corpus, from the cache when it matches.
+
+    The cache file is `cache_dir/corpus-<export path hash>-<key>.npz`; the key hashes the export's
+    files, the corpus, the passage mode, n_ctx and the embedding position, so any change recomputes
+    (and replaces the files this export left before).
+    """
+    n_ctx = embedder.n_ctx
+    # `where` names what is embedded and how; `key` the export's content: a changed export replaces its entry
+    where = hashlib.sha256(json.dumps({
+        "path": str(Path(export).resolve()), "corpus": coll.fingerprint(), "mode": mode, "n_ctx": n_ctx,
+        "position": str(embedder.position), "version": CACHE_VERSION}).encode()).hexdigest()[:12]
+    key = hashlib.sha256((fingerprint or export_fingerprint(export)).encode()).hexdigest()[:16]
+    info = {"cache": None, "hit": False}
+    path = None
+    if cache_dir:
+        path = Path(cache_dir) / f"corpus-{where}-{key}.npz"
+        info["cache"] = str(path)
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    info.update(hit=True, truncated=int(z["truncated"]), sequences=int(len(z["emb"])))
+                    return z["emb"], z["starts"], info
+            except (OSError, KeyError, ValueError):
+                pass  # a damaged cache file is recomputed
+    seqs, starts, cut = doc_sequences(embedder.tokenizer, coll, n_ctx, mode)
+    emb = embedder.encode_ids(seqs, batch_size=batch_size, progress="embedding corpus" if progress else False)
+    info.update(truncated=int(cut), sequences=len(seqs))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, emb=emb, starts=starts, truncated=np.int64(cut))
+        os.replace(tmp, path)
+        for old in path.parent.glob(f"corpus-{where}-*.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    return emb, starts, info
+
+
+# ---------------------------------------------------------------------------------------------
+# hard negatives
+
+def mine_negatives(kind: str, coll: Collection, *, depth: int, export: str | None = None, mode: str = "truncate",
+                   position: str = "last", cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
+                   progress: bool = False) -> list[list[int]]:
+    """Per query, up to `depth` documents ranked highest by BM25 or by the export's embeddings, best first,
+    never one of its relevant documents or their duplicates. Cached under cache_dir."""
+    from mmscale import ir_metrics
+
+    excluded = coll.excluded()
+    fp = export_fingerprint(export) if kind == "model" else ""
+    key = hashlib.sha256(json.dumps({"kind": kind, "collection": coll.fingerprint_all(), "depth": depth,
+                                     "export": fp, "mode": mode, "position": str(position),
+                                     "version": CACHE_VERSION}).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"negatives-{kind}-{key}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())["negatives"]
+    want = depth + max(len(e) for e in excluded)
+    if kind == "bm25":
+        from mmscale.bm25 import BM25Index
+
+        index = BM25Index(coll.doc_texts())
+        ranked = []
+        for idx in ir_metrics.query_blocks(len(coll.queries), coll.n_docs):
+            s = index.scores([coll.queries[i] for i in idx])
+            k = min(want, coll.n_docs)
+            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
+            ranked.extend(np.take_along_axis(part, order, 1).tolist())
+    elif kind == "model":
+        from mmscale.embedder import Embedder
+
+        emb = Embedder.from_export(export, position=position, device=_device("auto"))
+        d, starts, _ = corpus_embeddings(emb, export, coll, mode, batch_size=batch_size, cache_dir=cache_dir,
+                                         progress=progress, fingerprint=fp)
+        if mode == "max_chunk":  # rank chunks, keep each document's first (best) appearance
+            d_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(d))))
+            q = emb.encode_ids(query_sequences(emb.tokenizer, coll, emb.n_ctx)[0], batch_size=batch_size)
+            chunks = ir_metrics.top_k(q, d, min(len(d), want * 4))
+            ranked = [list(dict.fromkeys(d_of[c].tolist())) for c in chunks]
+        else:
+            q = emb.encode_ids(query_sequences(emb.tokenizer, coll, emb.n_ctx)[0], batch_size=batch_size)
+            ranked = ir_metrics.top_k(q, d, want).tolist()
+    else:
+        raise UserError(f"retrieval.negatives must be random, bm25 or model, got {kind!r}")
+    out = []
+    for qi, docs in enumerate(ranked):
+        excl = set(excluded[qi].tolist())
+        out.append([int(x) for x in docs if x not in excl][:depth])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"kind": kind, "depth": depth, "negatives": out}))
+        os.replace(tmp, path)
+    return out
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# training
 
 def retrieval_model_factory(cfg):
     from mmscale.export.format import load_export_state
@@ -207,28 +450,47 @@ def retrieval_model_factory(cfg):
     return model
 
 
-def retrieval_data_factory(cfg, info, micro_batch_size: int):
-    from mmscale.embedder import encode_texts
+def train_collection(rcfg) -> Collection:
+    path = rcfg.collection or rcfg.pairs
+    return load_collection(path, rcfg.split or None, prefer="train")
 
+
+def hard_per_group(rcfg) -> int:
+    return rcfg.hard_negatives if rcfg.hard_negatives > 0 else math.ceil((rcfg.group_size - 2) / 2)
+
+
+def retrieval_data_factory(cfg, info, micro_batch_size: int):
+    r = cfg.retrieval
     sp = _tokenizer_of(cfg.train.init_from)
-    pairs = read_pairs(cfg.retrieval.pairs)
+    coll = train_collection(r)
     n_ctx = cfg.model.n_ctx
-    queries = encode_texts(sp, [r["query"] for r in pairs], n_ctx)
-    passages = encode_texts(sp, [r["passage"] for r in pairs], n_ctx)
-    flat_negs = encode_texts(sp, [x for r in pairs for x in r["negatives"]], n_ctx) if any(
-        r["negatives"] for r in pairs) else []
-    negatives, at = [], 0
-    for r in pairs:
-        negatives.append(flat_negs[at:at + len(r["negatives"])])
-        at += len(r["negatives"])
-    loader = PairGroups(queries, passages, negatives, group_size=cfg.retrieval.group_size,
-                        micro_batch=micro_batch_size, n_ctx=n_ctx, seed=cfg.run.seed, rank=info.rank,
-                        world=info.world_size, pad_id=sp.pad_id())
+    queries, q_cut = query_sequences(sp, coll, n_ctx)
+    mode = "first_window" if r.passage_mode == "max_chunk" else r.passage_mode
+    docs, _, d_cut = doc_sequences(sp, coll, n_ctx, mode)
+    if info.rank == 0:
+        print(f"retrieval: {coll.summary()} ({coll.source}, split {coll.split}); "
+              + truncation_note(d_cut, coll.n_docs, q_cut, n_ctx, mode)
+              + ("; training embeds the first window (max_chunk applies to eval and mining)"
+                 if r.passage_mode == "max_chunk" else ""), flush=True)
+    negatives = [list(n) for n in coll.negatives]
+    per_group = None
+    if r.negatives != "random":
+        cache = r.cache_dir or str(Path(cfg.run.dir) / "retrieval_cache")
+        mined = mine_negatives(r.negatives, coll, depth=r.mine_depth, export=cfg.train.init_from,
+                               mode=r.passage_mode, position=r.position, cache_dir=cache,
+                               progress=info.rank == 0 and cfg.log.progress)
+        negatives = [list(dict.fromkeys(g + m)) for g, m in zip(negatives, mined)]
+        per_group = hard_per_group(r)
+    pairs = [(qi, d) for qi, rel in enumerate(coll.relevant) for d in sorted(rel)]
+    loader = PairGroups(queries, docs, negatives, group_size=r.group_size, micro_batch=micro_batch_size,
+                        n_ctx=n_ctx, seed=cfg.run.seed, rank=info.rank, world=info.world_size, pad_id=sp.pad_id(),
+                        pairs=pairs, excluded=coll.excluded(), hard_per_group=per_group, gather=r.gather_negatives)
     return loader, None
 
 
-def prepare_config(cfg, init: str | None, pairs: str | None):
-    """Fill train.init_from / retrieval.pairs and take the model config from the export."""
+def prepare_config(cfg, init: str | None, pairs: str | None, collection: str | None = None,
+                   split: str | None = None, negatives: str | None = None):
+    """Fill train.init_from / retrieval.pairs|collection and take the model config from the export."""
     from mmscale.config import ModelConfig, _build
     from mmscale.export.format import load_export_config
 
@@ -236,13 +498,29 @@ def prepare_config(cfg, init: str | None, pairs: str | None):
         cfg.train.init_from = init
     if pairs:
         cfg.retrieval.pairs = pairs
+    if collection:
+        cfg.retrieval.collection = collection
+    if split:
+        cfg.retrieval.split = split
+    if negatives:
+        cfg.retrieval.negatives = negatives
     if not cfg.train.init_from:
         raise UserError("retrieval training starts from an export: pass --init EXPORT (or train.init_from=EXPORT)")
-    if not cfg.retrieval.pairs:
-        raise UserError("no pairs: pass --pairs PAIRS.jsonl (or retrieval.pairs=PATH)")
+    if not cfg.retrieval.pairs and not cfg.retrieval.collection:
+        raise UserError("no training data: pass --collection DIR (BEIR layout) or --pairs PAIRS.jsonl")
+    if cfg.retrieval.pairs and cfg.retrieval.collection:
+        raise UserError("pass either --pairs or --collection (retrieval.pairs or retrieval.collection), not both")
     meta = load_export_config(cfg.train.init_from)
     cfg.model = _build(ModelConfig, meta["model"], "model")
-    read_pairs(cfg.retrieval.pairs)  # bad pairs fail before any process group starts
+    coll = train_collection(cfg.retrieval)  # bad data fails before any process group starts
+    most = max(len(e) for e in coll.excluded())
+    if cfg.retrieval.group_size > 2 and coll.n_docs - most < cfg.retrieval.group_size - 2:
+        raise UserError(f"retrieval.group_size is {cfg.retrieval.group_size} but a query of "
+                        f"'{coll.source}' has only {coll.n_docs - most} documents that are not relevant to it; "
+                        f"set retrieval.group_size <= {coll.n_docs - most + 2} or add documents")
+    if cfg.retrieval.negatives == "bm25":
+        from mmscale.bm25 import _bm25s
+        _bm25s()
     return cfg
 
 
@@ -256,97 +534,184 @@ def train_retrieval(cfg) -> int:
 # evaluation
 
 def top1_table(query_emb, passage_emb, candidates: list[int], seed: int = 0, chunk: int = 64) -> list[dict]:
-    """Top-1 accuracy and MRR of each query's own passage among n candidates, for each n.
+    """Top-1 accuracy and MRR of each query's own passage (row i of passage_emb) among n candidates.
 
     Candidates: the true passage plus n - 1 distractors drawn without replacement from the other
-    passages with a seed fixed per (seed, n). Ties count against the true passage.
+    passages with a seed fixed per (seed, n); ties split fairly (mmscale.ir_metrics).
     """
-    import numpy as np
+    from mmscale import ir_metrics
 
     q, p = np.asarray(query_emb, dtype=np.float32), np.asarray(passage_emb, dtype=np.float32)
     N = len(q)
-    rows = []
     for n in candidates:
         if n < 2 or n > N:
             raise UserError(f"--candidates {n}: needs 2 <= n <= {N}, the number of held-out passages; "
                             f"pass smaller values or more pairs")
-        rng = np.random.default_rng([seed, n])
-        ranks = np.empty(N, dtype=np.int64)
-        for start in range(0, N, chunk):
-            idx = np.arange(start, min(start + chunk, N))
-            distract = np.stack([rng.choice(N - 1, n - 1, replace=False) for _ in idx])
-            distract += distract >= idx[:, None]          # skip the query's own passage
-            true_score = np.einsum("bd,bd->b", q[idx], p[idx])
-            scores = np.einsum("bd,bkd->bk", q[idx], p[distract])
-            ranks[idx] = 1 + (scores >= true_score[:, None]).sum(1)
-        rows.append({"candidates": n, "top1": float((ranks == 1).mean()), "mrr": float((1.0 / ranks).mean()),
-                     "queries": N})
-    return rows
+    ev = ir_metrics.Evaluator([{i: 1.0} for i in range(N)], [np.array([i]) for i in range(N)], N, candidates, seed)
+    scorer = ir_metrics.dot_scorer(q, p)
+    for s in range(0, N, chunk):
+        idx = np.arange(s, min(s + chunk, N))
+        ev.add(idx.tolist(), scorer(idx))
+    return [{k: r[k] for k in ("candidates", "top1", "mrr", "queries")} for r in ev.result()["top1"]]
 
 
-def evaluate_export(export: str, pairs_path: str, candidates: list[int], *, seed: int = 0, batch_size: int = 32,
-                    position: str = "last", progress: bool = True) -> dict:
+def evaluate_export(export: str, collection: str, candidates: list[int], *, seed: int = 0, batch_size: int = 32,
+                    position: str = "last", progress: bool = True, split: str | None = None,
+                    passage_mode: str = "truncate", cache_dir: str | os.PathLike | None = None,
+                    baseline: bool = True, device: str = "auto", record: bool = False) -> dict:
+    """Full-corpus metrics and top-1 among n of an export (and of BM25) on a collection; see the module docstring."""
+    from mmscale import ir_metrics
     from mmscale.embedder import Embedder
 
-    pairs = read_pairs(pairs_path)
-    if max(candidates) > len(pairs):
-        raise UserError(f"--candidates {max(candidates)} is more than the {len(pairs)} held-out passages in "
-                        f"'{pairs_path}'; pass at most {len(pairs)} or more pairs")
-    emb = Embedder.from_export(export, position=position)
-    # embeddings computed once, reused for every n
-    q = emb.encode([r["query"] for r in pairs], batch_size=batch_size, progress=progress)
-    p = emb.encode([r["passage"] for r in pairs], batch_size=batch_size, progress=progress)
-    return {"export": str(export), "pairs": str(pairs_path), "n_pairs": len(pairs), "seed": seed,
-            "position": position, "results": top1_table(q, p, candidates, seed)}
+    coll = load_collection(collection, split, prefer="test")
+    relevant, excluded = coll.relevant, coll.excluded()
+    ir_metrics.Evaluator(relevant, excluded, coll.n_docs, candidates, seed)  # bad --candidates fail before embedding
+    if passage_mode not in PASSAGE_MODES:
+        raise UserError(f"--passage-mode must be one of {', '.join(PASSAGE_MODES)}, got {passage_mode!r}")
+    emb = Embedder.from_export(export, position=position, device=_device(device))
+    qseqs, q_cut = query_sequences(emb.tokenizer, coll, emb.n_ctx)
+    q = emb.encode_ids(qseqs, batch_size=batch_size, progress="embedding queries" if progress else False)
+    d, starts, cache = corpus_embeddings(emb, export, coll, passage_mode, batch_size=batch_size,
+                                         cache_dir=cache_dir, progress=progress)
+    scorer = ir_metrics.dot_scorer(q, d, starts if passage_mode == "max_chunk" else None)
+    model = ir_metrics.evaluate_scores(scorer, relevant, excluded, coll.n_docs, candidates, seed, record,
+                                       progress="ranking" if progress else None)
+    mres = model.result()
+    out = {"export": str(export), "collection": str(collection), "split": coll.split,
+           "n_queries": len(coll.queries), "n_corpus": coll.n_docs,
+           "n_relevant": sum(len(r) for r in relevant), "n_judgments": coll.judgments,
+           "dropped_queries": coll.dropped_queries, "n_pairs": len(coll.queries), "seed": seed,
+           "position": position, "passage_mode": passage_mode, "n_ctx": emb.n_ctx,
+           "truncated": {"documents": cache["truncated"], "queries": q_cut},
+           "corpus_cache": {"path": cache["cache"], "hit": cache["hit"]},
+           "metrics": {k: mres[k] for k in ir_metrics.METRICS}, "results": mres["top1"], "baseline": None}
+    if record:
+        out["_evaluators"] = {"model": model}
+    if baseline:
+        from mmscale import bm25
+
+        index = bm25.BM25Index(coll.doc_texts())
+        lex = ir_metrics.evaluate_scores(lambda idx: index.scores([coll.queries[i] for i in idx]), relevant,
+                                         excluded, coll.n_docs, candidates, seed, record,
+                                         progress="BM25" if progress else None)
+        lres = lex.result()
+        out["baseline"] = {"name": bm25.NAME, "metrics": {k: lres[k] for k in ir_metrics.METRICS},
+                           "results": lres["top1"]}
+        if record:
+            out["_evaluators"]["bm25"] = lex
+    return out
+
+
+def format_table(result: dict) -> str:
+    names = {"ndcg@10": "nDCG@10", "recall@10": "Recall@10", "recall@100": "Recall@100", "mrr@10": "MRR@10",
+             "map": "MAP"}
+    rows = [("model", result["metrics"], result["results"])]
+    if result.get("baseline"):
+        b = result["baseline"]
+        rows.append((b["name"].split(" (")[0] + " (bm25s)", b["metrics"], b["results"]))
+    w = max(len(r[0]) for r in rows) + 2
+    t = result["truncated"]
+    lines = [f"{result['collection']} (split {result['split']}): {result['n_queries']} queries, "
+             f"{result['n_corpus']} documents, {result['n_relevant']} relevant judgments; "
+             f"{t['documents']} documents longer than n_ctx {result['n_ctx']} ({result['passage_mode']}), "
+             f"{t['queries']} queries cut",
+             f"{'':<{w}}" + "".join(f"{names[k]:>12}" for k in names)]
+    for name, m, _ in rows:
+        lines.append(f"{name:<{w}}" + "".join(f"{m[k]:>12.4f}" for k in names))
+    lines.append(f"top-1 among n candidates (other relevant documents never distractors; ties split), "
+                 f"{result['results'][0]['pairs'] if result['results'] else 0} query-document pairs, "
+                 f"seed {result['seed']}:")
+    head = f"{'candidates':>10}" + "".join(f"  {name + ' top-1':>16}  {name + ' MRR':>14}" for name, _, _ in
+                                           [(r[0].split(' (')[0], 0, 0) for r in rows])
+    lines.append(head)
+    for i, r in enumerate(result["results"]):
+        cells = "".join(f"  {rw[2][i]['top1']:>16.4f}  {rw[2][i]['mrr']:>14.4f}" for rw in rows)
+        lines.append(f"{r['candidates']:>10}{cells}")
+    cache = result["corpus_cache"]
+    if cache["path"]:
+        lines.append(f"corpus embeddings {'read from' if cache['hit'] else 'cached in'} {cache['path']}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
 # `mmscale retrieval`
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mmscale.retrieval_data import add_import_arguments
+
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="InfoNCE fine-tuning of an export (any engine)")
     t.add_argument("--init", help="the export to start from (sets train.init_from)")
+    t.add_argument("--collection", help="a BEIR-layout directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv "
+                                        "(sets retrieval.collection)")
+    t.add_argument("--split", help="the qrels split to train on (default: train, or the only one)")
     t.add_argument("--pairs", help="JSONL of {\"query\", \"passage\"[, \"negatives\"]} (sets retrieval.pairs)")
+    t.add_argument("--negatives", choices=["random", "bm25", "model"],
+                   help="hard negatives: random documents, BM25's or the export's top-ranked non-relevant documents "
+                        "(mined once, cached under run.dir/retrieval_cache; sets retrieval.negatives)")
     t.add_argument("--config", default=None, help="YAML config (model.* comes from the export)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. retrieval.group_size=32 engine.kind=fsdp")
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    e = sub.add_parser("eval", help="top-1 accuracy and MRR among n candidates")
+    e = sub.add_parser("eval", help="nDCG@10, Recall@10/100, MRR@10, MAP over the whole corpus, top-1 among n, "
+                                    "beside BM25")
     e.add_argument("export")
-    e.add_argument("--pairs", required=True, help="held-out pairs (JSONL)")
-    e.add_argument("--candidates", default="32", help="comma-separated n, e.g. 32,64,128 (default 32)")
+    e.add_argument("--collection", help="a BEIR-layout directory (or a pairs JSONL)")
+    e.add_argument("--split", help="the qrels split (default: test, or the only one)")
+    e.add_argument("--pairs", help="held-out pairs (JSONL): a collection with one relevant passage per query")
+    e.add_argument("--candidates", default="32", help="comma-separated n of top-1 among n, e.g. 32,64,128 (default 32)")
     e.add_argument("--seed", type=int, default=0, help="seed of the distractor sampling")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--position", default="last", help="embedding token: last or an index such as -2")
+    e.add_argument("--passage-mode", default="truncate", choices=list(PASSAGE_MODES),
+                   help="long documents: truncate, first_window, or max_chunk (best of n_ctx windows)")
+    e.add_argument("--cache-dir", default=None,
+                   help="where corpus embeddings are cached (default: retrieval_cache/ beside --json)")
+    e.add_argument("--no-cache", action="store_true", help="embed the corpus without reading or writing a cache")
+    e.add_argument("--no-baseline", action="store_true", help="skip the BM25 row")
+    e.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     e.add_argument("--json", default="retrieval_eval.json", help="where to write the results (default ./retrieval_eval.json)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    i = sub.add_parser("import", help="raw files (pairs JSONL, SMART .I/.T/.W + qrels) -> a BEIR-layout collection")
+    add_import_arguments(i)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         from mmscale.config import load_config
 
-        cfg = prepare_config(load_config(args.config, args.overrides), args.init, args.pairs)
+        cfg = prepare_config(load_config(args.config, args.overrides), args.init, args.pairs, args.collection,
+                             args.split, args.negatives)
         status = train_retrieval(cfg)
         if cfg.engine.kind == "deepspeed":  # see mmscale.train.run: leave without interpreter teardown
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(status)
         return status
+    if args.action == "import":
+        from mmscale.retrieval_data import import_collection
+
+        counts = import_collection(args)
+        splits = ", ".join(f"qrels/{k}.tsv: {n} queries" for k, n in counts["splits"].items())
+        print(f"wrote {args.out}: {counts['documents']} documents, {counts['queries']} queries, "
+              f"{counts['judgments']} judgments ({splits})")
+        return 0
     try:
         candidates = sorted({int(x) for x in args.candidates.split(",") if x.strip()})
     except ValueError:
         raise UserError(f"--candidates must be comma-separated integers such as 32,64,128, got {args.candidates!r}") from None
     if not candidates:
         raise UserError("--candidates is empty; pass e.g. 32,64,128")
+    if bool(args.pairs) == bool(args.collection):
+        raise UserError("pass --collection DIR (BEIR layout) or --pairs FILE.jsonl, one of them")
     out = Path(args.json)
     if out.exists() and not args.overwrite:
         raise UserError(f"'{out}' already exists; pass --overwrite or another --json path")
-    result = evaluate_export(args.export, args.pairs, candidates, seed=args.seed, batch_size=args.batch_size,
-                             position=args.position)
-    print(f"{'candidates':>10}  {'top-1':>7}  {'MRR':>7}   ({result['n_pairs']} held-out pairs, seed {args.seed})")
-    for r in result["results"]:
-        print(f"{r['candidates']:>10}  {r['top1']:>7.4f}  {r['mrr']:>7.4f}")
+    cache = None if args.no_cache else (args.cache_dir or out.parent / "retrieval_cache")
+    result = evaluate_export(args.export, args.collection or args.pairs, candidates, seed=args.seed,
+                             batch_size=args.batch_size, position=args.position, split=args.split,
+                             passage_mode=args.passage_mode, cache_dir=cache, baseline=not args.no_baseline,
+                             device=args.device)
+    print(format_table(result))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)

@@ -86,7 +86,9 @@ def _groups(rank, world, mb, seed=5):
 def test_pair_groups_layout_sharding_and_resume():
     one = _groups(0, 1, 4)
     b = one.batch_at(0)
-    assert b["input_ids"].shape == (16, 6) and b["labels"].shape == (16,)
+    # labels: 16 lengths, then the packed [4, 3] mask of relevant candidates (one 32-bit word per query)
+    assert b["input_ids"].shape == (16, 6) and b["labels"].shape == (16 + 4,)
+    assert torch.equal(b["labels"][:16], (b["input_ids"] != 0).sum(1)) and not b["labels"][16:].any()
     for grp in b["input_ids"].view(4, 4, 6):
         i = int(grp[0, 0]) - 100
         assert grp[1, :2].tolist() == [200 + i, 7]                       # its own passage second

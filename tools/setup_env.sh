@@ -39,7 +39,8 @@ DS_BUILD_OPS=0 pip install -c "$cons" \
   "deepspeed>=0.15" "sentencepiece>=0.2" "submitit>=1.5" "wandb>=0.17" "numpy>=1.24,<2.2" \
   "safetensors>=0.4" "pyyaml>=6" "tqdm>=4.60" \
   "pytest>=7" "pytest-timeout>=2.1" "matplotlib>=3.7" "pyarrow>=12" \
-  zstd "xxhash>=3,<4" brotli python-snappy catalogue "transformers<5" pillow
+  zstd "xxhash>=3,<4" brotli python-snappy catalogue "transformers<5" pillow \
+  "bm25s>=0.3"
 pip install -c "$cons" --no-deps "mosaicml-streaming>=0.9"
 # log.tensorboard and the profiler's traces (torch.utils.tensorboard writes the event files)
 pip install -c "$cons" "tensorboard>=2.14"
