@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmscale.train", "pre-train a model (single process; use deepspeed/torchrun for more)"),
     "launch": ("mmscale.launch", "submit training to SLURM (or run locally) through submitit"),
     "convert": ("mmscale.export.convert", "checkpoint of any engine -> consolidated export"),
+    "export-hf": ("mmscale.export.hf", "export or checkpoint -> Hugging Face folder (transformers, "
+                                       "sentence-transformers, lm-eval)"),
     "generate": ("mmscale.export.generate", "sample text from an export"),
     "eval": ("mmscale.export.evaluate", "mean loss and perplexity of an export on a dataset or text files"),
     "retrieval": ("mmscale.retrieval", "InfoNCE retrieval fine-tuning and evaluation (`retrieval train|eval`)"),

@@ -1,6 +1,11 @@
 """Tokenize text into MDS shards: the `mmscale prepare` command.
 
     mmscale prepare --input stories.txt --tokenizer tok.model --n-ctx 256 --out data/stories
+    mmscale prepare --input stories.txt --tokenizer gpt2/tokenizer.json --n-ctx 256 --out data/stories-gpt2
+
+--tokenizer is a sentencepiece .model, a Hugging Face tokenizer.json, or a local folder that
+AutoTokenizer loads (its tokenizer_config.json names EOS and pad; a bare tokenizer.json gets them
+from well-known token names). Its hash, kind and special ids go into the manifest.
 
 Inputs (each --input, by file extension):
   plain text  documents separated by a separator line (default `<|endoftext|>`); a file with no
@@ -55,6 +60,11 @@ _worker_sp = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_sp
+    from mmscale.data.tokenizer import is_hf_tokenizer, load_tokenizer
+
+    if is_hf_tokenizer(tokenizer_path):  # a Hugging Face tokenizer (tokenizer.json or a folder)
+        _worker_sp = load_tokenizer(tokenizer_path)
+        return
     import sentencepiece as spm
 
     _worker_sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
@@ -316,7 +326,22 @@ def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype
     if opts.val_fraction > 0 and splits["val"].samples == 0:
         raise UserError(f"the validation documents make no sample of n_ctx + 1 = {n_ctx + 1} tokens; "
                         "pass a larger --val-fraction, more text or a smaller --n-ctx")
-    shutil.copyfile(opts.tokenizer, tmp / "tokenizer.model")
+    # the tokenizer goes along as tokenizer.model (where every mmscale reader looks): a sentencepiece model,
+    # or a Hugging Face tokenizer.json (copied as it is, or written from a folder) with the special tokens
+    # chosen here in tokenizer_config.json beside it
+    tok_kind = "sentencepiece"
+    if hasattr(sp, "to_json"):
+        tok_kind = "huggingface"
+        src = Path(opts.tokenizer)
+        if src.is_file():
+            shutil.copyfile(src, tmp / "tokenizer.model")
+        else:
+            (tmp / "tokenizer.model").write_text(sp.to_json())
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+             **{f"{k}_token": v for k, v in sp.special_tokens().items()}}, indent=2) + "\n")
+    else:
+        shutil.copyfile(opts.tokenizer, tmp / "tokenizer.model")
     manifest = {
         "format": "mmscale-mds",
         "version": FORMAT_VERSION,
@@ -325,7 +350,8 @@ def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype
         "n_ctx": n_ctx,
         "sample_tokens": n_ctx + 1 if opts.layout == "packed" else n_ctx,
         "dtype": dtype,
-        "tokenizer": {"file": "tokenizer.model", "sha256": file_sha256(opts.tokenizer),
+        "tokenizer": {"file": "tokenizer.model", "sha256": file_sha256(tmp / "tokenizer.model"),
+                      **({"kind": tok_kind, "source": str(opts.tokenizer)} if tok_kind != "sentencepiece" else {}),
                       "vocab_size": vocab_size, **{f"{k}_id": v for k, v in ids.items()},
                       "pad_value": pad_id},
         "vocab_size": vocab_size,
@@ -357,7 +383,9 @@ def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="text / .jsonl / .parquet files, directories of them, or hf:NAME[:CONFIG][@SPLIT]")
-    parser.add_argument("--tokenizer", required=True, help="a sentencepiece .model")
+    parser.add_argument("--tokenizer", required=True,
+                        help="a sentencepiece .model, a Hugging Face tokenizer.json, or a local tokenizer folder "
+                             "(AutoTokenizer)")
     parser.add_argument("--n-ctx", type=int, required=True, help="context length of the model")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--layout", choices=["packed", "padded"], default="packed")

@@ -9,7 +9,9 @@ fall back to their UTF-8 bytes. Special ids are fixed (the Data contract in ARCH
     pad 0 <pad>    unk 1 <unk>    bos 2 <s>    eos 3 </s>
 
 Any other sentencepiece `.model` file (for example a Llama or Mistral tokenizer) loads as well;
-its special ids are whatever it defines.
+its special ids are whatever it defines. Hugging Face tokenizers load too (`load_tokenizer` on a
+`tokenizer.json` file, on any file holding that JSON, or on a local folder loadable by AutoTokenizer),
+behind the same small interface (`HFTokenizer`); they need the `tokenizers` package.
 """
 from __future__ import annotations
 
@@ -38,11 +40,156 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def is_hf_tokenizer_file(path: str | os.PathLike) -> bool:
+    """True for a file holding a Hugging Face tokenizer.json (whatever its name): it is a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return False
+    return head.startswith(b"{")
+
+
+# tokens taken as EOS of a tokenizer.json that comes without a tokenizer_config.json naming one
+EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]")
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+UNK_CANDIDATES = ("<unk>", "[UNK]", "<|unk|>")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers.Tokenizer` behind the part of sentencepiece's interface mmscale uses.
+
+    `encode` adds no special tokens (as mmscale's sentencepiece use: documents are their pieces, EOS is
+    appended by the caller); `decode` keeps special tokens out. Special ids come from the folder's
+    tokenizer_config.json (or the one next to a tokenizer.json file), else from well-known token names.
+    """
+
+    def __init__(self, tokenizer, specials: dict | None = None, source: str = ""):
+        self.tokenizer = tokenizer
+        self.source = source
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self._size = max(vocab.values()) + 1 if vocab else 0
+        specials = dict(specials or {})
+        found = {}
+        for name, cands in (("eos", EOS_CANDIDATES), ("pad", PAD_CANDIDATES), ("unk", UNK_CANDIDATES),
+                            ("bos", BOS_CANDIDATES)):
+            tok = specials.get(name)
+            if tok is None and name not in specials:
+                tok = next((c for c in cands if c in vocab), None)
+            found[name] = vocab.get(tok, -1) if tok is not None else -1
+        self._ids = found
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "HFTokenizer":
+        p = Path(path)
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError(f"tokenizer '{path}' is a Hugging Face tokenizer; install `tokenizers` "
+                            "(pip install -e .[ecosystem])") from None
+        config_file = None
+        if p.is_dir():
+            if (p / "tokenizer.json").is_file():
+                json_file, config_file = p / "tokenizer.json", p / "tokenizer_config.json"
+            else:
+                return cls._from_auto(p)
+        else:
+            json_file = p  # a tokenizer.json, or a dataset's / export's tokenizer.model holding its JSON
+            config_file = p.parent / "tokenizer_config.json"
+        try:
+            tok = Tokenizer.from_file(str(json_file))
+        except Exception as e:
+            raise UserError(f"tokenizer '{json_file}' is not a valid Hugging Face tokenizer.json "
+                            f"({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
+        specials = {}
+        if config_file is not None and config_file.is_file():
+            import json
+
+            try:
+                conf = json.loads(config_file.read_text())
+            except ValueError:
+                raise UserError(f"'{config_file}' is not valid JSON; fix or remove it") from None
+            for name in ("eos", "pad", "unk", "bos"):
+                if f"{name}_token" in conf:
+                    v = conf[f"{name}_token"]
+                    specials[name] = v.get("content") if isinstance(v, dict) else v
+        return cls(tok, specials, str(p))
+
+    @classmethod
+    def _from_auto(cls, folder: Path) -> "HFTokenizer":
+        """A folder without tokenizer.json (e.g. vocab.json + merges.txt): AutoTokenizer converts it."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise UserError(f"tokenizer folder '{folder}' has no tokenizer.json; install transformers to convert it "
+                            "(pip install -e .[ecosystem])") from None
+        try:
+            auto = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        except Exception as e:
+            raise UserError(f"'{folder}' is not a tokenizer folder AutoTokenizer can load "
+                            f"({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); pass a "
+                            "sentencepiece .model, a tokenizer.json or a tokenizer folder") from None
+        if not getattr(auto, "is_fast", False):
+            raise UserError(f"'{folder}' holds a tokenizer with no fast (tokenizers) version; pass a tokenizer.json")
+        specials = {name: getattr(auto, f"{name}_token") for name in ("eos", "pad", "unk", "bos")}
+        return cls(auto.backend_tokenizer, specials, str(folder))
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+    def special_tokens(self) -> dict:
+        return {name: self.id_to_piece(i) for name, i in self._ids.items() if i >= 0}
+
+    # -- the sentencepiece interface mmscale uses
+    def encode(self, text, num_threads: int | None = None, **_):
+        if isinstance(text, str):
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [e.ids for e in self.tokenizer.encode_batch(list(text), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tokenizer.id_to_token(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        i = self.tokenizer.token_to_id(piece)
+        return -1 if i is None else i
+
+    def get_piece_size(self) -> int:
+        return self._size
+
+    def vocab_size(self) -> int:
+        return self._size
+
+    def eos_id(self) -> int:
+        return self._ids["eos"]
+
+    def pad_id(self) -> int:
+        return self._ids["pad"]
+
+    def unk_id(self) -> int:
+        return self._ids["unk"]
+
+    def bos_id(self) -> int:
+        return self._ids["bos"]
+
+
+def is_hf_tokenizer(path: str | os.PathLike) -> bool:
+    """A folder, or a file holding tokenizer.json's JSON (not a sentencepiece model)."""
+    p = Path(path)
+    return p.is_dir() or (p.is_file() and is_hf_tokenizer_file(p))
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """Load a sentencepiece model; UserError when it is missing or not a sentencepiece model."""
+    """Load a sentencepiece model (or a Hugging Face tokenizer: see HFTokenizer); UserError when it is missing
+    or neither."""
     import sentencepiece as spm
 
     p = Path(path)
+    if p.is_dir() or (p.is_file() and is_hf_tokenizer_file(p)):
+        return HFTokenizer.from_path(p)
     if not p.is_file():
         raise UserError(f"tokenizer '{path}' does not exist; train one with `mmscale tokenizer train`")
     sp = spm.SentencePieceProcessor()
