@@ -60,12 +60,24 @@ def runs(tmp_path_factory):
     ov = real_config(mixer, data, **common, **{"train.max_steps": 16, "train.eval_every": 4, "checkpoint.every": 6,
                                                "log.tensorboard": "true", "log.profile_steps": "[2,2]"})
     assert train(load_config(None, ov)) == 0
+    # the transformer: a non-finite loss at step 3 (skipped); preempted (a signal in step 8: it stops after
+    # step 9) and not resumed; then a torn line
+    import mmscale.engines
+    from tests._dist import _signal_self_at
+
     ov = real_config(tf, data, **{"model.kind": "transformer", "model.heads": 2, "train.max_steps": 10,
                                   "train.eval_every": 5, "checkpoint.every": 0, "log.peak_flops": 1e12,
                                   "log.sample_every": 5, "log.sample_tokens": 8})
-    assert train(load_config(None, ov)) == 0
+    lr_at = mmscale.engines.lr_at
+    os.environ["MMSCALE_FAULT_NAN_STEPS"] = "3"
+    try:
+        _signal_self_at({"step": 8, "ranks": [0], "signal": "SIGTERM"})
+        assert train(load_config(None, ov)) == 75
+    finally:
+        mmscale.engines.lr_at = lr_at
+        os.environ.pop("MMSCALE_FAULT_NAN_STEPS")
     with (tf / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 11, "loss"')  # crashed: no resume
+        f.write('{"step": 10, "loss"')
     return {"mixer": mixer, "transformer": tf, "data": data}
 
 
@@ -229,8 +241,8 @@ def test_report_table_matches_metrics_and_config_diff(runs, tmp_path):
                 assert got[key] == pytest.approx(value, rel=1e-9), (name, key)
     assert t.values["mixer"]["resumes"] == 1 and t.values["mixer"]["checkpoints"] >= 3
     assert t.text["mixer"]["status"] == "finished"
-    assert t.text["transformer"]["status"].startswith("stopped at step 10 of 10") is False  # it finished 10/10
-    assert t.text["transformer"]["status"] == "finished"
+    assert t.text["transformer"]["status"].startswith("stopped at step 9 of 10")
+    assert t.values["transformer"]["skipped_steps"] == 1 and t.values["mixer"]["skipped_steps"] == 0
     assert "1 unreadable line(s) in metrics.jsonl" in html  # the transformer's torn last line
     # config: keys that differ are highlighted, equal ones are not
     assert "diff" in t.config_rows["model.kind"] and "diff" in t.config_rows["train.max_steps"]
@@ -323,6 +335,7 @@ def test_report_in_headless_chromium(runs, chromium, tmp_path):
     drawn = int(re.search(r'data-rendered="(\d+)"', dom).group(1))
     assert drawn == 2 * 2 + 5 * 2 + 2, drawn
     assert dom.count('class="mark mark-checkpoint"') >= 3 and 'class="mark mark-resume"' in dom
+    assert 'class="mark mark-skipped"' in dom
     painted, colours = _painted_fraction(shot)
     assert painted > 0.05 and colours > 50, (painted, colours)
 
