@@ -42,6 +42,11 @@ DS_BUILD_OPS=0 pip install -c "$cons" \
   zstd "xxhash>=3,<4" brotli python-snappy catalogue "transformers<5" pillow \
   "bm25s>=0.3"
 pip install -c "$cons" --no-deps "mosaicml-streaming>=0.9"
+# the `ecosystem` extra (export-hf: transformers, sentence-transformers, lm-eval, tokenizers), constrained to
+# the same torch like every install here
+echo "[setup] installing the ecosystem extra (transformers, sentence-transformers, lm-eval)"
+pip install -c "$cons" "transformers>=4.45,<5" "tokenizers>=0.19" "sentence-transformers>=3" "lm-eval>=0.4.5" \
+  "accelerate>=0.26"
 # log.tensorboard and the profiler's traces (torch.utils.tensorboard writes the event files)
 pip install -c "$cons" "tensorboard>=2.14"
 if [[ -z $cuda_torch ]] && [[ "${MMSCALE_NO_TRITON:-0}" != 1 ]]; then
