@@ -378,7 +378,8 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
     is_train = split == "train"
     loader = streaming.StreamingDataLoader(
         dataset, batch_size=micro_batch_size, collate_fn=collate, num_workers=data_cfg.num_workers,
-        drop_last=is_train, persistent_workers=False, pin_memory=False,
+        # pinned host memory on CUDA: the engines' non_blocking copies then overlap with compute
+        drop_last=is_train, persistent_workers=False, pin_memory=torch.cuda.is_available(),
     )
     return StreamingLoader(dataset, loader, split=split, endless=is_train if endless is None else endless,
                            micro_batch_size=micro_batch_size, world_size=world_size, lock_dir=lock_dir,

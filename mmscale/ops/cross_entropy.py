@@ -22,6 +22,9 @@ IGNORE_INDEX = -100
 # Logit elements per chunk (rows = this // vocab): ~4 MiB of fp32 logits (256 rows at V = 4096: the
 # fastest of 64..1024 rows on a 2-core CPU), small enough for the caches, large enough for GEMMs.
 CHUNK_ELEMENTS = 1 << 20
+# On CUDA a chunk of 2^20 elements is 32 rows at a 32k vocab: far too small a GEMM for a GPU. There
+# 2^26 elements (256 MiB of fp32 logits, 2,048 rows at 32k) keep the matmuls large and the saving real.
+CUDA_CHUNK_ELEMENTS = 1 << 26
 # lm_head_cross_entropy chunks only from this many logits (512 MiB in fp32). Below it the plain
 # path was as fast or faster inside a whole CPU training step (benchmarks/RESULTS.md: the chunked
 # loss wins alone, but measured 1-5% slower in 8 of 9 step configurations at 16M logits), and
@@ -56,7 +59,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     h = hidden.reshape(-1, hidden.shape[-1])
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    per_chunk = CUDA_CHUNK_ELEMENTS if dev == "cuda" else CHUNK_ELEMENTS
+    rows = chunk_rows or max(1, per_chunk // weight.shape[0])
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
     with torch.autocast(dev, enabled=False):

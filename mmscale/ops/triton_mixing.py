@@ -147,47 +147,70 @@ def _lower_tiles(n_tiles: int, device):
     return it.to(torch.int32).contiguous(), jt.to(torch.int32).contiguous()
 
 
-def mix_forward(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _launch(kernel):
+    # the kernels as torch.compile sees them (wrap_triton: traceable, fullgraph-safe)
+    return wrap_triton(kernel)
+
+
+def _mix_forward(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """w [H, T, T], x [B, H, T, C] (contiguous) -> [B, H, T, C]."""
     b, h, t, c = x.shape
     out = torch.empty_like(x)
     bi, bj, bc = _blocks(t, c, x.dtype)
     grid = (b * h, triton.cdiv(t, bi), triton.cdiv(c, bc))
-    _fwd_kernel[grid](w, x, out, t, c, h, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, **_flags(x.dtype))
+    _launch(_fwd_kernel)[grid](w, x, out, t, c, h, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, **_flags(x.dtype))
     return out
 
 
-def mix_backward(w, x, dout, need_w=True, need_x=True):
+def _mix_backward_x(w: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    b, h, t, c = dout.shape
+    bi, bj, bc = _blocks(t, c, dout.dtype)
+    dx = torch.empty_like(dout)
+    grid = (b * h, triton.cdiv(t, bj), triton.cdiv(c, bc))
+    _launch(_bwd_x_kernel)[grid](w, dout, dx, t, c, h, BLOCK_J=bj, BLOCK_I=bi, BLOCK_C=bc, **_flags(dout.dtype))
+    return dx
+
+
+def _mix_backward_w(w: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     b, h, t, c = x.shape
     bi, bj, bc = _blocks(t, c, x.dtype)
-    dx = dw = None
-    if need_x:
-        dx = torch.empty_like(x)
-        grid = (b * h, triton.cdiv(t, bj), triton.cdiv(c, bc))
-        _bwd_x_kernel[grid](w, dout, dx, t, c, h, BLOCK_J=bj, BLOCK_I=bi, BLOCK_C=bc, **_flags(x.dtype))
-    if need_w:
-        assert bi == bj
-        # fp32 accumulation buffer; tiles above the diagonal stay zero (never launched)
-        dw = torch.zeros(h, t, t, device=x.device, dtype=torch.float32)
-        ti, tj = _lower_tiles(triton.cdiv(t, bi), x.device)
-        grid = (ti.numel(), h)
-        _bwd_w_kernel[grid](x, dout, dw, t, c, h, b, ti, tj, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, **_flags(x.dtype))
-        dw = dw.to(w.dtype)
-    return dw, dx
+    assert bi == bj
+    # fp32 accumulation buffer; tiles above the diagonal stay zero (never launched)
+    dw = torch.zeros(h, t, t, device=x.device, dtype=torch.float32)
+    ti, tj = _lower_tiles(triton.cdiv(t, bi), x.device)
+    grid = (ti.numel(), h)
+    _launch(_bwd_w_kernel)[grid](x, dout, dw, t, c, h, b, ti, tj, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc,
+                                 **_flags(x.dtype))
+    return dw.to(w.dtype)
 
 
-class TritonMix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, x):
-        w, x = w.contiguous(), x.contiguous()
+if triton is not None:
+    from torch.library import register_autograd, triton_op, wrap_triton
+
+    # Custom ops (torch.library.triton_op): torch.compile traces into the kernels instead of breaking the
+    # graph at an autograd.Function with raw launches, and activation checkpointing recomputes them as ops.
+    mix_forward = triton_op("mmscale::triton_mix", mutates_args=())(_mix_forward)
+    mix_backward_x = triton_op("mmscale::triton_mix_backward_x", mutates_args=())(_mix_backward_x)
+    mix_backward_w = triton_op("mmscale::triton_mix_backward_w", mutates_args=())(_mix_backward_w)
+
+    def _setup_context(ctx, inputs, output):
+        w, x = inputs
         ctx.save_for_backward(w, x)
-        return mix_forward(w, x)
 
-    @staticmethod
-    def backward(ctx, dout):
+    def _backward(ctx, dout):
         w, x = ctx.saved_tensors
-        dw, dx = mix_backward(w, x, dout.contiguous(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dout = dout.contiguous()
+        dw = mix_backward_w(w, x, dout) if ctx.needs_input_grad[0] else None
+        dx = mix_backward_x(w, dout) if ctx.needs_input_grad[1] else None
         return dw, dx
+
+    register_autograd("mmscale::triton_mix", _backward, setup_context=_setup_context)
+
+
+def mix_backward(w, x, dout, need_w=True, need_x=True):
+    """(dw, dx) of the forward (None where not needed); for tests and benchmarks."""
+    dout = dout.contiguous()
+    return (mix_backward_w(w, x, dout) if need_w else None), (mix_backward_x(w, dout) if need_x else None)
 
 
 def triton_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -199,4 +222,4 @@ def triton_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cuda" and not _interpreting():
         raise UserError("token_mix impl 'triton' runs on CUDA (or on the CPU with TRITON_INTERPRET=1); "
                         "set model.mixer_impl to auto, dense or blocked", exit_code=2)
-    return TritonMix.apply(w, x)
+    return mix_forward(w.contiguous(), x.contiguous())
