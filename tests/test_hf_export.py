@@ -304,11 +304,19 @@ def _exact_window_doc(sp, stories: str, n_tokens: int):
     raise AssertionError("no document of the right length in the corpus")
 
 
-def _write_tasks(root: Path, ppl_docs: list[str], mc_docs: list[dict]) -> Path:
+def _write_tasks(root: Path, ppl_docs: list[str], mc_docs: list[dict], gen_docs: list[dict]) -> Path:
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ppl_docs))
     (tasks / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in mc_docs))
+    (tasks / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in gen_docs))
+    # generation inside the mixer's window: max_gen_toks < n_ctx (lm-eval's default 256 is longer than the window)
+    (tasks / "mmscale_gen.yaml").write_text(
+        "task: mmscale_test_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tasks / 'gen.jsonl'}\ntest_split: test\noutput_type: generate_until\n"
+        "doc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: 8\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
     (tasks / "mmscale_ppl.yaml").write_text(
         "task: mmscale_test_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {tasks / 'ppl.jsonl'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
@@ -354,13 +362,14 @@ def test_lm_eval_runs_and_agrees_with_mmscale_eval(exports, corpus, tmp_path):
     mc = [{"question": "Once upon a", "choices": ["time", "dog", "hill"], "label": 0},
           {"question": "Lily went to the", "choices": ["park", "moon"], "label": 0},
           {"question": "The cat was", "choices": ["happy.", "sad and tired."], "label": 1}]
-    tasks = _write_tasks(tmp_path, [rest], mc)
+    gen = [{"question": "Once upon a time, there was a", "answer": "little girl"}]
+    tasks = _write_tasks(tmp_path, [rest], mc, gen)
     runs = {}
     for kind in ("flat", "llama"):
         runs[kind] = tmp_path / f"out-{kind}"
     specs = [["--model", "hf", "--model_args",
               f"pretrained={exports[kind][1]},trust_remote_code=True,prefix_token_id={once}",
-              "--tasks", "mmscale_test_ppl,mmscale_test_mc", "--include_path", str(tasks), "--device", "cpu",
+              "--tasks", "mmscale_test_ppl,mmscale_test_mc,mmscale_test_gen", "--include_path", str(tasks), "--device", "cpu",
               "--batch_size", "2", "--output_path", str(runs[kind]), "--log_samples"] for kind in runs]
     # the lm_eval command's own entry point, twice in one process (one import of lm-eval)
     script = ("import json, sys\nfrom lm_eval.__main__ import cli_evaluate\n"
@@ -373,7 +382,7 @@ def test_lm_eval_runs_and_agrees_with_mmscale_eval(exports, corpus, tmp_path):
     (tmp_path / "doc.txt").write_text(doc + "\n")
     for kind, out in runs.items():
         samples = {t: [json.loads(x) for f in out.rglob(f"samples_{t}_*.jsonl") for x in f.read_text().splitlines()]
-                   for t in ("mmscale_test_ppl", "mmscale_test_mc")}
+                   for t in ("mmscale_test_ppl", "mmscale_test_mc", "mmscale_test_gen")}
         results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
         ll = float(samples["mmscale_test_ppl"][0]["filtered_resps"][0])
         assert cli_main(["eval", str(exports[kind][0]), "--data", str(tmp_path / "doc.txt"), "--json",
@@ -395,6 +404,14 @@ def test_lm_eval_runs_and_agrees_with_mmscale_eval(exports, corpus, tmp_path):
             assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4 * max(1.0, max(map(abs, want))), (kind, got, want)
             correct += int(max(range(len(want)), key=want.__getitem__) == d["label"])
         assert results["mmscale_test_mc"]["acc,none"] == pytest.approx(correct / len(mc))
+        # generate_until: lm-eval's greedy continuation is mmscale's greedy continuation of the same pieces
+        from transformers import AutoTokenizer
+
+        from mmscale.export.generate import generate_ids
+        tok = AutoTokenizer.from_pretrained(str(exports[kind][1]))
+        new = generate_ids(ref, sp.encode(gen[0]["question"]), 8, temperature=0, eos_id=sp.eos_id())
+        want = tok.decode([t for t in new if t != sp.eos_id()], skip_special_tokens=True).split("\n\n")[0]
+        assert samples["mmscale_test_gen"][0]["filtered_resps"][0] == want, kind
 
 
 # ---------------------------------------------------------------------------------------------
