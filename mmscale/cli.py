@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(conv.rewrite_argv(argv[1:]))
     try:
         with conv.outputs(args):
-            return int(module.run(args) or 0)
+            conv.status = int(module.run(args) or 0)  # deprecation notes only after a success
+        return conv.status
     except UserError as e:
         print(f"mmscale {name}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -2,8 +2,8 @@
 
 - Help: every option has a line of help, and its default is shown when it has one.
 - Inputs are `--data` (text files, datasets); outputs are `--out` (a file or folder to write).
-  Old spellings keep working and print a one-line deprecation note: `--input` (prepare, tokenizer train)
-  is `--data`; convert's positional OUT is `--out OUT`.
+  Old spellings keep working and print a one-line deprecation note once the command succeeded (an error
+  stays one line): `--input` (prepare, tokenizer train) is `--data`; convert's positional OUT is `--out OUT`.
 - `--json` prints the result as JSON on stdout; `--json FILE` (or `--json=FILE`) writes it to FILE instead.
 - `--no-progress` turns progress bars off wherever there is one (prepare; and the training commands, where
   it is the same as the override log.progress=false).
@@ -83,6 +83,8 @@ class Conventions:
         self.json_takes_file = False
         self.json_flag = False
         self.has_no_progress_override = False
+        self.notes: list[str] = []
+        self.status: int | None = None  # the command's exit status, set by cli.main
         for p in _subparsers(parser):
             p.formatter_class = HelpFormatter
             if _add_alias(p, "--input", "--data"):
@@ -133,7 +135,15 @@ class Conventions:
         return out
 
     def note(self, msg: str) -> None:
-        print(f"mmscale {self.command}: note: {msg}", file=sys.stderr)
+        """Deprecation notes are printed after the command succeeded: an error stays one line."""
+        if msg not in self.notes:
+            self.notes.append(msg)
+
+    def _print_notes(self) -> None:
+        if self.status not in (None, 0):
+            return
+        for msg in self.notes:
+            print(f"mmscale {self.command}: note: {msg}", file=sys.stderr)
 
     @contextlib.contextmanager
     def outputs(self, args: argparse.Namespace):
@@ -166,6 +176,7 @@ class Conventions:
                 yield
             if tmp is not None and Path(tmp).is_file():
                 sys.stdout.write(Path(tmp).read_text().rstrip("\n") + "\n")
+            self._print_notes()
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)

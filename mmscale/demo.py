@@ -56,7 +56,7 @@ def export_checkpoint(run_dir: Path, tokenizer: Path, out: Path) -> Path:
     """The latest checkpoint as an export: `mmscale convert` if it exists, else zero_to_fp32 + save_export."""
     try:
         import mmscale.export.convert  # noqa: F401
-        _run(_mmscale("convert", str(run_dir), str(out), "--tokenizer", str(tokenizer)))
+        _run(_mmscale("convert", str(run_dir), "--out", str(out), "--tokenizer", str(tokenizer)))
         return out
     except ImportError:
         pass
@@ -115,13 +115,13 @@ def _demo(args) -> int:
     data_dir = work / f"data_{tag}_{n_ctx}"
     if not tokenizer.is_file():
         _say(f"2/6 training a {args.vocab_size}-piece BPE tokenizer")
-        _run(_mmscale("tokenizer", "train", "--input", *inputs, "--vocab-size", str(args.vocab_size),
+        _run(_mmscale("tokenizer", "train", "--data", *inputs, "--vocab-size", str(args.vocab_size),
                       "--out", str(tokenizer)))
     else:
         _say(f"2/6 tokenizer: reusing {tokenizer}")
     if not (data_dir / "manifest.json").is_file():
         _say(f"3/6 tokenizing into MDS shards of {n_ctx + 1}-token windows")
-        _run(_mmscale("prepare", "--input", *inputs, "--tokenizer", str(tokenizer), "--n-ctx", str(n_ctx),
+        _run(_mmscale("prepare", "--data", *inputs, "--tokenizer", str(tokenizer), "--n-ctx", str(n_ctx),
                       "--out", str(data_dir), "--val-fraction", "0.02"))
     else:
         _say(f"3/6 shards: reusing {data_dir}")

@@ -40,7 +40,7 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 echo "[convert.sh] job $SLURM_JOB_ID: $RUN_DIR -> $EXPORT_DIR"
 # shellcheck disable=SC2086  # MMSCALE_CONVERT_ARGS is a list of flags
-"$PY" -m mmscale.cli convert "$RUN_DIR" "$EXPORT_DIR" ${MMSCALE_CONVERT_ARGS---verify}
+"$PY" -m mmscale.cli convert "$RUN_DIR" --out "$EXPORT_DIR" ${MMSCALE_CONVERT_ARGS---verify}
 if [[ ${#EVAL_DATA[@]} -gt 0 ]]; then
   "$PY" -m mmscale.cli eval "$EXPORT_DIR" --data "${EVAL_DATA[@]}" --json "$EXPORT_DIR/eval.json"
   echo "[convert.sh] evaluation: $EXPORT_DIR/eval.json"

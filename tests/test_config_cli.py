@@ -116,6 +116,9 @@ def test_deprecated_spellings_work_with_a_note(tmp_path, mm):
     rc, _, err = mm("tokenizer", "train", "--data", str(text), "--vocab-size", "320", "--out",
                           str(tmp_path / "new.model"))
     assert rc == 0 and "deprecated" not in err
+    rc, _, err = mm("tokenizer", "train", "--input", str(text), "--vocab-size", "320", "--out",
+                    str(tmp_path / "old.model"))  # fails (exists): the error alone, one line
+    assert rc == 1 and "already exists" in err and len(err.strip().splitlines()) == 1, err
     # convert: OUT as a positional still works (noted); --out is the spelling; both at once is an error
     from mmscale.export import convert
 

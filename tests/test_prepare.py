@@ -216,7 +216,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(corpus, tmp_path, capsy
         (["hf:roneneldan/TinyStories"], [], "datasets"),
     ]
     for inputs, extra, message in cases:
-        args = ["prepare", "--input", *inputs, "--tokenizer", str(tok), "--n-ctx", "32", "--workers", "1",
+        args = ["prepare", "--data", *inputs, "--tokenizer", str(tok), "--n-ctx", "32", "--workers", "1",
                 "--out", str(tmp_path / "out"), "--no-progress", *extra]
         code = cli(args)
         err = capsys.readouterr().err
@@ -224,7 +224,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(corpus, tmp_path, capsy
         assert not (tmp_path / "out").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     # --errors replace reads the same file, with U+FFFD for the bad byte
-    assert cli(["prepare", "--input", str(bad_utf8), "--tokenizer", str(tok), "--n-ctx", "4",
+    assert cli(["prepare", "--data", str(bad_utf8), "--tokenizer", str(tok), "--n-ctx", "4",
                 "--errors", "replace", "--val-fraction", "0", "--workers", "1", "--out", str(tmp_path / "ok"),
                 "--no-progress"]) == 0
     assert list(iter_text_documents(str(bad_utf8), errors="replace")) == ["Once upon a time.\ncaf\ufffd au lait"]

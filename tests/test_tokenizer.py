@@ -50,26 +50,26 @@ def test_same_input_and_seed_give_the_same_model(tmp_path):
 def test_tokenizer_command_and_its_errors(tmp_path, capsys):
     text, _ = make_tiny_corpus(400, 0, 512)
     out = tmp_path / "tok.model"
-    assert cli(["tokenizer", "train", "--input", str(text), "--vocab-size", "512", "--out", str(out)]) == 0
+    assert cli(["tokenizer", "train", "--data", str(text), "--vocab-size", "512", "--out", str(out)]) == 0
     assert "512 pieces" in capsys.readouterr().out
     before = out.read_bytes()
     # an existing model is not overwritten without --overwrite
-    assert cli(["tokenizer", "train", "--input", str(text), "--vocab-size", "600", "--out", str(out)]) == 1
+    assert cli(["tokenizer", "train", "--data", str(text), "--vocab-size", "600", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err and err.count("\n") == 1
     assert out.read_bytes() == before
-    assert cli(["tokenizer", "train", "--input", str(text), "--vocab-size", "600", "--out", str(out),
+    assert cli(["tokenizer", "train", "--data", str(text), "--vocab-size", "600", "--out", str(out),
                 "--overwrite"]) == 0
     assert load_tokenizer(out).get_piece_size() == 600
     # bad input: one line each, non-zero, nothing written
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     for argv, message in [
-        (["--input", str(tmp_path / "missing.txt"), "--vocab-size", "512"], "does not exist"),
-        (["--input", str(empty), "--vocab-size", "512"], "holds no text"),
-        (["--input", str(text), "--vocab-size", "100"], "need at least"),
-        (["--input", str(text), "--vocab-size", "4"], "at least 8"),
-        (["--input", str(text), "--vocab-size", "8000"], "supports at most"),
+        (["--data", str(tmp_path / "missing.txt"), "--vocab-size", "512"], "does not exist"),
+        (["--data", str(empty), "--vocab-size", "512"], "holds no text"),
+        (["--data", str(text), "--vocab-size", "100"], "need at least"),
+        (["--data", str(text), "--vocab-size", "4"], "at least 8"),
+        (["--data", str(text), "--vocab-size", "8000"], "supports at most"),
     ]:
         target = tmp_path / "new.model"
         assert cli(["tokenizer", "train", *argv, "--out", str(target)]) != 0
