@@ -117,6 +117,8 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             file=sys.stderr, dynamic_ncols=True)
         if cfg.log.wandb != "disabled":
+            if cfg.log.project:
+                self.write("note: log.project is deprecated; use log.wandb_project (the same meaning)")
             self.wandb = self._start_wandb(cfg, run_dir)
             seen = run_dir / "wandb" / "last_step"
             if seen.is_file():
@@ -139,7 +141,8 @@ class MetricsLogger:
             raise UserError("log.tensorboard=true needs the tensorboard package; "
                             "pip install tensorboard (tools/setup_env.sh installs it)") from None
         # purge_step: on resume, TensorBoard hides what an earlier start logged after the checkpoint
-        return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None,
+                             flush_secs=30)
 
     @staticmethod
     def _start_wandb(cfg, run_dir: Path):

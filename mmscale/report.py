@@ -136,6 +136,10 @@ def summarize(run: dict) -> dict:
         status = (f"stopped at step {last_step}" + (f" of {max_steps}" if max_steps else "")
                   + f"; last write {_age(age)} ago (still running, or crashed/preempted)")
     peak_note = next((e.get("peak_source") for e in reversed(starts) if e.get("peak_source")), None)
+    last_start = starts[-1] if starts else {}
+    setup = ", ".join(str(x) for x in (
+        f"{last_start['world_size']} x {last_start['device']}" if last_start.get("device") else None,
+        last_start.get("engine"), last_start.get("precision")) if x)
     elapsed = _elapsed(tr)
     return {
         "status": status,
@@ -158,6 +162,7 @@ def summarize(run: dict) -> dict:
         "samples": len(run["samples"]),
         "bad_lines": run["bad_lines"],
         "mfu_note": peak_note,
+        "setup": setup,
     }
 
 
@@ -351,7 +356,9 @@ JS = r"""
       });
     });
     lines.forEach(function (ln) {
-      var d = ln.pts.map(function (p, i) { return (i ? "L" : "M") + sx(p[xi]).toFixed(1) + " " + sy(p[3]).toFixed(1); });
+      var d = ln.pts.map(function (p, i) {
+        return (i ? "L" : "M") + sx(p[xi]).toFixed(1) + " " + sy(p[3]).toFixed(1);
+      });
       var path = el("path", {d: d.join(""), fill: "none", stroke: ln.color, "stroke-width": ln.dots ? 1.6 : 1.2,
                              "stroke-dasharray": ln.dash || "", "class": "series"}, svg);
       el("title", {}, path).textContent = ln.label;
@@ -381,11 +388,13 @@ CHARTS = [
     {"id": "loss", "title": "Loss (nats/token): train line, validation dots",
      "series": [{"key": "loss", "label": "train"}, {"key": "val_loss", "label": "val", "dash": "4,3", "dots": True}]},
     {"id": "lr", "title": "Learning rate", "series": [{"key": "lr", "label": "lr"}], "zero": True},
-    {"id": "grad_norm", "title": "Gradient norm (before clipping)", "series": [{"key": "grad_norm", "label": "grad norm"}]},
+    {"id": "grad_norm", "title": "Gradient norm (before clipping)",
+     "series": [{"key": "grad_norm", "label": "grad norm"}]},
     {"id": "tokens_per_s", "title": "Throughput (tokens/s, all ranks)",
      "series": [{"key": "tokens_per_s", "label": "tokens/s"}], "zero": True},
     {"id": "mfu", "title": "MFU: dense FLOPs (solid) and causal/live FLOPs (dashed)",
-     "series": [{"key": "mfu_dense", "label": "MFU dense"}, {"key": "mfu_causal", "label": "MFU causal", "dash": "5,3"}],
+     "series": [{"key": "mfu_dense", "label": "MFU dense"},
+                {"key": "mfu_causal", "label": "MFU causal", "dash": "5,3"}],
      "zero": True},
     {"id": "data_wait", "title": "Data wait (s per step)", "series": [{"key": "data_wait", "label": "data wait"}],
      "zero": True},
@@ -467,15 +476,19 @@ def build_html(runs: list[dict]) -> str:
             cells.append(f'<td class="{"num" if how != "text" else ""}"{attr}>{_e(_fmt(v, how))}</td>')
         out.append(f'<tr data-run="{_e(n)}"><td>{_e(n)}</td>' + "".join(cells) + "</tr>")
     out.append("</table>")
-    notes = []
+    notes, setups = [], []
     for n, s in zip(names, summaries):
         if s["bad_lines"]:
             notes.append(f"{n}: {s['bad_lines']} unreadable line(s) in metrics.jsonl skipped (a run still being "
                          "written, or killed mid-line)")
         if s["mean_mfu_dense"] is None and s["mfu_note"]:
             notes.append(f"{n}: MFU empty: {s['mfu_note']}")
-    if notes:
-        out.append("<ul class=\"muted\">" + "".join(f"<li>{_e(x)}</li>" for x in notes) + "</ul>")
+        elif s["mfu_note"]:
+            notes.append(f"{n}: MFU against {s['mfu_note']}")
+        if s["setup"]:
+            setups.append(f"{n}: {s['setup']}")
+    if setups or notes:
+        out.append("<ul class=\"muted\">" + "".join(f"<li>{_e(x)}</li>" for x in setups + notes) + "</ul>")
 
     # charts
     out.append('<h2 id="charts">Curves</h2><div class="controls">x axis: '

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,24 @@ def test_every_key_has_a_meaning_and_show_round_trips():
     assert yaml.safe_load(text) == cfg.to_dict()  # the output is a config file that loads back
     lines = text.splitlines()
     i = lines.index("  d_model: 96")
-    assert "width of the residual stream" in lines[i - 1] and "default: 64" in lines[i - 1] and "CHANGED" in lines[i - 1]
+    comment = lines[i - 1]
+    assert "width of the residual stream" in comment and "default: 64" in comment and "CHANGED" in comment
     i = lines.index("  kind: mixer")
     assert "allowed: mixer, transformer" in lines[i - 1] and "CHANGED" not in lines[i - 1]
+
+
+def test_new_log_keys_are_checked_in_one_line():
+    from mmscale.config import ConfigError
+
+    for override, needle in [("log.profile_steps=[3]", "log.profile_steps must be [] or [start, count]"),
+                             ("log.profile_steps=[0,2]", "start >= 1"),
+                             ("log.sample_tokens=0", "log.sample_tokens must be >= 1"),
+                             ("log.wandb_tags=solo", "expected a list"),
+                             ("log.profile_ranks=[a]", "log.profile_ranks[0]: expected an integer")]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="log.sample_prompts is empty"):
+        load_config(None, ["log.sample_every=5", "log.sample_prompts=[]"])
 
 
 def test_config_commands(mm):

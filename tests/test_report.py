@@ -133,6 +133,12 @@ def test_peak_flops_table_by_device_name():
     assert lookup("NVIDIA A10G", "bf16")[0] is None  # not a datasheet part: unknown, not A10's number
     assert lookup("AMD Instinct MI300X", "bf16")[0] == 1307.4 * T
     assert device_peak(torch.device("cpu"), "bf16")[0] is None
+    # on CUDA the device's name picks the row (the name as torch reports it on an H200 and an A10G)
+    for name, want in (("NVIDIA H200", 989.5 * T), ("NVIDIA A10G", None)):
+        import unittest.mock
+        with unittest.mock.patch.object(torch.cuda, "get_device_name", lambda device=None, n=name: n):
+            peak, note = device_peak(torch.device("cuda"), "bf16")
+        assert peak == want and (("H200" in note) if want else "set log.peak_flops" in note), note
     assert device_peak(torch.device("cpu"), "bf16", 5e13) == (5e13, "log.peak_flops")
 
 
@@ -244,6 +250,7 @@ def test_report_table_matches_metrics_and_config_diff(runs, tmp_path):
     assert t.text["transformer"]["status"].startswith("stopped at step 9 of 10")
     assert t.values["transformer"]["skipped_steps"] == 1 and t.values["mixer"]["skipped_steps"] == 0
     assert "1 unreadable line(s) in metrics.jsonl" in html  # the transformer's torn last line
+    assert "mixer: 1 x cpu, single, fp32" in html and "transformer: MFU against log.peak_flops" in html
     # config: keys that differ are highlighted, equal ones are not
     assert "diff" in t.config_rows["model.kind"] and "diff" in t.config_rows["train.max_steps"]
     assert "same" in t.config_rows["model.d_model"] and "same" in t.config_rows["train.lr"]
