@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -183,8 +184,11 @@ def test_an_interrupted_prepare_leaves_nothing_that_looks_complete(corpus, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_inputs_fail_with_one_line_and_write_nothing(corpus, tmp_path, capsys):
+def test_bad_inputs_fail_with_one_line_and_write_nothing(corpus, tmp_path, capsys, monkeypatch):
     text, tok, _ = corpus
+    # the hf: case below is the machine without `datasets` (make setup installs it, as lm-eval's dependency;
+    # with it and no network, the hub's retries take ~25 s before the same one-line error)
+    monkeypatch.setitem(sys.modules, "datasets", None)
     bad_utf8 = tmp_path / "bad.txt"
     bad_utf8.write_bytes("Once upon a time.\n".encode() + b"caf\xe9 au lait\n")
     empty = tmp_path / "empty.txt"
@@ -213,7 +217,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(corpus, tmp_path, capsy
         ([str(text)], ["--tokenizer", str(tmp_path / "nope.model")], "does not exist"),
         ([str(text)], ["--val-fraction", "0.9999"], "leaves no training documents"),
         ([str(text)], ["--n-ctx", "100000"], "no training sample"),
-        (["hf:roneneldan/TinyStories"], [], "datasets"),
+        (["hf:roneneldan/TinyStories"], [], "needs the `datasets` library"),
     ]
     for inputs, extra, message in cases:
         args = ["prepare", "--data", *inputs, "--tokenizer", str(tok), "--n-ctx", "32", "--workers", "1",

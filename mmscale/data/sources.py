@@ -115,16 +115,24 @@ def iter_hf_documents(spec: str, *, field: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise UserError(f"input '{spec}' needs the `datasets` library; install it with "
-                        "`pip install datasets` (or pass local files)") from None
+        raise UserError(f"input '{spec}' is a Hugging Face dataset and needs the `datasets` library; install "
+                        "it with `pip install datasets` (or pass local files)") from None
     body = spec[len("hf:"):]
     body, _, split = body.partition("@")
     name, _, config = body.partition(":")
+    import logging
+
+    # huggingface_hub logs every failed retry to stderr; the one-line error below says what went wrong
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:
         raise UserError(f"could not load Hugging Face dataset '{name}' ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); check the name and the network") from None
+    finally:
+        hub_log.setLevel(level)
     if field not in ds.column_names:
         raise UserError(f"dataset '{name}' has no column '{field}' (columns: {', '.join(ds.column_names)}); "
                         "pass --text-field")
