@@ -195,6 +195,7 @@ def dot_scorer(query_emb: np.ndarray, doc_emb: np.ndarray, doc_starts: np.ndarra
             out[:] = np.maximum.reduceat(chunk, doc_starts, axis=1)
         return out
 
+    scores.cols = len(d)  # the width of the score matrix one query block computes (query_blocks' budget)
     return scores
 
 
@@ -208,7 +209,7 @@ def query_blocks(n_queries: int, n_docs: int, budget: int = 1 << 24) -> Iterator
 def evaluate_scores(scorer: Callable[[np.ndarray], np.ndarray], relevant, excluded, n_docs: int,
                     candidates=(), seed: int = 0, record: bool = False, progress: str | None = None) -> Evaluator:
     ev = Evaluator(relevant, excluded, n_docs, candidates, seed, record)
-    blocks = list(query_blocks(len(relevant), n_docs))
+    blocks = list(query_blocks(len(relevant), max(n_docs, getattr(scorer, "cols", 0))))
     if progress:
         from tqdm import tqdm
         blocks = tqdm(blocks, desc=progress, unit="block", leave=False)

@@ -639,6 +639,8 @@ def format_table(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mmscale.retrieval_data import add_import_arguments
 
+    # on the command itself: `mmscale` moves --no-progress in front of the action (cli_conventions)
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="InfoNCE fine-tuning of an export (any engine)")
     t.add_argument("--init", help="the export to start from (sets train.init_from)")
@@ -679,7 +681,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         from mmscale.config import load_config
 
-        cfg = prepare_config(load_config(args.config, args.overrides), args.init, args.pairs, args.collection,
+        overrides = list(args.overrides) + (["log.progress=false"] if getattr(args, "no_progress", False) else [])
+        cfg = prepare_config(load_config(args.config, overrides), args.init, args.pairs, args.collection,
                              args.split, args.negatives)
         status = train_retrieval(cfg)
         if cfg.engine.kind == "deepspeed":  # see mmscale.train.run: leave without interpreter teardown
@@ -710,7 +713,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_export(args.export, args.collection or args.pairs, candidates, seed=args.seed,
                              batch_size=args.batch_size, position=args.position, split=args.split,
                              passage_mode=args.passage_mode, cache_dir=cache, baseline=not args.no_baseline,
-                             device=args.device)
+                             device=args.device, progress=not (getattr(args, "no_progress", False)
+                                                                or getattr(args, "_no_progress", False)))
     print(format_table(result))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

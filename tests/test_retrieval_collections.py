@@ -489,7 +489,7 @@ def test_eval_cli_table_json_and_no_baseline(export, small, tmp_path, capsys):
     assert set(res["metrics"]) == set(ir_metrics.METRICS) and res["baseline"]["results"][1]["candidates"] == 5
     assert (tmp_path / "retrieval_cache").is_dir()
     assert cli_main(["retrieval", "eval", str(export), "--collection", str(small), "--no-baseline", "--no-cache",
-                     "--json", str(out), "--overwrite", "--candidates", "3"]) == 0
+                     "--json", str(out), "--overwrite", "--candidates", "3", "--no-progress"]) == 0
     assert "BM25" not in capsys.readouterr().out and json.loads(out.read_text())["baseline"] is None
     assert cli_main(["retrieval", "eval", str(export), "--collection", str(small), "--candidates", "8",
                      "--json", str(tmp_path / "x.json")]) == 1
@@ -535,5 +535,5 @@ def test_train_on_a_collection_with_mined_negatives(export, long_coll, tmp_path,
     bad = tmp_path / "bad"
     write_beir(bad, CORPUS, QUERIES, [("qa", "d0", 1), ("qa", "zz", 1)], split="train")
     assert cli_main(["retrieval", "train", "--init", str(export), "--collection", str(bad),
-                     f"run.dir={tmp_path / 'r2'}"]) == 1
+                     f"run.dir={tmp_path / 'r2'}", "--no-progress"]) == 1
     assert "names document 'zz'" in capsys.readouterr().err
