@@ -709,13 +709,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.json)
     if out.exists() and not args.overwrite:
         raise UserError(f"'{out}' already exists; pass --overwrite or another --json path")
-    cache = None if args.no_cache else (args.cache_dir or out.parent / "retrieval_cache")
+    # a bare --json prints the JSON on stdout (mmscale.cli_conventions hands run() a temporary file): then the
+    # table goes to stderr and the cache to ./retrieval_cache
+    json_to_stdout = out.name.startswith("mmscale-json-")
+    cache = None if args.no_cache else (args.cache_dir or (Path("retrieval_cache") if json_to_stdout
+                                                           else out.parent / "retrieval_cache"))
     result = evaluate_export(args.export, args.collection or args.pairs, candidates, seed=args.seed,
                              batch_size=args.batch_size, position=args.position, split=args.split,
                              passage_mode=args.passage_mode, cache_dir=cache, baseline=not args.no_baseline,
                              device=args.device, progress=not (getattr(args, "no_progress", False)
                                                                 or getattr(args, "_no_progress", False)))
-    print(format_table(result))
+    print(format_table(result), file=sys.stderr if json_to_stdout else sys.stdout)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)

@@ -491,6 +491,11 @@ def test_eval_cli_table_json_and_no_baseline(export, small, tmp_path, capsys):
     assert cli_main(["retrieval", "eval", str(export), "--collection", str(small), "--no-baseline", "--no-cache",
                      "--json", str(out), "--overwrite", "--candidates", "3", "--no-progress"]) == 0
     assert "BM25" not in capsys.readouterr().out and json.loads(out.read_text())["baseline"] is None
+    # a bare --json: the JSON alone on stdout, the table on stderr
+    assert cli_main(["retrieval", "eval", str(export), "--collection", str(small), "--no-baseline", "--no-cache",
+                     "--candidates", "3", "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n_corpus"] == 8 and "nDCG@10" in captured.err
     assert cli_main(["retrieval", "eval", str(export), "--collection", str(small), "--candidates", "8",
                      "--json", str(tmp_path / "x.json")]) == 1
     assert "needs 2 <= n <= 7" in capsys.readouterr().err
@@ -537,3 +542,25 @@ def test_train_on_a_collection_with_mined_negatives(export, long_coll, tmp_path,
     assert cli_main(["retrieval", "train", "--init", str(export), "--collection", str(bad),
                      f"run.dir={tmp_path / 'r2'}", "--no-progress"]) == 1
     assert "names document 'zz'" in capsys.readouterr().err
+
+
+def test_passage_modes_token_layout(export, long_coll):
+    from mmscale.embedder import Embedder
+    from mmscale.retrieval import doc_sequences
+
+    c = load_beir(long_coll)
+    sp = Embedder.from_export(export).tokenizer
+    i = 2  # "Fish" + a text of several windows
+    title, text, whole = sp.encode(c.titles[i]), sp.encode(c.texts[i]), sp.encode(c.doc_text(i))
+    trunc, starts, cut = doc_sequences(sp, c, N_CTX, "truncate")
+    assert trunc[i] == whole[:N_CTX] and starts.tolist() == list(range(8))
+    assert cut == sum(len(sp.encode(c.doc_text(j))) > N_CTX for j in range(8))
+    first, starts, _ = doc_sequences(sp, c, N_CTX, "first_window")
+    assert first[i] == title + text[:N_CTX - len(title)] and len(first) == 8
+    chunks, starts, _ = doc_sequences(sp, c, N_CTX, "max_chunk")
+    n_win = math.ceil(len(text) / (N_CTX - len(title)))
+    assert n_win >= 3 and starts[i + 1] - starts[i] == n_win
+    assert chunks[starts[i] + 1] == title + text[N_CTX - len(title):2 * (N_CTX - len(title))]
+    assert all(len(x) <= N_CTX for x in chunks)
+    # an untitled document: first_window is truncate
+    assert first[1] == trunc[1]
