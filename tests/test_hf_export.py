@@ -369,7 +369,8 @@ def test_lm_eval_runs_and_agrees_with_mmscale_eval(exports, corpus, tmp_path):
         runs[kind] = tmp_path / f"out-{kind}"
     specs = [["--model", "hf", "--model_args",
               f"pretrained={exports[kind][1]},trust_remote_code=True,prefix_token_id={once}",
-              "--tasks", "mmscale_test_ppl,mmscale_test_mc,mmscale_test_gen", "--include_path", str(tasks), "--device", "cpu",
+              "--tasks", "mmscale_test_ppl,mmscale_test_mc,mmscale_test_gen", "--include_path", str(tasks),
+              "--device", "cpu",
               "--batch_size", "2", "--output_path", str(runs[kind]), "--log_samples"] for kind in runs]
     # the lm_eval command's own entry point, twice in one process (one import of lm-eval)
     script = ("import json, sys\nfrom lm_eval.__main__ import cli_evaluate\n"
@@ -424,7 +425,7 @@ def test_export_hf_from_zero3_and_fsdp2_checkpoints(tmp_path, corpus):
     _, tok, _ = corpus
     base = {"model.vocab_size": VOCAB, "train.max_steps": 2}
     runs = {"zero3": {**base, "engine.kind": "deepspeed", "engine.zero_stage": 3, "engine.precision": "bf16",
-                      "model.mixer": "multihead", "model.heads": 2},
+                      "model.mixer": "multihead", "model.heads": 2, "retrieval.position": "-2"},
             "fsdp2": {**base, "engine.kind": "fsdp", "engine.precision": "fp32", "model.kind": "transformer",
                       "model.heads": 2, "model.tie_embeddings": True}}
     payload = {"runs": [{"config": tiny_config(tmp_path / name, **ov)} for name, ov in runs.items()]}
@@ -439,6 +440,9 @@ def test_export_hf_from_zero3_and_fsdp2_checkpoints(tmp_path, corpus):
         ids = torch.randint(0, VOCAB, (2, ref.config.n_ctx))
         with torch.no_grad():
             assert (hf(ids).logits - ref(ids)).abs().max().item() <= 1e-5, name
+    # the sentence-transformers pooling token defaults to the run's retrieval.position
+    assert json.loads((tmp_path / "zero3-hf" / "1_Pooling" / "config.json").read_text())["position"] == -2
+    assert json.loads((tmp_path / "fsdp2-hf" / "1_Pooling" / "config.json").read_text())["position"] == "last"
 
 
 def test_cli_and_errors(exports, tmp_path, capsys):
@@ -449,6 +453,14 @@ def test_cli_and_errors(exports, tmp_path, capsys):
     assert cli_main(["export-hf", str(src), str(tmp_path / "a")]) == 1  # exists
     err = capsys.readouterr().err.strip()
     assert "already exists" in err and "--overwrite" in err and "\n" not in err
+    # a bf16 export stays bf16, and its logits are the bf16 weights' logits
+    from safetensors.torch import load_file
+    ref, meta = load_export(src)
+    save_export(tmp_path / "bf16", {k: v.bfloat16() for k, v in ref.state_dict().items()}, ref.config,
+                src / "tokenizer.model")
+    assert cli_main(["export-hf", str(tmp_path / "bf16"), "--out", str(tmp_path / "bf16-hf")]) == 0
+    assert {v.dtype for v in load_file(str(tmp_path / "bf16-hf" / "model.safetensors")).values()} == {torch.bfloat16}
+    capsys.readouterr()
     assert cli_main(["export-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["export-hf", str(src), "--position", "middle", "--out", str(tmp_path / "c")]) == 1

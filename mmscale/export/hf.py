@@ -297,7 +297,10 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="au
         raise UserError(f"output directory '{out}' already exists; choose another path or pass --overwrite")
     if not src.is_dir():
         raise UserError(f"'{src}' does not exist; pass an export (mmscale convert) or a run / checkpoint folder")
-    is_export = (src / CONFIG).is_file() and json.loads((src / CONFIG).read_text() or "{}").get("format") == FORMAT
+    try:
+        is_export = (src / CONFIG).is_file() and json.loads((src / CONFIG).read_text()).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        is_export = False  # not an export's config.json: read SOURCE as a checkpoint (which says what is wrong)
     with tempfile.TemporaryDirectory(prefix=".export-hf-", dir=out.parent if out.parent.is_dir() else None) as tmp:
         run_position = None
         if not is_export:  # a checkpoint: convert it first (fp32)
@@ -344,12 +347,12 @@ def _export(src: Path, out: Path, position, overwrite: bool, verify: bool, tmp: 
         import contextlib
         no_init_weights = contextlib.nullcontext
     with no_init_weights():  # every weight is overwritten below
-        model = model_cls(config)
+        model = model_cls(config).to(dtype)  # the export's dtype (fp32 or bf16) is the folder's
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
     missing = [k for k in missing if not (cfg["tie_embeddings"] and k == "lm_head.weight")]
     if missing or unexpected:
-        raise UserError(f"export '{src}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "
-                        "re-run `mmscale convert`")
+        raise UserError(f"export '{src}' does not match its config: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}; re-run `mmscale convert`")
     if cfg["tie_embeddings"]:
         model.tie_weights()
     model.generation_config.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -369,8 +372,8 @@ def _export(src: Path, out: Path, position, overwrite: bool, verify: bool, tmp: 
     if verify:
         summary["verify"] = verify_hf(stage, src)
         if not summary["verify"]["ok"]:
-            raise UserError(f"the HF model's logits differ from the export's by {summary['verify']['max_abs_diff']:.3g}; "
-                            "nothing was written")
+            raise UserError(f"the HF model's logits differ from the export's by "
+                            f"{summary['verify']['max_abs_diff']:.3g}; nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         shutil.rmtree(out)

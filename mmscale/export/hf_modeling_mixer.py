@@ -52,7 +52,8 @@ class MaskedMixerConfig(PretrainedConfig):
             raise ValueError(f"d_model {d_model} is not divisible by heads {heads}")
         self.vocab_size, self.d_model, self.n_layers, self.n_ctx = vocab_size, d_model, n_layers, n_ctx
         self.mixer, self.heads, self.kernel_size, self.ffn_hidden = mixer, heads, kernel_size, ffn_hidden
-        self.bidirectional, self.final_norm, self.norm_eps, self.init_std = bidirectional, final_norm, norm_eps, init_std
+        self.bidirectional, self.final_norm = bidirectional, final_norm
+        self.norm_eps, self.init_std = norm_eps, init_std
         self.use_cache = False  # nothing to cache: each step recomputes the fixed window
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
