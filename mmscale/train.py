@@ -289,7 +289,8 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
             step_time = time.perf_counter() - t0
             if done % cfg.log.every == 0 or done == cfg.train.max_steps or n_bad:
                 tps = n_tokens / step_time
-                row = {"step": done, "loss": loss if not n_bad else None, "lr": lr, "grad_norm": grad_norm,
+                row = {"step": done, "loss": loss if not n_bad else None, "lr": lr,
+                       "grad_norm": None if grad_norm is None else float(grad_norm),  # a sync, on log steps only
                        "tokens_per_s": tps, **watch.mfu(tps), "step_time": step_time, "data_wait": data_wait,
                        "peak_mem": peak_mem_mib(device), "tokens": tokens, "skipped": bool(n_bad)}
                 logger.log(row)

@@ -250,3 +250,43 @@ def test_compiled_model_with_blocked_mixing_and_chunked_loss_matches_eager(monke
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
     for g, r in zip(compiled[1], eager[1]):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dense_path_keeps_no_masked_copy_for_backward_and_matches_autograd(heads, autocast):
+    """The dense path recomputes mask and cast in backward: what it keeps is the raw parameter itself, no
+    T x T copy (fp32 masked, or bf16 cast); its gradients (bias included) equal autograd through the plain
+    masked product in float64."""
+    torch.manual_seed(heads)
+    t, c, b = 24, 6, 3
+    weight = torch.randn(heads, t, t, requires_grad=True)
+    bias = torch.randn(t, requires_grad=True)
+    x = torch.randn(b, t, c, requires_grad=True)
+    w_in = weight[0] if heads == 1 else weight
+    x_in = x if heads == 1 else x.unsqueeze(1).expand(b, heads, t, c)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = token_mix(w_in, x_in, causal=True, impl="dense", bias=bias)
+    square = [s for s in saved if s.shape[-2:] == (t, t) or s.shape[-3:] == (t, t, 1)]
+    assert square and all(s.dtype == torch.float32 and s.untyped_storage().data_ptr()
+                          == weight.untyped_storage().data_ptr() for s in square), \
+        [(tuple(s.shape), s.dtype) for s in square]
+    gout = torch.randn_like(out, dtype=torch.float32)
+    grads_got = torch.autograd.grad(out.float(), (weight, bias, x), gout)
+    w64, b64, x64 = (v.detach().double().requires_grad_(True) for v in (weight, bias, x))
+    ref = torch.einsum("hij,bjc->bhic", w64 * torch.ones(t, t, dtype=torch.float64).tril(), x64) + b64[:, None]
+    ref = ref[:, 0] if heads == 1 else ref
+    grads_ref = torch.autograd.grad(ref, (w64, b64, x64), gout.double())
+    rtol, atol = (3e-2, 3e-2) if autocast else (1e-5, 1e-5)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=rtol, atol=atol * ref.abs().max().item())
+    for got, want in zip(grads_got, grads_ref):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()))
+    assert (grads_got[0][:, torch.ones(t, t, dtype=torch.bool).triu(1)] == 0).all()

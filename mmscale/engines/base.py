@@ -95,15 +95,16 @@ class Engine:
         """Forward + backward of one micro-batch; returns its mean loss (detached, fp32, unscaled)."""
         raise NotImplementedError
 
-    def step(self, lr: float) -> float:
-        """Clip, update with learning rate `lr`, clear gradients; returns the global gradient norm."""
+    def step(self, lr: float):
+        """Clip, update with learning rate `lr`, clear gradients; returns the global gradient norm (a float or
+        a 0-d tensor not yet read back: the loop reads it only when it logs)."""
         raise NotImplementedError
 
     def skip_step(self) -> None:
         """Drop this step's gradients without updating (non-finite loss)."""
         raise NotImplementedError
 
-    def _optimizer_step(self, params, lr: float) -> float:
+    def _optimizer_step(self, params, lr: float) -> torch.Tensor:
         """The torch-optimizer update the single/DDP and FSDP engines share: clip, step, clear."""
         set_lr(self.optimizer, lr)
         norm = grad_norm_or_clip(params, self.cfg.train.grad_clip)
@@ -142,10 +143,11 @@ class Engine:
         pass
 
 
-def grad_norm_or_clip(params, max_norm: float) -> float:
-    """Clip to max_norm (0 = no clipping) and return the total norm before clipping."""
+def grad_norm_or_clip(params, max_norm: float) -> torch.Tensor:
+    """Clip to max_norm (0 = no clipping) and return the total norm before clipping, as a 0-d tensor on the
+    parameters' device: reading it is a host sync, which the loop does only on the steps it logs."""
     limit = max_norm if max_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, limit)
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()

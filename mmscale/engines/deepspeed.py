@@ -89,7 +89,7 @@ class DeepSpeedEngine(Engine):
         set_lr(self.optimizer, lr)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")  # read back only when the loop logs
 
     def skip_step(self):
         # DeepSpeed's overflow check skips an update whose gradients hold inf/NaN (ZeRO 1-3, and bf16);

@@ -63,13 +63,14 @@ class TokenMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # mmscale.ops masks functionally too (zero gradient above the diagonal) and skips the
         # masked half where that is faster; its layout is [H, T, T, k] weights, [B, H, T, C] inputs
-        w = self.weight.permute(0, 2, 3, 1)
-        B, T, C = x.shape
-        if self.heads == 1:
-            out = token_mix(w[0], x, causal=self.causal, impl=self.impl)
-        else:
-            xh = x.reshape(B, T, self.heads, C // self.heads).transpose(1, 2)
-            out = token_mix(w, xh, causal=self.causal, impl=self.impl).transpose(1, 2).reshape(B, T, C)
+        H, k, T = self.heads, self.kernel_size, self.n_ctx
+        # views only (their backward is a view too): with one tap [H, 1, T, T] is [H, T, T, 1] in memory
+        w = self.weight.view(H, T, T, 1) if k == 1 else self.weight.permute(0, 2, 3, 1)
+        B, L, C = x.shape
+        if H == 1:
+            return token_mix(w.squeeze(0), x, causal=self.causal, impl=self.impl, bias=self.bias)
+        xh = x.reshape(B, L, H, C // H).transpose(1, 2)
+        out = token_mix(w, xh, causal=self.causal, impl=self.impl).transpose(1, 2).reshape(B, L, C)
         return out if self.bias is None else out + self.bias[:, None]
 
 

@@ -48,19 +48,22 @@ def causal_mask(t: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 
 def token_mix(weight: torch.Tensor, x: torch.Tensor, causal: bool = True, impl: str = "auto",
-              block_rows: int | None = None) -> torch.Tensor:
-    """Mix tokens of `x` with the (masked, when causal) matrix `weight`; see the module docstring."""
+              block_rows: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mix tokens of `x` with the (masked, when causal) matrix `weight`; see the module docstring.
+
+    `bias` [T] (optional) is added per output position; the flat dense path fuses it into the conv.
+    """
     weight4, x4, flat = _canonical(weight, x)
     # Under autocast, compute in the autocast dtype as F.conv1d would (the parameter stays fp32;
-    # its gradient flows back through the cast).
+    # its gradient flows back through the cast). The weight is cast where it is used: the dense path
+    # casts (and masks) inside its own autograd function, so no T x T copy is kept for backward.
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        weight4, x4 = weight4.to(dtype), x4.to(dtype)
-    else:
-        weight4 = weight4.to(x4.dtype)
+        x4 = x4.to(torch.get_autocast_dtype(dev))
+    if bias is not None:
+        bias = bias.to(x4.dtype)
     with torch.autocast(dev, enabled=False):
-        out = _dispatch(weight4, x4, causal, impl, block_rows)
+        out = _dispatch(weight4, x4, causal, impl, block_rows, bias)
     return out.squeeze(1) if flat else out
 
 
@@ -117,7 +120,7 @@ def choose_impl(t: int, device: torch.device | str, causal: bool, batch: int = 1
     return "dense"
 
 
-def _dispatch(weight, x, causal, impl, block_rows):
+def _dispatch(weight, x, causal, impl, block_rows, bias=None):
     if impl not in IMPLS:
         raise ValueError(f"token_mix: impl must be one of {IMPLS}, got {impl!r}")
     t, taps = x.shape[2], weight.shape[3]
@@ -125,14 +128,21 @@ def _dispatch(weight, x, causal, impl, block_rows):
         impl = choose_impl(t, x.device, causal, x.shape[0] * x.shape[1])
     if taps > 1:
         # kernel_size k: one masked T x T matrix per tap over the feature-shifted input
-        return sum(_dispatch(weight[..., i:i + 1], _shift(x, i - taps // 2), causal, impl, block_rows)
-                   for i in range(taps))
+        out = sum(_dispatch(weight[..., i:i + 1], _shift(x, i - taps // 2), causal, impl, block_rows)
+                  for i in range(taps))
+        return out if bias is None else out + bias[:, None]
+    # squeeze, not weight[..., 0]: a view whose backward is a view too (indexing's backward allocates a
+    # zero T x T gradient and copies into it, every step)
+    weight = weight.squeeze(-1)
     if impl == "dense" or not causal:
-        return dense_mix(weight[..., 0], x, causal)
+        return dense_mix(weight, x, causal, bias)
+    weight = weight.to(x.dtype)
     if impl == "triton":
         from mmscale.ops import triton_mixing
-        return triton_mixing.triton_mix(weight[..., 0], x)
-    return BlockedMix.apply(weight[..., 0], x, block_rows or _default_block_rows(t))
+        out = triton_mixing.triton_mix(weight, x)
+    else:
+        out = BlockedMix.apply(weight, x, block_rows or _default_block_rows(t))
+    return out if bias is None else out + bias[:, None]
 
 
 def _shift(x, offset):
@@ -150,14 +160,61 @@ def _default_block_rows(t: int) -> int:
     return max(1, min(CPU_BLOCK_ROWS, math.ceil(t / 2)))
 
 
-def dense_mix(weight, x, causal=True):
-    """weight [H, T, T], x [B, H, T, C]: mask the whole matrix and multiply, masked half included."""
-    b, h, t, c = x.shape
-    if causal:
-        weight = weight.tril()  # its backward is tril too: masked entries get exactly zero gradient
-    if h == 1:  # the paper's op: channels = positions, kernel 1 over the feature axis
-        return F.conv1d(x[:, 0], weight[0, :, :, None]).unsqueeze(1)
-    return torch.einsum("hij,bhjc->bhic", weight, x)
+def dense_mix(weight, x, causal=True, bias=None):
+    """weight [H, T, T] (raw, any float dtype), x [B, H, T, C]: mask the whole matrix and multiply in x's
+    dtype, masked half included."""
+    return DenseMix.apply(weight, x, bias, causal)
+
+
+def _dense_weight(weight, dtype, causal):
+    w = weight.to(dtype)
+    return w.tril() if causal else w
+
+
+class DenseMix(torch.autograd.Function):
+    """The dense product with the mask and the cast to x's dtype recomputed in backward, so only the raw
+    parameter is kept for it: autograd through `weight.to(dtype).tril()` would keep a T x T copy per
+    layer until backward (256 MiB a layer in fp32 at T 8192). Flat (one head): the paper's op, a Conv1d
+    with channels = positions and kernel 1, bias fused in; its backward is the conv's own
+    (aten.convolution_backward), so gradients equal autograd's through F.conv1d. Heads: an einsum.
+    Masked entries get exactly zero gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, x, bias, causal):
+        w = _dense_weight(weight, x.dtype, causal)
+        ctx.save_for_backward(weight, x)
+        ctx.causal, ctx.has_bias = causal, bias is not None
+        if x.shape[1] == 1:
+            return F.conv1d(x.squeeze(1), w.squeeze(0).unsqueeze(-1), bias).unsqueeze(1)
+        out = torch.einsum("hij,bhjc->bhic", w, x)
+        return out if bias is None else out + bias[:, None]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, x = ctx.saved_tensors
+        w = _dense_weight(weight, x.dtype, ctx.causal)
+        need_w, need_x, need_b = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous()
+        gw = gx = gb = None
+        if x.shape[1] == 1:
+            w3 = w.squeeze(0).unsqueeze(-1)
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad_out.squeeze(1), x.squeeze(1), w3, [w3.shape[0]] if ctx.has_bias else None,
+                [1], [0], [1], False, [0], 1, [need_x, need_w, need_b and ctx.has_bias])
+            gx = None if gx is None else gx.unsqueeze(1)
+            gw = None if gw is None else gw.squeeze(-1).unsqueeze(0)
+        else:
+            if need_x:
+                gx = torch.einsum("hij,bhic->bhjc", w, grad_out)
+            if need_w:
+                gw = torch.einsum("bhic,bhjc->hij", grad_out, x)
+            if need_b and ctx.has_bias:
+                gb = grad_out.sum(dim=(0, 1, 3))
+        if gw is not None:
+            if ctx.causal:
+                gw = gw.tril()
+            gw = gw.to(weight.dtype)
+        return gw, gx, gb, None
 
 
 def _blocks(t, rows):
