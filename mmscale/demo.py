@@ -8,7 +8,7 @@
 3. shards      `mmscale prepare` (packed windows of n_ctx + 1 tokens, MDS + zstd)
 4. training    `deepspeed --num_gpus 2 mmscale/train.py` (ZeRO-2, bf16, OMP_NUM_THREADS=1): a masked mixer
 5. export      `mmscale convert` when present, else the ZeRO checkpoint consolidated with DeepSpeed's zero_to_fp32
-6. evaluation  `mmscale eval` on the held-out split, and a story from `mmscale generate`
+6. evaluation  `mmscale eval` on the held-out split, and a story from `mmscale generate`; `mmscale report`
 
 Every step is a subprocess whose progress streams to the terminal. Everything goes under
 --workdir (default runs/demo): data is built once and reused; each demo run trains in a new
@@ -133,7 +133,7 @@ def _demo(args) -> int:
     _run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "mmscale/train.py",
           *DEMO_OVERRIDES, f"model.vocab_size={args.vocab_size}", f"data.train={data_dir}",
           f"train.max_steps={args.steps}", f"train.eval_every={eval_every}", f"checkpoint.every={eval_every * 2}",
-          f"run.dir={run_dir}", "run.resume=never"],
+          f"log.sample_every={eval_every * 2}", f"run.dir={run_dir}", "run.resume=never"],
          env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
 
     _say("5/6 exporting the trained model")
@@ -142,6 +142,7 @@ def _demo(args) -> int:
     _run(_mmscale("eval", str(export), "--data", str(data_dir), "--max-batches", "10"))
     _run(_mmscale("generate", str(export), "--prompt", "Once upon a time", "--max-new-tokens", str(n_ctx - 8),
                   "--temperature", "0.7", "--top-k", "20"))
+    _run(_mmscale("report", str(run_dir), "--out", str(run_dir / "report.html")))
 
     from mmscale import checkpoint as ckpt
     latest = ckpt.find_latest(ckpt.checkpoints_root(run_dir))
@@ -151,7 +152,8 @@ def _demo(args) -> int:
           f"  metrics      {run_dir / 'metrics.jsonl'}\n"
           f"  loss plot    {run_dir / 'loss_curve.png'}\n"
           f"  wandb files  {run_dir / 'wandb'}  (offline: `wandb sync` it to upload)\n"
-          f"  config       {run_dir / 'config.yaml'}", flush=True)
+          f"  config       {run_dir / 'config.yaml'}\n"
+          f"  report       {run_dir / 'report.html'}  (curves, numbers, samples; one file, no network)", flush=True)
     return 0
 
 

@@ -413,7 +413,9 @@ def test_samples_under_fsdp_and_zero3_equal_the_single_process_ones(runs, tmp_pa
           "log.sample_temperature": 0, "log.sample_tokens": 10, "train.micro_batch_size": 2}
     single = real_config(tmp_path / "single", runs["data"], **{**ov, "train.micro_batch_size": 4})
     assert train_real_runs({"runs": [single]}) == [0]
-    sharded = [real_config(tmp_path / "fsdp", runs["data"], **ov, **{"engine.kind": "fsdp"}),
+    sharded = [real_config(tmp_path / "fsdp", runs["data"], **ov,
+                           **{"engine.kind": "fsdp", "log.profile_steps": "[3,1]",
+                              "log.profile_ranks": "[1]"}),
                real_config(tmp_path / "zero3", runs["data"], **ov, **{"engine.kind": "deepspeed",
                                                                       "engine.zero_stage": 3})]
     statuses = run_distributed("tests._report_helpers:train_real_runs", {"runs": sharded}, timeout=240)
@@ -423,3 +425,6 @@ def test_samples_under_fsdp_and_zero3_equal_the_single_process_ones(runs, tmp_pa
     for name in ("fsdp", "zero3"):
         got = [(s["step"], s["prompt"], s["text"]) for s in _rows(tmp_path / name / "samples.jsonl")]
         assert got == want, name  # greedy, fp32, same data: the sharded model generates the same text
+    # the profiler ran on the chosen rank only
+    assert [p.name for p in (tmp_path / "fsdp" / "profile" / "steps_3-3").iterdir()] == ["rank1.pt.trace.json"]
+    assert not (tmp_path / "zero3" / "profile").exists()
