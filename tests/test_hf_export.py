@@ -550,3 +550,31 @@ def test_prepare_accepts_hf_tokenizers(corpus, tmp_path):
     auto = AutoTokenizer.from_pretrained(str(tmp_path / "exp-hf"))
     for s in TEXTS:
         assert auto(s)["input_ids"] == back.encode(s) and auto.decode(auto(s)["input_ids"]) == s
+
+
+# ---------------------------------------------------------------------------------------------
+# an external reference: llama2.c's stories260K, imported, exported to HF, generating its published story
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference" / "stories260K"
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(),
+                    reason=f"{STORIES} is absent: the real llama2.c checkpoint exists only where ../shared/data does")
+def test_stories260k_as_native_llama_tells_llama2c_story(tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from mmscale.export.hf import export_hf
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "import_llama2c.py"
+    r = subprocess.run([sys.executable, str(tool), str(STORIES / "stories260K.bin"), "--tokenizer",
+                        str(STORIES / "tok512.model"), "--out", str(tmp_path / "exp")], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    export_hf(tmp_path / "exp", tmp_path / "hf")  # its sentencepiece model squeezes whitespace: converted too
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    out = model.generate(torch.tensor([[1]]), max_new_tokens=40, do_sample=False)  # from llama2.c's BOS (id 1)
+    text = tok.decode(out[0, 1:], skip_special_tokens=True)
+    assert text.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside in "
+                           "the park."), text

@@ -76,10 +76,10 @@ def sentencepiece_to_tokenizers(model_path: str | os.PathLike):
     except Exception:
         raise UserError(f"tokenizer '{model_path}' is not a sentencepiece model; pass a .model file") from None
     ns = proto.normalizer_spec
-    if ns.name not in ("identity", "") or ns.precompiled_charsmap or ns.remove_extra_whitespaces:
-        raise UserError(f"tokenizer '{model_path}' normalises text (rule {ns.name!r}, remove_extra_whitespaces "
-                        f"{ns.remove_extra_whitespaces}); export-hf converts identity-normalised sentencepiece "
-                        "models only (those of `mmscale tokenizer train`, Llama's)")
+    if ns.name not in ("identity", "") or ns.precompiled_charsmap:
+        raise UserError(f"tokenizer '{model_path}' normalises text (rule {ns.name!r}); export-hf converts "
+                        "identity-normalised sentencepiece models only (those of `mmscale tokenizer train`, "
+                        "Llama's, Mistral's)")
     spec = proto.trainer_spec
     if spec.treat_whitespace_as_suffix:
         raise UserError(f"tokenizer '{model_path}' treats whitespace as a suffix; export-hf cannot convert it")
@@ -108,12 +108,16 @@ def sentencepiece_to_tokenizers(model_path: str | os.PathLike):
                         "model; export-hf converts BPE and unigram models")
     tok = Tokenizer(model)
     add_prefix = ns.add_dummy_prefix
-    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if add_prefix else [])
+    # remove_extra_whitespaces (llama2.c's models): spaces at the ends go, runs of spaces become one
+    squeeze = ([normalizers.Replace(Regex("\\A +| +\\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+               if ns.remove_extra_whitespaces else [])
+    tok.normalizer = normalizers.Sequence(squeeze + ([normalizers.Prepend("\u2581")] if add_prefix else [])
                                           + [normalizers.Replace(" ", "\u2581")])
     # sentencepiece's SplitIntoWords: a word is a run of U+2581 followed by other characters
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581*[^\u2581]+|\u2581+"), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)] if add_prefix else []))
+                                    # the dummy prefix's space (all leading spaces when runs were squeezed)
+                                    + ([decoders.Strip(" ", 1 << 30 if squeeze else 1, 0)] if add_prefix else []))
     tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
                             for p in pieces if p.type in (piece_t.CONTROL, piece_t.UNKNOWN)])
     return tok
