@@ -530,7 +530,8 @@ def build_html(runs: list[dict]) -> str:
         out.append(f'<tr class="{"diff" if diff else "same"}" data-key="{_e(key)}"><td>{_e(key)}</td>'
                    + "".join(f"<td>{_e(v)}</td>" for v in vals) + "</tr>")
     out.append("</table>")
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # no "<" inside the script element at all ("</script>", "<!--" would end or confuse it); JSON reads \u003c
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     out.append(f'<script type="application/json" id="report-data">{payload}</script>')
     out.append(f"<script>{JS}</script></main></body></html>")
     return "\n".join(out)

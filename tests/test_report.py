@@ -265,7 +265,7 @@ def test_report_table_matches_metrics_and_config_diff(runs, tmp_path):
 
 def test_report_on_a_run_still_being_written(tmp_path):
     """No config, a torn line, a NaN-skipped step, a step logged twice, rows without time (older runs)."""
-    run = tmp_path / "live"
+    run = tmp_path / "live<!--<script>"  # a name that would break the page if it reached the script unescaped
     run.mkdir()
     rows = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0 + s,
              "mfu": None, "step_time": 0.5, "data_wait": 0.1, "peak_mem": 100.0 + s, "tokens": 64 * s,
@@ -277,11 +277,12 @@ def test_report_on_a_run_still_being_written(tmp_path):
     html, _ = _report(tmp_path, run)
     t = _Table()
     t.feed(html)
-    got = t.values["live"]
+    assert html.count("<script") == 2 and html.count("</script>") == 2
+    got = t.values["live<!--<script>"]
     assert got["steps"] == 7 and got["last_loss"] == 4.2 and got["skipped_steps"] == 1
     assert got["min_val_loss"] == 4.5 and got["wall_clock_s"] == pytest.approx(3.5)  # summed step times
     assert got["data_wait_fraction"] == pytest.approx(0.2)
-    assert t.text["live"]["status"].startswith("stopped at step 7")
+    assert t.text["live<!--<script>"]["status"].startswith("stopped at step 7")
     assert "mean_mfu_dense" not in got
 
 
