@@ -282,6 +282,7 @@ JS = r"""
   var DATA = JSON.parse(document.getElementById("report-data").textContent);
   var NS = "http://www.w3.org/2000/svg";
   var XI = {step: 0, tokens: 1, time: 2};
+  var SHOWN = DATA.runs.map(function () { return true; });  // the legend's checkboxes hide and show runs
   function el(name, attrs, parent) {
     var n = document.createElementNS(NS, name);
     for (var k in attrs) n.setAttribute(k, attrs[k]);
@@ -310,7 +311,8 @@ JS = r"""
     box.innerHTML = "";
     var W = 420, H = 230, L = 52, R = 10, T = 8, B = 30;
     var xi = XI[xkey], lines = [], xs = [], ys = [];
-    DATA.runs.forEach(function (run, ri) {
+    var runs = DATA.runs.filter(function (run, ri) { return SHOWN[ri]; });
+    runs.forEach(function (run) {
       spec.series.forEach(function (s) {
         var pts = (run.charts[s.key] || []).filter(function (p) { return p[xi] !== null && p[3] !== null; });
         if (!pts.length) return;
@@ -345,7 +347,7 @@ JS = r"""
     el("rect", {x: L, y: T, width: W - L - R, height: H - T - B, fill: "none", stroke: "#d0d7de"}, svg);
     var MARK = {checkpoint: ["#8c959f", "3,3"], resume: ["#e36209", ""], skipped: ["#cf222e", ""],
                 profile: ["#8250df", "1,2"]};
-    DATA.runs.forEach(function (run) {
+    runs.forEach(function (run) {
       run.charts.marks.forEach(function (m) {
         var x = {step: m.step, tokens: m.tokens, time: m.sec}[xkey];
         if (x === null || x === undefined || x < x0 || x > x1) return;
@@ -371,15 +373,18 @@ JS = r"""
   function render() {
     var xkey = document.querySelector("input[name=xaxis]:checked").value;
     DATA.charts.forEach(function (spec) { draw(document.getElementById("chart-" + spec.id), spec, xkey); });
+    document.body.setAttribute("data-rendered", String(document.querySelectorAll("svg path.series").length));
   }
   try {
     document.querySelectorAll("input[name=xaxis]").forEach(function (r) { r.addEventListener("change", render); });
+    document.querySelectorAll("input.run-toggle").forEach(function (box) {
+      box.addEventListener("change", function () { SHOWN[+box.getAttribute("data-index")] = box.checked; render(); });
+    });
     var same = document.getElementById("only-diff");
     if (same) same.addEventListener("change", function () {
       document.getElementById("config-table").classList.toggle("hide-same", same.checked);
     });
     render();
-    document.body.setAttribute("data-rendered", String(document.querySelectorAll("svg path.series").length));
   } catch (e) { fail("report script failed: " + e); }
 })();
 """
@@ -459,7 +464,8 @@ def build_html(runs: list[dict]) -> str:
            f"<p>made {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(runs)} run(s); "
            "self-contained: opens without a network</p></header><main>", '<div id="js-errors"></div>']
     out.append('<div class="legend">' + "".join(
-        f'<span><i style="background:{COLORS[i % len(COLORS)]}"></i>{_e(n)} <span class="muted">({_e(r["dir"])})'
+        f'<span><label><input type="checkbox" class="run-toggle" data-index="{i}" checked>'
+        f'<i style="background:{COLORS[i % len(COLORS)]}"></i>{_e(n)}</label> <span class="muted">({_e(r["dir"])})'
         f"</span></span>" for i, (n, r) in enumerate(zip(names, runs))) + "</div>")
     out.append('<div class="muted">marks on the x axis: <span style="color:#8c959f">dashed grey = checkpoint</span>, '
                '<span style="color:#e36209">orange = resume</span>, <span style="color:#cf222e">red = skipped '

@@ -346,6 +346,17 @@ def test_report_in_headless_chromium(runs, chromium, tmp_path):
     assert 'class="mark mark-skipped"' in dom
     painted, colours = _painted_fraction(shot)
     assert painted > 0.05 and colours > 50, (painted, colours)
+    # the legend hides a run; the x axis switches to tokens and wall-clock (same series, no error)
+    click = ('<script>var b = document.querySelector("input.run-toggle"); b.checked = false;'
+             'b.dispatchEvent(new Event("change")); var t = document.querySelector("input[value=time]");'
+             't.checked = true; t.dispatchEvent(new Event("change"));</script></main>')
+    page2 = tmp_path / "clicked.html"
+    page2.write_text(page.read_text().replace("</main>", click))
+    (tmp_path / "c").mkdir()
+    dom, console, _ = _load(chromium, page2, tmp_path / "c")
+    assert console == [] and 'data-js-error="1"' not in dom
+    assert int(re.search(r'data-rendered="(\d+)"', dom).group(1)) == 2 + 5 + 2  # the transformer alone
+    assert ">wall-clock</text>" in dom
 
 
 def test_the_browser_check_catches_a_broken_page(chromium, tmp_path):
