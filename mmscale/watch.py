@@ -182,8 +182,12 @@ class RunWatch:
             return
         now = round(time.time(), 3)
         with (self.run_dir / "samples.jsonl").open("a") as f:
-            for prompt, ids in zip(lg.sample_prompts, new):
-                text = sp.decode([t for t in ids if t != eos])
+            for prompt, p_ids, ids in zip(lg.sample_prompts, prompts, new):
+                # decoded with the prompt, then cut after it: the word boundary between them survives
+                p_ids = [t for t in p_ids if t != eos]
+                head = sp.decode(p_ids)
+                full = sp.decode(p_ids + [t for t in ids if t != eos])
+                text = full[len(head):] if full.startswith(head) else sp.decode([t for t in ids if t != eos])
                 f.write(json.dumps({"step": step, "time": now, "prompt": prompt, "text": text,
                                     "tokens": len(ids)}) + "\n")
         self.logger.event(step, "samples", n=len(new), seconds=round(time.perf_counter() - t0, 3))
