@@ -32,20 +32,36 @@ meta.json:
      "world_size": int, "model_format": "torch" | "deepspeed" | "dcp",
      "model_files": [relative paths], "optimizer_files": [...], "rank_files": [...],
      "config": {the full resolved config, as config.yaml}, "model": {the ModelConfig fields},
+     "files": {relative path: {"size": bytes, "xxh64": hex digest}} of every other file in the folder,
      "saved_at": ISO time}
+
+Durability and damage: every file is fsynced (and hashed) before meta.json is written, meta.json before the
+folder is renamed, the folder's parent before `latest` moves. `run.resume=auto` verifies sizes and digests of
+the newest checkpoint and, when it is damaged, says so in one line and falls back to the newest intact one;
+an explicit `run.resume=PATH` to a damaged one is a one-line error. Checkpoints without "files" (older
+mmscale) are checked for presence only.
+
+Loading runs no code: rank files hold only tensors, numbers and strings and are read with
+`torch.load(weights_only=True)`; DeepSpeed and DCP files are read under `safe_unpickling()`, which allows
+only the classes those formats need (ALLOWED_GLOBALS). `latest` must name a step_XXXXXXXX folder beside it.
 
 Parameter names are those of the unwrapped model (no "module." or "_orig_mod." prefixes). The
 learning rate is a pure function of the step, so no scheduler state is stored.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from mmscale import fsutil
 from mmscale.errors import UserError
 
 FORMAT = "mmscale-checkpoint"
@@ -53,6 +69,7 @@ VERSION = 1
 META = "meta.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp_"
+STEP_RE = re.compile(r"^step_\d{8}$")
 
 
 def step_dir_name(step: int) -> str:
@@ -68,28 +85,78 @@ def rank_file_name(rank: int) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fsutil.write_text_durable(path, text)
 
 
 def list_complete(root: Path) -> list[Path]:
     """Complete step folders (with meta.json), oldest first."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / META).is_file()]
+    dirs = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / META).is_file()]
     return sorted(dirs, key=lambda p: p.name)
 
 
 def find_latest(root: Path) -> Path | None:
-    """The checkpoint named by `latest`, or else the newest complete step folder."""
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / META).is_file():
-            return candidate
+    """The newest complete step folder. The folder's rename is the commit: `latest` names the same folder,
+    or an older one when a save was cut off between the rename and the pointer's update."""
     complete = list_complete(root)
-    return complete[-1] if complete else None
+    if complete:
+        return complete[-1]
+    name = read_latest(root)
+    return root / name if name is not None and (root / name / META).is_file() else None
+
+
+def read_latest(root: Path) -> str | None:
+    """The folder name in `latest`, or None when there is none or it does not name a step folder beside it
+    (a pointer never leads outside its checkpoints/ folder)."""
+    pointer = root / LATEST
+    try:
+        name = pointer.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return name if STEP_RE.match(name) else None
+
+
+def verify(step_dir: str | os.PathLike) -> str | None:
+    """None when the checkpoint is intact, else what is wrong (one phrase): meta.json, then the size and
+    xxh64 digest of every file it lists (presence only for checkpoints written before digests)."""
+    step_dir = Path(step_dir)
+    try:
+        meta = json.loads((step_dir / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{META} is missing or not valid JSON"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"{META} is not an mmscale checkpoint's"
+    files = meta.get("files")
+    if files is None:  # older mmscale: presence only
+        for rel in meta.get("model_files", []) + meta.get("optimizer_files", []) + meta.get("rank_files", []):
+            if not (step_dir / str(rel)).exists():
+                return f"'{rel}' is missing"
+        return None
+    if not isinstance(files, dict):
+        return f"{META} has a bad file list"
+    for rel, info in files.items():
+        p = step_dir / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(info, dict):
+            return f"{META} lists a bad path '{rel}'"
+        if not p.is_file():
+            return f"'{rel}' is missing"
+        try:
+            size = p.stat().st_size
+            if size != info.get("size"):
+                return f"'{rel}' has {size} bytes, {info.get('size')} were written"
+            if fsutil.digest(p)[1] != info.get("xxh64"):
+                return f"'{rel}' does not match its checksum (bit rot or an overwrite)"
+        except OSError as e:
+            return f"'{rel}' cannot be read ({e.strerror})"
+    return None
+
+
+def verify_or_raise(step_dir: str | os.PathLike) -> None:
+    problem = verify(step_dir)
+    if problem:
+        raise UserError(f"checkpoint '{step_dir}' is damaged or incomplete: {problem}; resume or convert from an "
+                        "earlier step folder (run.resume=PATH)")
 
 
 def read_meta(step_dir: str | os.PathLike) -> dict:
@@ -101,10 +168,11 @@ def read_meta(step_dir: str | os.PathLike) -> dict:
                         "point run.resume at a complete step_XXXXXXXX folder")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"checkpoint '{step_dir}/{META}' is not valid JSON; resume from another checkpoint") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"'{step_dir}' is not an mmscale checkpoint (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"'{step_dir}' is not an mmscale checkpoint (format "
+                        f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     for rel in meta.get("model_files", []) + meta.get("optimizer_files", []) + meta.get("rank_files", []):
         if not (step_dir / rel).exists():
             raise UserError(f"checkpoint '{step_dir}' is missing '{rel}'; it is damaged: "
@@ -112,11 +180,13 @@ def read_meta(step_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def resolve_resume(cfg: Any) -> Path | None:
+def resolve_resume(cfg: Any, announce: bool = True) -> Path | None:
     """The checkpoint to resume from per `run.resume`, or None for a fresh start.
 
     Refuses (UserError) a `never` start in a run dir that already holds checkpoints, so no
-    checkpoint of an earlier run is ever overwritten or deleted.
+    checkpoint of an earlier run is ever overwritten or deleted. `auto` takes the newest intact
+    checkpoint (a damaged newer one is named in one line on stderr when `announce`); an explicit
+    path must be intact.
     """
     root = checkpoints_root(cfg.run.dir)
     mode = cfg.run.resume
@@ -126,13 +196,40 @@ def resolve_resume(cfg: Any) -> Path | None:
                             "choose a new run.dir or set run.resume=auto to continue")
         return None
     if mode == "auto":
-        return find_latest(root)
+        return newest_intact(root, announce)
     path = Path(mode)
     if not path.is_dir():
         raise UserError(f"run.resume: checkpoint '{mode}' does not exist; use auto, never or a step_XXXXXXXX folder")
     if not (path / META).is_file() and (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()  # a checkpoints/ folder: take its latest
+        name = read_latest(path)  # a checkpoints/ folder: take its latest
+        if name is None:
+            raise UserError(f"run.resume: '{path / LATEST}' does not name a step_XXXXXXXX folder beside it; "
+                            "point run.resume at a step folder")
+        path = path / name
+    if (path / META).is_file():
+        verify_or_raise(path)
     return path
+
+
+def newest_intact(root: Path, announce: bool = True) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete one, skipping damaged ones (each named in
+    one line on stderr). UserError when every checkpoint is damaged."""
+    first = find_latest(root)
+    if first is None:
+        return None
+    candidates = [first] + [p for p in reversed(list_complete(root)) if p != first]
+    damaged = []
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            if damaged and announce:
+                print(f"mmscale train: warning: checkpoint '{damaged[0][0]}' is damaged ({damaged[0][1]}); "
+                      f"resuming from '{path}'" + (f" ({len(damaged)} damaged skipped)" if len(damaged) > 1 else ""),
+                      file=sys.stderr, flush=True)
+            return path
+        damaged.append((path, problem))
+    raise UserError(f"every checkpoint in '{root}' is damaged (newest: '{damaged[0][0]}': {damaged[0][1]}); "
+                    "move them away to start afresh, or point run.resume at a folder you trust")
 
 
 def check_compatible(meta: dict, cfg: Any, world_size: int, where: str) -> None:
@@ -175,16 +272,34 @@ def prepare_tmp_dir(root: Path, step: int) -> Path:
 
 
 def finalize(root: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
-    """Rank 0, after every rank has written its files into `tmp`: meta.json, rename, `latest`, retention."""
-    meta = {"format": FORMAT, "version": VERSION, **meta,
+    """Rank 0, after every rank has written its files into `tmp`: digests (and fsync) of every file,
+    meta.json, rename, `latest`, retention."""
+    files = {}
+    for dirpath, dirnames, filenames in os.walk(tmp):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(tmp).as_posix()
+            if rel == META:
+                continue
+            size, xxh = fsutil.digest(p, sync=True)
+            files[rel] = {"size": size, "xxh64": xxh}
+        fsutil.fsync_dir(dirpath)
+    meta = {"format": FORMAT, "version": VERSION, **meta, "files": files,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write_text_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=False) + "\n")
     final = root / step_dir_name(step)
     if final.exists():
-        # never overwrite a checkpoint: the same step saved twice (e.g. a resume at the last step)
-        shutil.rmtree(tmp)
-        return final
+        if verify(final) is None:
+            # never overwrite a checkpoint: the same step saved twice (e.g. a resume at the last step)
+            shutil.rmtree(tmp)
+            if read_latest(root) != final.name and list_complete(root)[-1] == final:
+                _write_text_atomic(root / LATEST, final.name + "\n")  # a save cut off before `latest` moved
+            return final
+        # a damaged checkpoint of this step (resume fell back past it): keep it aside, publish the new one
+        os.replace(final, root / f".damaged_{final.name}.{int(time.time())}")
     os.replace(tmp, final)
+    fsutil.fsync_dir(root)
     _write_text_atomic(root / LATEST, final.name + "\n")
     for old in list_complete(root)[:-keep]:
         if old != final:
@@ -220,17 +335,203 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _rng_to_plain(state: dict) -> dict:
+    """RNG states as tensors, numbers and strings only (what torch.load(weights_only=True) reads)."""
+    import torch
+
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    out = {"torch": state["torch"],
+           "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                      "gauss": gauss},
+           "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
+def _rng_from_plain(state: dict) -> dict:
+    import numpy as np
+
+    if isinstance(state.get("python"), tuple):  # an old rank file: already in Python/numpy form
+        return state
+    py, npy = state["python"], state["numpy"]
+    out = {"torch": state["torch"],
+           "python": (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]),
+           "numpy": (npy["name"], np.asarray(npy["keys"].numpy(), dtype=np.uint32), npy["pos"],
+                     npy["has_gauss"], npy["cached_gaussian"])}
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
 def save_rank_state(step_dir: Path, rank: int, data_state: Any) -> None:
     import torch
 
-    torch.save({"rng": rng_state(), "data": data_state}, step_dir / rank_file_name(rank))
+    torch.save({"format": "mmscale-rank", "version": 2, "rng": _rng_to_plain(rng_state()), "data": data_state},
+               step_dir / rank_file_name(rank))
+
+
+def _load_rank_file(path: Path) -> dict:
+    """A rank file, read without running code: weights_only, plus numpy's array types for files written
+    before version 2 (rank files then held numpy RNG state as arrays)."""
+    import numpy as np
+    import torch
+
+    allowed = [np.ndarray, np.dtype, type(np.dtype("uint32"))]
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed.append(_reconstruct)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"rank file '{path}' holds objects that are not plain data ({_first_line(e)}); "
+                        "refused, it could run code: resume from a checkpoint you trust") from None
+    except Exception as e:
+        raise UserError(f"rank file '{path}' cannot be read ({type(e).__name__}); the checkpoint is damaged: "
+                        "resume from an earlier step folder (run.resume=PATH)") from None
+    if not isinstance(state, dict) or "data" not in state or "rng" not in state:
+        raise UserError(f"rank file '{path}' is not an mmscale rank state; resume from an earlier step folder")
+    return state
 
 
 def load_rank_state(step_dir: Path, rank: int, world_size: int, meta: dict) -> dict:
     """This rank's RNG + data state. On another world size: rank 0's data state, no RNG."""
+    if meta.get("world_size") == world_size:
+        state = _load_rank_file(step_dir / rank_file_name(rank))
+        return {"rng": _rng_from_plain(state["rng"]), "data": state["data"]}
+    state = _load_rank_file(step_dir / rank_file_name(0))
+    return {"rng": None, "data": state["data"]}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"global {m.group(1)}"
+    return (text.splitlines() or [type(e).__name__])[0][:160]
+
+
+# ----------------------------------------------------------------------------------------------
+# third-party formats that pickle (DeepSpeed's *.pt, DCP's .metadata and non-tensor items)
+
+ALLOWED_GLOBALS = {
+    # DeepSpeed ZeRO optimizer states
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    # DCP metadata
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint._extension", "ExtensionRegistry"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+}
+
+
+def _resolve_global(module: str, name: str):
+    import importlib
+
     import torch
 
-    if meta.get("world_size") == world_size:
-        return torch.load(step_dir / rank_file_name(rank), weights_only=False)
-    state = torch.load(step_dir / rank_file_name(0), weights_only=False)
-    return {"rng": None, "data": state["data"]}
+    if (module, name) in ALLOWED_GLOBALS:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+    if module == "torch" and "." not in name:  # dtypes, layouts, memory formats: plain values
+        obj = getattr(torch, name, None)
+        if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+            return obj
+    raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name} (not in mmscale's allow-list)")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _resolve_global(module, name)
+
+
+class _RestrictedPickle:
+    """A stand-in for the `pickle` module inside torch.distributed.checkpoint.filesystem."""
+
+    Unpickler = _RestrictedUnpickler
+    UnpicklingError = pickle.UnpicklingError
+    dump, dumps, HIGHEST_PROTOCOL = pickle.dump, pickle.dumps, pickle.HIGHEST_PROTOCOL
+
+    @staticmethod
+    def load(f, **kw):
+        return _RestrictedUnpickler(f, **kw).load()
+
+    @staticmethod
+    def loads(data, **kw):
+        import io
+        return _RestrictedUnpickler(io.BytesIO(data), **kw).load()
+
+
+def _allowed_objects() -> list:
+    import importlib
+
+    out = []
+    for module, name in sorted(ALLOWED_GLOBALS):
+        try:
+            obj = importlib.import_module(module)
+            for part in name.split("."):
+                obj = getattr(obj, part)
+        except Exception:
+            continue
+        out.append(obj)
+    return out
+
+
+@contextlib.contextmanager
+def safe_unpickling():
+    """While active, `torch.load` (as DeepSpeed and DCP call it) reads with weights_only=True and the
+    allow-list above, and DCP's metadata is unpickled by a restricted unpickler: a checkpoint file that
+    names any other class or function fails with pickle.UnpicklingError instead of running it."""
+    import torch
+
+    original = torch.load
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
+        kwargs.pop("weights_only", None)
+        with torch.serialization.safe_globals(_allowed_objects()):
+            return original(f, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
+
+    fs_mod = None
+    try:
+        import torch.distributed.checkpoint.filesystem as fs_mod
+    except Exception:
+        pass
+    torch.load = load
+    saved_pickle = getattr(fs_mod, "pickle", None)
+    if saved_pickle is not None:
+        fs_mod.pickle = _RestrictedPickle
+    try:
+        yield
+    finally:
+        torch.load = original
+        if saved_pickle is not None:
+            fs_mod.pickle = saved_pickle
+
+
+def unsafe_payload_error(where: Path, e: Exception) -> UserError:
+    return UserError(f"checkpoint '{where}' holds pickled objects outside mmscale's allow-list ({_first_line(e)}); "
+                     "refused without loading them, as they could run code: use a checkpoint you trust")

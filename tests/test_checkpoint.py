@@ -122,11 +122,17 @@ def test_atomic_save_latest_and_retention(tmp_path):
     _fake_save(root, 60, keep=3)
     assert not (root / ".tmp_step_00000040").exists()
     # a step saved twice is not overwritten
-    (root / "step_00000060" / "model.pt").write_text("original")
+    first_meta = (root / "step_00000060" / "meta.json").read_text()
     _fake_save(root, 60, keep=3)
-    assert (root / "step_00000060" / "model.pt").read_text() == "original"
+    assert (root / "step_00000060" / "meta.json").read_text() == first_meta
     meta = json.loads((root / "step_00000060" / "meta.json").read_text())
     assert meta["format"] == "mmscale-checkpoint" and meta["version"] == 1 and meta["step"] == 60
+    assert meta["files"] == {"model.pt": {"size": 1, "xxh64": meta["files"]["model.pt"]["xxh64"]}}
+    # ... unless it is damaged (a resume fell back past it): then it is kept aside and the new one published
+    (root / "step_00000060" / "model.pt").write_text("y")
+    _fake_save(root, 60, keep=3)
+    assert ckpt.verify(root / "step_00000060") is None
+    assert [p.name.split(".")[1] for p in root.glob(".damaged_step_00000060.*")] == ["damaged_step_00000060"]
 
 
 def test_damaged_checkpoint_is_a_clear_error(tmp_path):

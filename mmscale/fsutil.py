@@ -1,0 +1,107 @@
+"""Small filesystem rules every writer follows: durable renames, file digests, outputs that never
+remove an input, and permissions from the umask.
+
+- `fsync_file(path)` / `fsync_dir(path)`: flush a file's data (or a folder's entries) to the disk, so a
+  rename that follows cannot publish truncated files after a power loss.
+- `digest(path)`: (size, xxh64 hex) of a file, read in 4 MiB blocks.
+- `check_output(out, inputs, flag)`: refuse an output that would remove (with --overwrite) or write into
+  one of the command's inputs: a path that equals, contains or lies inside an input.
+- `umask_mode(dir=True)`: the mode a plain `mkdir` / `open` would give, for folders made by `mkdtemp`
+  (always 0700) that become a published output.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmscale.errors import UserError
+
+BLOCK = 1 << 22
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not sync folders; the files themselves are synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def digest(path: str | os.PathLike, sync: bool = False) -> tuple[int, str]:
+    """(size in bytes, xxh64 hex digest) of a file; `sync` also fsyncs it (one pass over the data)."""
+    import xxhash
+
+    h = xxhash.xxh64()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            h.update(block)
+            size += len(block)
+        if sync:
+            os.fsync(f.fileno())
+    return size, h.hexdigest()
+
+
+def write_text_durable(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
+    tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _resolved(p: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(os.path.realpath(p)))
+
+
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when a equals b, contains b or lies inside b (after resolving links)."""
+    ra, rb = _resolved(a), _resolved(b)
+    return ra == rb or ra in rb.parents or rb in ra.parents
+
+
+def check_output(out: str | os.PathLike, inputs, flag: str = "--out") -> None:
+    """Refuse an output that equals, contains or lies inside one of `inputs` (local paths; others ignored)."""
+    for inp in inputs:
+        if not inp or "://" in str(inp) or str(inp).startswith("hf:"):
+            continue
+        if overlaps(out, inp):
+            raise UserError(f"{flag} '{out}' overlaps the input '{inp}' (the same path, inside it or around it); "
+                            f"writing or --overwrite there could destroy the input: choose another {flag}", 2)
+
+
+def umask_mode(directory: bool = True) -> int:
+    """The permission bits a new folder (0777) or file (0666) gets under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def apply_umask_tree(root: str | os.PathLike) -> None:
+    """chmod a folder made by mkdtemp (0700) and what is in it to what the umask gives plain files."""
+    root = Path(root)
+    dmode, fmode = umask_mode(True), umask_mode(False)
+    os.chmod(root, dmode)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(Path(dirpath) / d, dmode)
+        for f in filenames:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                os.chmod(p, fmode)
