@@ -338,7 +338,23 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_finite(cfg: Config) -> None:
+    """inf / nan in any number (train.lr=inf, ...) is refused before any other check."""
+    import dataclasses
+    import math
+
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f in dataclasses.fields(sub):
+            v = getattr(sub, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section.name}.{f.name} must be a finite number, got {v}")
+
+
 def validate(cfg: Config) -> None:
+    _check_finite(cfg)
     m, t, e = cfg.model, cfg.train, cfg.engine
     _check(m.d_model >= 1, f"model.d_model must be >= 1, got {m.d_model}")
     _check(m.n_layers >= 1, f"model.n_layers must be >= 1, got {m.n_layers}")

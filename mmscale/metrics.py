@@ -64,8 +64,9 @@ def train_flops_per_token(model) -> float:
     return 6.0 * sum(p.numel() for p in model.parameters())
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> bool:
-    """Loss (and val_loss) against step. Returns False when matplotlib is missing."""
+def plot_losses(metrics_path: Path, png_path: Path, ylabel: str = "cross-entropy (nats/token)") -> bool:
+    """Loss (and val_loss) against step. Returns False when matplotlib is missing. A line a crash left
+    half-written is skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -73,8 +74,13 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     except ImportError:
         return False
     train, val = [], []
-    for line in metrics_path.read_text().splitlines():
-        row = json.loads(line)
+    for line in metrics_path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict) or "step" not in row:
+            continue
         if "loss" in row and row["loss"] is not None:
             train.append((row["step"], row["loss"]))
         if "val_loss" in row:
@@ -85,7 +91,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     if val:
         ax.plot(*zip(*val), "o-", label="val loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -104,6 +110,9 @@ class MetricsLogger:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.png = run_dir / "loss_curve.png"
+        r = getattr(cfg, "retrieval", None)
+        retrieval = bool(getattr(r, "pairs", "") or getattr(r, "collection", ""))
+        self.ylabel = "InfoNCE loss (nats/query)" if retrieval else "cross-entropy (nats/token)"
         self.bar = None
         self.wandb = None
         self.tb = None
@@ -204,7 +213,7 @@ class MetricsLogger:
 
     def plot(self) -> None:
         if self.enabled and self.path.is_file():
-            plot_losses(self.path, self.png)
+            plot_losses(self.path, self.png, self.ylabel)
 
     def close(self) -> None:
         if self.bar is not None:

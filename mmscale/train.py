@@ -12,7 +12,10 @@ or SIGINT after saving a checkpoint (requeue: the run resumes); 3 too many non-f
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import pickle
+import shutil
 import signal
 import sys
 import time
@@ -62,13 +65,97 @@ def resolve_grad_accum(cfg: Config, world_size: int) -> int:
 
 
 def check_run_dir(run_dir: Path) -> None:
+    probe = run_dir / f".write_test.{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test.{os.getpid()}"
+        for stale in run_dir.glob(".write_test.*"):  # left by a run killed in this very check
+            pid = stale.name.rsplit(".", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                stale.unlink(missing_ok=True)
         probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"no space left on device in run.dir '{run_dir}'; free space or choose another run.dir") from None
         raise UserError(f"run.dir '{run_dir}' is not writable ({e.strerror}); choose another run.dir") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def check_run_dir_possible(run_dir: Path) -> None:
+    """Without creating anything: run.dir exists as a folder, or its nearest existing ancestor is a writable one."""
+    p = run_dir.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        what = "is not a folder" if not p.is_dir() else "is not writable"
+        raise UserError(f"run.dir '{run_dir}' is not writable ('{p}' {what}); choose another run.dir")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def precheck_data(cfg: Config) -> None:
+    """Before the run dir and the model exist: the datasets fit the model (n_ctx, vocab: exit 2) and each other,
+    and train.init_from's tokenizer is the data's (one line naming both sides)."""
+    from mmscale.data.loader import check_dataset, tokenizer_sha
+
+    if not cfg.data.train:
+        return  # default_data_factory says what to do
+    train_m = check_dataset(cfg.data.train, cfg.model, cache_dir=cfg.data.cache_dir)
+    have = tokenizer_sha(train_m)
+    if cfg.data.val:
+        val_m = check_dataset(cfg.data.val, cfg.model, cache_dir=cfg.data.cache_dir)
+        if have and tokenizer_sha(val_m) and tokenizer_sha(val_m) != have:
+            raise UserError(f"data.val '{cfg.data.val}' was tokenized with tokenizer sha256 {tokenizer_sha(val_m)[:16]}... "
+                            f"but data.train '{cfg.data.train}' with {have[:16]}...; prepare both with one tokenizer", 2)
+    if cfg.train.init_from and have:
+        from mmscale.data.tokenizer import file_sha256
+
+        tok = Path(cfg.train.init_from) / "tokenizer.model"
+        if tok.is_file() and file_sha256(tok) != have:
+            raise UserError(f"train.init_from '{cfg.train.init_from}' has tokenizer sha256 {file_sha256(tok)[:16]}... but "
+                            f"data.train '{cfg.data.train}' was tokenized with {have[:16]}...; prepare the data with "
+                            "the export's tokenizer.model", 2)
+
+
+def check_model_fits(cfg: Config, local_ranks: int) -> None:
+    """Refuse, before allocating it, a model whose fp32 weights alone exceed this machine's available memory
+    (every rank builds the full model on CPU first)."""
+    from mmscale.models import build_model
+
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_model(cfg.model).parameters())
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
+        raise UserError(f"the model cannot be built ({type(e).__name__}); lower model.n_ctx ({cfg.model.n_ctx}), "
+                        "model.d_model or model.n_layers", 2) from None
+    avail = _available_memory()
+    need = 4 * n * max(1, local_ranks)
+    if avail and need > avail:
+        raise UserError(f"the model has {n:,} parameters: {need / 2**30:.1f} GiB of fp32 weights on this machine "
+                        f"({max(1, local_ranks)} rank(s)) before any gradient or optimizer state, but only "
+                        f"{avail / 2**30:.1f} GiB of memory is available; lower model.n_ctx ({cfg.model.n_ctx}), "
+                        "model.d_model or model.n_layers", 2)
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +243,43 @@ def evaluate(engine, val_fn, eval_batches: int, device) -> float | None:
 
 def save_checkpoint(cfg, engine, info, root: Path, step: int, tokens: int, loader, micro_batch_size: int) -> Path:
     tmp = root / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
+    try:
+        return _save_checkpoint(cfg, engine, info, root, tmp, step, tokens, loader, micro_batch_size)
+    except (OSError, RuntimeError) as e:
+        if not _no_space(e, root):
+            raise
+        if info.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        need = _checkpoint_bytes(root, engine)
+        free = shutil.disk_usage(root).free if root.is_dir() else 0
+        last = ckpt.find_latest(root)
+        raise UserError(f"no space left on device writing checkpoint '{tmp}' (needs about {need:,} bytes, "
+                        f"{free:,} free); free space or move run.dir; "
+                        f"{f'the previous checkpoint {last} is intact' if last else 'no checkpoint was saved'}"
+                        ) from None
+
+
+def _no_space(e: BaseException, root: Path) -> bool:
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    text = str(e)
+    return "No space left" in text or ("write failed" in text and root.is_dir()
+                                       and shutil.disk_usage(root).free < (1 << 26))
+
+
+def _checkpoint_bytes(root: Path, engine) -> int:
+    """The size of the newest checkpoint, else weights + two AdamW moments in fp32."""
+    last = ckpt.find_latest(root)
+    if last is not None:
+        return sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
+    try:
+        return 12 * sum(p.numel() for p in engine.module().parameters())
+    except Exception:
+        return 0
+
+
+def _save_checkpoint(cfg, engine, info, root: Path, tmp: Path, step: int, tokens: int, loader,
+                     micro_batch_size: int) -> Path:
     if info.rank == 0:
         ckpt.prepare_tmp_dir(root, step)
     dist_.barrier(engine.device)
@@ -181,14 +305,25 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     grad_accum = resolve_grad_accum(cfg, info.world_size)
     cfg.train.grad_accum = grad_accum
     run_dir = Path(cfg.run.dir)
+    check_run_dir_possible(run_dir)
+    if data_factory is None:
+        precheck_data(cfg)  # before the run dir and the model: a mismatch leaves nothing behind
+    if model_factory is None:
+        check_model_fits(cfg, info.local_world_size or 1)
+    created = not run_dir.exists()
     check_run_dir(run_dir)  # every rank: a rank-0-only error would leave the others waiting in init
 
-    resume_dir = ckpt.resolve_resume(cfg)
-    meta = None
-    if resume_dir is not None:
-        meta = ckpt.read_meta(resume_dir)
-        where = f"run.dir '{run_dir}'" if cfg.run.resume == "auto" else f"checkpoint '{resume_dir}'"
-        ckpt.check_compatible(meta, cfg, info.world_size, where)
+    try:
+        resume_dir = ckpt.resolve_resume(cfg, announce=info.rank == 0)
+        meta = None
+        if resume_dir is not None:
+            meta = ckpt.read_meta(resume_dir)
+            where = f"run.dir '{run_dir}'" if cfg.run.resume == "auto" else f"checkpoint '{resume_dir}'"
+            ckpt.check_compatible(meta, cfg, info.world_size, where)
+    except UserError:
+        if created and info.rank == 0:
+            _remove_if_empty(run_dir)
+        raise
 
     needs_group = info.world_size > 1 or cfg.engine.kind in ("deepspeed", "fsdp")
     device = dist_.device_for(info)  # before the group: NCCL binds each rank to its own GPU
@@ -211,6 +346,8 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
         return status
     except UserError:
         clean = True  # raised on every rank alike (config, data, checkpoint): tidy up as usual
+        if created and info.rank == 0:
+            _remove_if_empty(run_dir)
         raise
     finally:
         for s in STOP_SIGNALS:
@@ -221,6 +358,14 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
             dist_.barrier(device)
             if needs_group:
                 dist_.shutdown(deepspeed=cfg.engine.kind == "deepspeed")
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing anything leaves no empty run dir behind."""
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) -> int:
@@ -235,7 +380,13 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
 
     start_step, tokens = 0, 0
     if resume_dir is not None:
-        engine.load(resume_dir)
+        try:
+            with ckpt.safe_unpickling():  # DeepSpeed and DCP unpickle: only allow-listed classes
+                engine.load(resume_dir)
+        except BaseException as e:  # DCP wraps rank failures in a BaseException (CheckpointException)
+            if isinstance(e, pickle.UnpicklingError) or "Unsupported global" in str(e):
+                raise ckpt.unsafe_payload_error(resume_dir, e) from None
+            raise
         state = ckpt.load_rank_state(resume_dir, info.rank, info.world_size, meta)
         if state["rng"] is not None:
             ckpt.set_rng_state(state["rng"])
@@ -328,8 +479,8 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
             if val is not None:
                 logger.log({"step": cfg.train.max_steps, "val_loss": val})
                 logger.write(f"final val_loss {val:.4f}")
-        if status == EXIT_OK:
-            logger.plot()
+        if status in (EXIT_OK, EXIT_SIGNAL, EXIT_NONFINITE):
+            logger.plot()  # also when stopped: the curve shows every step logged so far
     finally:
         watch.close()
         logger.close()

@@ -182,7 +182,9 @@ def _real_config(tmp_path, dataset, run_name, **extra):
 def test_mismatched_dataset_refused(tmp_path, tiny_dataset):
     cfg = _real_config(tmp_path, tiny_dataset, "r", **{"model.n_ctx": 32})
     rc, err = _cli("--config", str(cfg))
-    assert rc == 1 and len(err) == 1 and "prepared with n_ctx 16 but model.n_ctx is 32" in err[0]
+    # a configuration error (exit 2), found before the run dir or the model exist
+    assert rc == 2 and len(err) == 1 and "prepared with n_ctx 16 but model.n_ctx is 32" in err[0]
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow
