@@ -35,13 +35,22 @@ batch so every batch has B samples).
 mosaicml-streaming reads the world from RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; this
 module sets them from its arguments (and refuses values that contradict ones already set).
 Streaming's lock files go to `.streaming-locks/` in the local directory (removed by `close()`), its
-shared memory is freed by `close()`: call it on every rank at shutdown.
+shared memory is freed by `close()`: call it on every rank at shutdown. Each loader also writes
+`<prefix>.owner` (host and pid) there; a later loader removes the lock files of owners on this host whose
+process is gone (a killed run), and nothing else.
+
+Damage: the manifest is checked for its keys and types, every shard of the split for presence and size
+before streaming starts, shard digests (`prepare` writes xxh64) are checked by streaming when it
+decompresses or downloads a shard, token ids are checked against the manifest's vocab size, and any error
+while reading becomes one line naming the dataset (and the file where streaming names it).
+`mmscale data verify DIR` checks everything, digests of raw and compressed shards included.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -90,14 +99,112 @@ def read_manifest(path: str, cache_dir: str = "") -> dict:
             raise UserError(f"could not fetch '{path.rstrip('/')}/{MANIFEST}' ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the remote path, "
                             "credentials and that its client library is installed") from None
-        return json.loads(local.read_text())
+        try:
+            return validate_manifest(json.loads(local.read_text()), f"{path.rstrip('/')}/{MANIFEST}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"'{path.rstrip('/')}/{MANIFEST}' is not valid JSON; prepare the dataset again") from None
     mpath = Path(path) / MANIFEST
     if not mpath.is_file():
         raise UserError(f"'{path}' is not a prepared dataset (no {MANIFEST}); make one with `mmscale prepare`")
     try:
-        return json.loads(mpath.read_text())
-    except json.JSONDecodeError:
+        return validate_manifest(json.loads(mpath.read_text()), str(mpath))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"'{mpath}' is not valid JSON; prepare the dataset again") from None
+
+
+# key -> (type, what it is); bool is not an int here
+_MANIFEST_KEYS = {"n_ctx": (int, "an integer"), "vocab_size": (int, "an integer"), "layout": (str, "a string"),
+                  "splits": (dict, "an object"), "tokenizer": (dict, "an object")}
+
+
+def validate_manifest(m, where: str) -> dict:
+    """The manifest itself, after checking the keys every reader relies on (one line naming the file)."""
+    def bad(what: str):
+        return UserError(f"'{where}' {what}; the manifest is damaged: prepare the dataset again")
+
+    if not isinstance(m, dict):
+        raise bad("is not a JSON object")
+    for key, (typ, name) in _MANIFEST_KEYS.items():
+        if key not in m:
+            raise bad(f"has no \"{key}\"")
+        if not isinstance(m[key], typ) or isinstance(m[key], bool):
+            raise bad(f"has \"{key}\": {json.dumps(m[key])[:40]}, not {name}")
+    if m["layout"] not in ("packed", "padded"):
+        raise bad(f"has layout {m['layout']!r}, not packed or padded")
+    if m["n_ctx"] < 2 or m["vocab_size"] < 2:
+        raise bad(f"has n_ctx {m['n_ctx']} / vocab_size {m['vocab_size']} (each must be >= 2)")
+    for split in ("train", "val"):
+        info = m["splits"].get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("samples"), int) or isinstance(
+                info.get("samples"), bool) or info["samples"] < 0:
+            raise bad(f"has no sample count for the {split} split")
+    sha = m["tokenizer"].get("sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise bad("has a tokenizer sha256 that is not a string")
+    return m
+
+
+def tokenizer_sha(manifest: dict) -> str | None:
+    sha = (manifest.get("tokenizer") or {}).get("sha256")
+    return sha if isinstance(sha, str) else None
+
+
+def check_shards(local: str | os.PathLike, split: str) -> dict:
+    """Every shard of `split` that index.json lists is present with its size (stat only, no read); returns
+    the index. One line naming the file otherwise."""
+    index_path = Path(local) / split / "index.json"
+    if not index_path.is_file():
+        raise UserError(f"'{index_path}' is missing; the dataset is damaged: prepare it again")
+    try:
+        index = json.loads(index_path.read_text())
+        shards = index["shards"]
+        if not isinstance(shards, list):
+            raise TypeError
+        for sh in shards:
+            raw, zipped = sh["raw_data"], sh.get("zip_data")
+            for part in [raw] + ([zipped] if zipped else []):
+                if not isinstance(part["basename"], str) or not isinstance(part["bytes"], int):
+                    raise TypeError
+                if Path(part["basename"]).is_absolute() or ".." in Path(part["basename"]).parts:
+                    raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError):
+        raise UserError(f"'{index_path}' is not a valid shard index (MDS index.json); the dataset is damaged: "
+                        "prepare it again") from None
+    for sh in shards:
+        raw, zipped = sh["raw_data"], sh.get("zip_data")
+        raw_path = index_path.parent / raw["basename"]
+        if raw_path.is_file():
+            if raw_path.stat().st_size != raw["bytes"]:
+                raise UserError(f"shard '{raw_path}' has {raw_path.stat().st_size} bytes, {raw['bytes']} expected; "
+                                "it is damaged (truncated?): delete it if its .zstd is intact, else prepare again")
+            continue
+        if zipped is None:
+            raise UserError(f"shard '{raw_path}' is missing; the dataset is damaged: prepare it again")
+        zip_path = index_path.parent / zipped["basename"]
+        if not zip_path.is_file():
+            raise UserError(f"shard '{zip_path}' is missing; the dataset is damaged: prepare it again")
+        if zip_path.stat().st_size != zipped["bytes"]:
+            raise UserError(f"shard '{zip_path}' has {zip_path.stat().st_size} bytes, {zipped['bytes']} expected; "
+                            "it is damaged (truncated?): prepare the dataset again")
+        want = (zipped.get("hashes") or {}).get("xxh64")
+        if want:  # about to be decompressed (once): check its digest here, where a failure can be named
+            from mmscale.fsutil import digest
+
+            if digest(zip_path)[1] != want:
+                raise UserError(f"shard '{zip_path}' does not match its xxh64 digest (bit rot or a bad copy); "
+                                "the dataset is damaged: prepare it again")
+    return index
+
+
+def _hash_algo(index: dict | None) -> str | None:
+    """xxh64 when `prepare` recorded it for every shard (older datasets carry no hashes)."""
+    if not index:
+        return None
+    for sh in index.get("shards", []):
+        for part in (sh.get("raw_data"), sh.get("zip_data")):
+            if part and "xxh64" not in (part.get("hashes") or {}):
+                return None
+    return "xxh64"
 
 
 def _shard_cache(cache_dir: str, remote: str, manifest: dict) -> str:
@@ -118,11 +225,11 @@ def check_dataset(path: str, model_cfg, *, tokenizer: str | None = None, cache_d
     if m.get("n_ctx") != model_cfg.n_ctx:
         raise UserError(f"dataset '{path}' was prepared with n_ctx {m.get('n_ctx')} but model.n_ctx is "
                         f"{model_cfg.n_ctx}; prepare it with --n-ctx {model_cfg.n_ctx} or set "
-                        f"model.n_ctx={m.get('n_ctx')}")
+                        f"model.n_ctx={m.get('n_ctx')}", 2)
     if m.get("vocab_size") != model_cfg.vocab_size:
         raise UserError(f"dataset '{path}' has a tokenizer of vocab size {m.get('vocab_size')} but "
                         f"model.vocab_size is {model_cfg.vocab_size}; set model.vocab_size="
-                        f"{m.get('vocab_size')} or prepare it with a {model_cfg.vocab_size}-piece tokenizer")
+                        f"{m.get('vocab_size')} or prepare it with a {model_cfg.vocab_size}-piece tokenizer", 2)
     if tokenizer:
         from mmscale.data.tokenizer import file_sha256
 
@@ -130,7 +237,7 @@ def check_dataset(path: str, model_cfg, *, tokenizer: str | None = None, cache_d
         have = m.get("tokenizer", {}).get("sha256")
         if want != have:
             raise UserError(f"dataset '{path}' was tokenized with tokenizer sha256 {str(have)[:16]}... but the "
-                            f"model's tokenizer is {want[:16]}...; prepare the dataset with the model's tokenizer")
+                            f"model's tokenizer is {want[:16]}...; prepare the dataset with the model's tokenizer", 2)
     return m
 
 
@@ -202,18 +309,52 @@ class StreamingLoader:
                     "shuffle_seed": int(self.dataset.shuffle_seed), "initial_physical_nodes": None,
                 })
             got = 0
-            for batch in self.loader:
+            for batch in self._batches():
                 got += 1
                 self.sample_in_epoch += step
                 yield batch
+            event = getattr(self.dataset, "_event", None)
+            if event is not None and event.is_set():  # streaming's reader thread failed and it stopped quietly
+                root = getattr(self, "root", "?")
+                raise UserError(f"streaming stopped reading the {self.split} split of dataset '{root}' (a shard could "
+                                f"not be fetched, verified or decompressed); check it with "
+                                f"`mmscale data verify {root}` and prepare it again")
             self.epoch += 1
             self.sample_in_epoch = 0
             if not self.endless:
                 return
             if got == 0:
                 raise UserError(
-                    f"the {self.split} split has too few samples ({self.dataset.epoch_size}) for one batch of "
-                    f"{self.micro_batch_size} on each of {self.world_size} ranks; use more data or a smaller batch")
+                    f"the {self.split} split yielded no batch: it has {self.dataset.epoch_size} samples for batches "
+                    f"of {self.micro_batch_size} on each of {self.world_size} ranks (use more data or a smaller "
+                    f"batch), or its shards could not be read (check `mmscale data verify "
+                    f"{getattr(self, 'root', 'DIR')}`)")
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """streaming's batches, with every read error as one line naming the dataset, and token ids checked
+        against the manifest's vocab."""
+        root = getattr(self, "root", "?")
+        vocab = int(self.manifest.get("vocab_size", 0))
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UserError:
+                raise
+            except Exception as e:
+                text = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+                raise UserError(f"reading the {self.split} split of dataset '{root}' failed ({type(e).__name__}: "
+                                f"{(text[-1] if text else '')[:200]}); the dataset is damaged: check it with "
+                                f"`mmscale data verify {root}` and prepare it again") from None
+            ids = batch["input_ids"]
+            if vocab and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+                bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+                raise UserError(f"dataset '{root}' ({self.split}) holds token id {bad} but its vocab size is {vocab}; "
+                                f"it is damaged or was not made by this tokenizer: check it with "
+                                f"`mmscale data verify {root}`")
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from; the same on every rank (plain ints, JSON-safe)."""
@@ -262,6 +403,8 @@ class StreamingLoader:
             for name in _LOCK_NAMES:
                 if prefix is not None:
                     (self._lock_dir / f"{prefix:06}_{name}").unlink(missing_ok=True)
+            if prefix is not None:
+                (self._lock_dir / f"{prefix:06}.owner").unlink(missing_ok=True)
             try:
                 self._lock_dir.rmdir()
             except OSError:
@@ -311,6 +454,39 @@ def _free_shared_memory(dataset) -> None:
         shm.created_shms, shm.opened_shms = [], []
 
 
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def clean_stale_locks(lock_dir: Path) -> list[str]:
+    """Remove the lock files of loaders on this host whose process is gone (from their `.owner` file); returns
+    the prefixes cleaned. Locks without an owner file, or owned on another host, are left alone."""
+    cleaned = []
+    if not lock_dir.is_dir():
+        return cleaned
+    host = socket.gethostname()
+    for owner in lock_dir.glob("*.owner"):
+        try:
+            info = json.loads(owner.read_text())
+            pid, their_host = int(info["pid"]), str(info["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if their_host != host or not _pid_gone(pid):
+            continue
+        prefix = owner.name[:-len(".owner")]
+        for name in _LOCK_NAMES:
+            (lock_dir / f"{prefix}_{name}").unlink(missing_ok=True)
+        owner.unlink(missing_ok=True)
+        cleaned.append(prefix)
+    return cleaned
+
+
 def _split_location(data_cfg, split: str) -> tuple[str, str]:
     if split not in ("train", "val"):
         raise UserError(f"split must be 'train' or 'val', got {split!r}")
@@ -338,6 +514,9 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
                         f"n_ctx is {n_ctx}; prepare it with --n-ctx {n_ctx} or set model.n_ctx={manifest.get('n_ctx')}")
     if manifest["splits"][split]["samples"] == 0:
         raise UserError(f"dataset '{root}' has no {split} samples; prepare it with --val-fraction > 0")
+    index = None
+    if not _is_remote(root):
+        index = check_shards(root, split)  # deleted or truncated shards, a corrupt index: one line
     _set_world_env(rank, world_size, local_rank, local_world_size)
     local_rank = rank if local_rank is None else local_rank
 
@@ -359,6 +538,8 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
     lock_dir = Path(local) / LOCK_DIR
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
+        if local_rank == 0:
+            clean_stale_locks(lock_dir)
     except OSError:
         raise UserError(f"dataset directory '{local}' is not writable (streaming decompresses shards next to "
                         "them); set data.cache_dir to a writable directory to read it as a remote") from None
@@ -370,9 +551,24 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
             shuffle_seed=seed, num_canonical_nodes=data_cfg.num_canonical_nodes,
             shuffle_block_size=data_cfg.shuffle_block_size, batch_size=micro_batch_size,
             predownload=max(8 * micro_batch_size, 64),
+            validate_hash=_hash_algo(index) if index is not None else ("xxh64" if manifest.get("shard_hash") == "xxh64" else None),
         )
+    except UserError:
+        raise
+    except Exception as e:
+        text = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise UserError(f"cannot open the {split} split of dataset '{root}' ({type(e).__name__}: "
+                        f"{(text[-1] if text else '')[:200]}); check it with `mmscale data verify {root}` "
+                        "and prepare it again") from None
     finally:
         tempfile.tempdir = saved_tempdir
+    prefix = getattr(dataset, "_shm_prefix_int", None)
+    if local_rank == 0 and prefix is not None:
+        try:
+            (lock_dir / f"{prefix:06}.owner").write_text(json.dumps({"pid": os.getpid(),
+                                                                     "host": socket.gethostname()}))
+        except OSError:
+            pass
     layout = manifest["layout"]
     collate = partial(_collate, layout=layout, n_ctx=n_ctx, left_pad=manifest.get("pad_side") == "left")
     is_train = split == "train"
@@ -381,6 +577,8 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
         # pinned host memory on CUDA: the engines' non_blocking copies then overlap with compute
         drop_last=is_train, persistent_workers=False, pin_memory=torch.cuda.is_available(),
     )
-    return StreamingLoader(dataset, loader, split=split, endless=is_train if endless is None else endless,
-                           micro_batch_size=micro_batch_size, world_size=world_size, lock_dir=lock_dir,
-                           local_rank=local_rank, manifest=manifest)
+    out = StreamingLoader(dataset, loader, split=split, endless=is_train if endless is None else endless,
+                          micro_batch_size=micro_batch_size, world_size=world_size, lock_dir=lock_dir,
+                          local_rank=local_rank, manifest=manifest)
+    out.root = root
+    return out

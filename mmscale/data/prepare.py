@@ -168,6 +168,7 @@ class PrepareOptions:
     overwrite: bool = False
     shard_bytes: int = 1 << 26
     progress: bool = True
+    doc_per_line: bool = False  # plain text: every non-blank line is a document
 
 
 def _pick_dtype(requested: str, vocab_size: int) -> str:
@@ -212,6 +213,9 @@ def prepare(opts: PrepareOptions) -> dict:
     out = Path(opts.out)
     if out.exists() and not opts.overwrite:
         raise UserError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    if out.exists():  # --overwrite never removes an input (or a folder holding one)
+        from mmscale.fsutil import check_output
+        check_output(out, [*opts.inputs, opts.tokenizer], "--out")
     sp = load_tokenizer(opts.tokenizer)
     vocab_size = sp.get_piece_size()
     dtype = _pick_dtype(opts.dtype, vocab_size)
@@ -247,6 +251,10 @@ def _prepare_with(pool, opts, out, sources, sp, vocab_size, dtype, ids, pad_id) 
             raise UserError(f"input '{src.spec}' holds no documents; pass a file with text in it")
         counts.append(n)
     n_docs = sum(counts)
+    if n_docs == 1 and opts.val_fraction > 0 and not opts.doc_per_line and sources[0].kind == "text":
+        raise UserError(f"'{sources[0].spec}' is one document (no '{opts.separator.strip()}' separator lines and no "
+                        f"blank lines), so --val-fraction {opts.val_fraction} leaves nothing to train on; pass "
+                        "--one-doc-per-line to make each line a document, or --separator LINE")
     is_val = _val_mask(n_docs, opts.val_fraction, opts.seed)
 
     # ---- write into a hidden sibling directory, rename at the end
@@ -281,7 +289,9 @@ def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype
         columns = {"tokens": f"ndarray:{dtype}:{n_ctx + 1}"}
     else:
         columns = {"tokens": f"ndarray:{dtype}:{n_ctx}", "length": "int32"}
-    writers = {s: MDSWriter(out=str(tmp / s), columns=columns, compression="zstd",
+    # xxh64 digests of every shard (raw and compressed): streaming checks them when it decompresses or
+    # downloads a shard, `mmscale data verify` checks them all
+    writers = {s: MDSWriter(out=str(tmp / s), columns=columns, compression="zstd", hashes=["xxh64"],
                             size_limit=opts.shard_bytes, progress_bar=False) for s in ("train", "val")}
     if opts.layout == "packed":
         splits = {s: _PackedSplit(w, n_ctx, ids["eos"], dtype) for s, w in writers.items()}
@@ -350,6 +360,7 @@ def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype
         "n_ctx": n_ctx,
         "sample_tokens": n_ctx + 1 if opts.layout == "packed" else n_ctx,
         "dtype": dtype,
+        "shard_hash": "xxh64",
         "tokenizer": {"file": "tokenizer.model", "sha256": file_sha256(tmp / "tokenizer.model"),
                       **({"kind": tok_kind, "source": str(opts.tokenizer)} if tok_kind != "sentencepiece" else {}),
                       "vocab_size": vocab_size, **{f"{k}_id": v for k, v in ids.items()},
@@ -393,6 +404,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.01)
     parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     parser.add_argument("--separator", default=DEFAULT_SEPARATOR, help="plain text: document separator line")
+    parser.add_argument("--one-doc-per-line", dest="doc_per_line", action="store_true",
+                        help="plain text: every non-blank line is a document (for files without separators)")
     parser.add_argument("--errors", choices=["strict", "replace"], default="strict",
                         help="non-UTF-8 bytes: stop with the file and offset (strict) or replace them")
     parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
@@ -409,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
                           layout=args.layout, pad=args.pad, val_fraction=args.val_fraction,
                           text_field=args.text_field, separator=args.separator, errors=args.errors,
                           dtype=args.dtype, workers=args.workers, seed=args.seed, overwrite=args.overwrite,
-                          shard_bytes=args.shard_bytes, progress=not args.no_progress)
+                          shard_bytes=args.shard_bytes, progress=not args.no_progress,
+                          doc_per_line=getattr(args, "doc_per_line", False))
     m = prepare(opts)
     tr, va = m["splits"]["train"], m["splits"]["val"]
     print(f"wrote {opts.out}: {m['layout']}, n_ctx {m['n_ctx']}, {m['documents']} documents, "

@@ -45,14 +45,17 @@ def _has_separator_line(path: str, sep_line: str) -> bool:
 
 
 def iter_text_documents(path: str, *, separator: str = DEFAULT_SEPARATOR, errors: str = "strict",
-                        ) -> Iterator[str]:
-    """Documents of a plain-text file: split on separator lines, or on blank lines if there are none.
+                        per_line: bool = False) -> Iterator[str]:
+    """Documents of a plain-text file: split on separator lines, or on blank lines if there are none;
+    with `per_line` every non-blank line is a document.
 
     A document keeps its inner newlines; the newlines around a separator line are not part of it.
     """
     sep_line = separator.strip()
     doc: list[str] = []
-    if sep_line and _has_separator_line(path, sep_line):
+    if per_line:
+        yield from (line for line in _lines(path, errors) if line.strip())
+    elif sep_line and _has_separator_line(path, sep_line):
         for line in itertools.chain(_lines(path, errors), [sep_line]):
             if line.strip() == sep_line:
                 text_of_doc = "\n".join(doc).strip("\n")
@@ -151,7 +154,8 @@ class Source:
     def documents(self, opts) -> Iterator[str]:
         """`opts`: anything with .separator, .errors and .text_field (PrepareOptions, argparse args)."""
         if self.kind == "text":
-            return iter_text_documents(self.spec, separator=opts.separator, errors=opts.errors)
+            return iter_text_documents(self.spec, separator=opts.separator, errors=opts.errors,
+                                       per_line=getattr(opts, "doc_per_line", False))
         if self.kind == "jsonl":
             return iter_jsonl_documents(self.spec, field=opts.text_field, errors=opts.errors)
         if self.kind == "parquet":

@@ -325,6 +325,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--stories", type=int, default=20000, help="number of stories (default 20000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace existing stories.txt / pairs.jsonl")
+    v = sub.add_parser("verify", help="check a prepared dataset: manifest, every shard's size and digest, "
+                                      "token ids within the vocab")
+    v.add_argument("dataset", help="a folder made by `mmscale prepare`")
+    v.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -332,4 +336,7 @@ def run(args: argparse.Namespace) -> int:
         out = write_corpus(args.out, args.stories, args.seed, overwrite=args.overwrite)
         print(f"wrote {args.stories} stories to {out / 'stories.txt'} and {out / 'pairs.jsonl'}")
         return 0
-    raise UserError(f"unknown action {args.action!r}; use `mmscale data synth`")
+    if args.action == "verify":
+        from mmscale.data.verify import run_verify
+        return run_verify(args.dataset, bool(getattr(args, "json", False)))
+    raise UserError(f"unknown action {args.action!r}; use `mmscale data synth` or `mmscale data verify`")
