@@ -103,10 +103,19 @@ def _slice_virtual(parts: list, start: int, n: int, out=None):
 
 
 def _load(path: Path, weights_only: bool = True):
+    """torch.load under mmscale's allow-list (checkpoint.safe_unpickling): DeepSpeed's files pickle a few of
+    its classes; anything else is refused unread. `weights_only` is kept for callers; loading is always safe."""
+    import pickle
+
     import torch
 
+    from mmscale import checkpoint as ckpt
+
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        with ckpt.safe_unpickling():
+            return torch.load(path, map_location="cpu", mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ckpt.unsafe_payload_error(path, e) from None
     except Exception as e:  # truncated or foreign files: one clear line
         raise UserError(f"cannot read '{path}' ({type(e).__name__}); the checkpoint is damaged or incomplete: "
                         "convert an earlier step folder") from None
@@ -126,10 +135,17 @@ def read_dcp(step_dir: Path, meta: dict):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    import pickle
+
+    from mmscale import checkpoint as ckpt
+
     path = step_dir / "model"
     reader = dcp.FileSystemReader(str(path))
     try:
-        md = reader.read_metadata().state_dict_metadata
+        with ckpt.safe_unpickling():  # DCP pickles its metadata: only its own classes are allowed
+            md = reader.read_metadata().state_dict_metadata
+    except pickle.UnpicklingError as e:
+        raise ckpt.unsafe_payload_error(path / ".metadata", e) from None
     except Exception as e:
         raise UserError(f"cannot read the DCP metadata in '{path}' ({type(e).__name__}); the checkpoint is "
                         "damaged or incomplete: convert an earlier step folder") from None
@@ -139,8 +155,13 @@ def read_dcp(step_dir: Path, meta: dict):
         t = md[name]
         buf = {name: torch.empty(tuple(t.size), dtype=t.properties.dtype)}
         try:
-            dcp.load(buf, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
-        except Exception as e:
+            with ckpt.safe_unpickling():
+                dcp.load(buf, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, pickle.UnpicklingError) or "Unsupported global" in str(e):
+                raise ckpt.unsafe_payload_error(path, e) from None
             raise UserError(f"cannot read '{name}' from '{path}' ({type(e).__name__}); the checkpoint is damaged "
                             "or incomplete: convert an earlier step folder") from None
         v = buf[name]
@@ -310,18 +331,46 @@ def find_tokenizer(cfg: dict) -> Path | None:
 
 
 def last_val_loss(run_dir: Path, step: int):
+    return last_val_loss_at(run_dir, step)[0]
+
+
+def last_val_loss_at(run_dir: Path, step: int) -> tuple:
+    """(the last val_loss logged at or before `step`, the step it was measured at), or (None, None)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return None
-    val = None
-    for line in path.read_text().splitlines():
+        return None, None
+    val, at = None, None
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(row, dict):
+            continue
         if row.get("val_loss") is not None and row.get("step", 0) <= step:
-            val = row["val_loss"]
-    return val
+            val, at = row["val_loss"], row.get("step")
+    return val, at
+
+
+def check_tokenizer(tok: Path, model_cfg, run_cfg: dict, step_dir: Path) -> None:
+    """The tokenizer to ship loads, fits the model's vocab, and is the one the run's data was made with."""
+    from mmscale.data.tokenizer import file_sha256, load_tokenizer
+
+    sp = load_tokenizer(tok)  # a one-line error for a file that is not a tokenizer
+    if sp.get_piece_size() > model_cfg.vocab_size:
+        raise UserError(f"--tokenizer '{tok}' has {sp.get_piece_size()} pieces but the model of '{step_dir}' has "
+                        f"vocab_size {model_cfg.vocab_size}; pass the tokenizer the run was trained with")
+    data = ((run_cfg.get("data", {}) or {}).get("train") or "")
+    manifest = Path(data) / "manifest.json" if data and "://" not in data else None
+    if manifest is not None and manifest.is_file():
+        try:
+            want = (json.loads(manifest.read_text()).get("tokenizer") or {}).get("sha256")
+        except (ValueError, AttributeError, OSError):
+            want = None
+        have = file_sha256(tok)
+        if isinstance(want, str) and want != have:
+            raise UserError(f"--tokenizer '{tok}' (sha256 {have[:16]}...) is not the tokenizer the run's data "
+                            f"'{data}' was made with (sha256 {want[:16]}...); pass {Path(data) / 'tokenizer.model'}")
 
 
 def sample_batch(model_cfg, seed: int = 0):
@@ -385,13 +434,18 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     if out.exists() and not overwrite:
         raise UserError(f"output directory '{out}' already exists; choose another path or pass --overwrite")
     step_dir = resolve_checkpoint(checkpoint)
+    if out.exists():  # --overwrite never removes the run being converted, nor a folder holding it
+        from mmscale.fsutil import check_output
+        check_output(out, [checkpoint, step_dir] + ([tokenizer] if tokenizer else []), "--out")
     meta = ckpt.read_meta(step_dir)
+    ckpt.verify_or_raise(step_dir)
     model_cfg = _model_config(meta, step_dir)
     run_cfg = meta.get("config", {}) or {}
     tok = Path(tokenizer) if tokenizer else find_tokenizer(run_cfg)
     if tok is None or not tok.is_file():
         raise UserError(f"no tokenizer found for '{step_dir}' (looked next to data.train and train.init_from); "
                         "pass --tokenizer PATH/tokenizer.model")
+    check_tokenizer(tok, model_cfg, run_cfg, step_dir)
 
     state = load_checkpoint_state(step_dir, meta, model_cfg, getattr(torch, DTYPES[dtype]), progress)
     run_dir = step_dir.parent.parent
@@ -399,7 +453,8 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     info = {"parameters": n_params, "steps": meta.get("step"), "tokens": meta.get("tokens_seen"),
             "trained_on": (run_cfg.get("data", {}) or {}).get("train") or (run_cfg.get("retrieval", {}) or {}).get("pairs"),
             "init_from": (run_cfg.get("train", {}) or {}).get("init_from") or None,
-            "val_loss": last_val_loss(run_dir, meta.get("step", 0)), "source": str(step_dir),
+            "val_loss": (val_at := last_val_loss_at(run_dir, meta.get("step", 0)))[0],
+            "val_loss_step": val_at[1], "source": str(step_dir),
             "engine": meta.get("engine"), "zero_stage": meta.get("zero_stage"), "world_size": meta.get("world_size")}
     save_export(out, state, dataclasses.asdict(model_cfg), tok, info=info, overwrite=overwrite)
     summary = {"export": str(out), "checkpoint": str(step_dir), "dtype": dtype, "tensors": len(state), **info}

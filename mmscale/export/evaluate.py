@@ -101,7 +101,7 @@ def iter_batches(data: list[str], sp, n_ctx: int, batch_size: int, split: str = 
         manifest = read_manifest(data[0])  # a clear error for a folder that is not a dataset
         if manifest.get("n_ctx") != n_ctx:
             raise UserError(f"dataset '{data[0]}' was prepared with n_ctx {manifest.get('n_ctx')} but the model's "
-                            f"n_ctx is {n_ctx}; prepare it again with --n-ctx {n_ctx}")
+                            f"n_ctx is {n_ctx}; prepare it again with --n-ctx {n_ctx}", 2)
         return _dataset_batches(data[0], n_ctx, batch_size, split, max_batches)
     windows = text_windows(data, sp, n_ctx, None if max_batches is None else max_batches * batch_size)
     # padding of the last window: any valid id as input, its label is ignored
@@ -144,6 +144,33 @@ def evaluate_loss(model, batches, progress: bool = True) -> dict:
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": total_tokens}
 
 
+def check_json_target(path: str, overwrite: bool) -> None:
+    """--json FILE: its folder exists, and an existing FILE is replaced only with --overwrite (the rule of
+    every mmscale output)."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise UserError(f"--json: folder '{target.parent}' does not exist; create it first", 2)
+    if target.is_dir():
+        raise UserError(f"--json: '{target}' is a folder; give a file name", 2)
+    if target.exists() and not overwrite:
+        raise UserError(f"--json: '{target}' already exists; pass --overwrite or another --json path", 2)
+
+
+def check_data_tokenizer(data: list[str], export, meta: dict) -> None:
+    """A prepared dataset must have been tokenized with the export's tokenizer (same sha256)."""
+    if len(data) != 1 or not Path(data[0]).is_dir():
+        return
+    from mmscale.data.loader import read_manifest, tokenizer_sha
+    from mmscale.data.tokenizer import file_sha256
+
+    want = tokenizer_sha(read_manifest(data[0]))
+    have = file_sha256(Path(export) / meta["tokenizer"])
+    if want and want != have:
+        raise UserError(f"dataset '{data[0]}' was tokenized with tokenizer sha256 {want[:16]}... but export "
+                        f"'{export}' has tokenizer {have[:16]}...; evaluate on data prepared with the export's "
+                        "tokenizer.model (or on text files)", 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # `mmscale eval`
 
@@ -155,16 +182,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = all)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmscale.data.tokenizer import load_tokenizer
-    from mmscale.export.format import load_export
+    from mmscale.export.format import load_export, load_export_tokenizer
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.json:  # outputs are checked before the work, as every command does
+        check_json_target(args.json, getattr(args, "overwrite", False))
     model, meta = load_export(args.export, require_tokenizer=True)
-    sp = load_tokenizer(Path(args.export) / meta["tokenizer"])
+    sp = load_export_tokenizer(args.export, meta, model.config.vocab_size)
+    check_data_tokenizer(args.data, args.export, meta)
     batches = iter_batches(args.data, sp, model.config.n_ctx, args.batch_size, args.split,
                            args.max_batches if args.max_batches > 0 else None)
     result = evaluate_loss(model, batches)

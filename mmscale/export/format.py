@@ -42,7 +42,8 @@ def _model_card(model_cfg: dict, info: dict) -> str:
                        ("tokens", "tokens seen"), ("val_loss", "validation loss (nats/token)"),
                        ("source", "converted from")]:
         if key in info and info[key] not in (None, ""):
-            lines.append(f"- {label}: {info[key]}")
+            at = f" (at step {info['val_loss_step']})" if key == "val_loss" and info.get("val_loss_step") else ""
+            lines.append(f"- {label}: {info[key]}{at}")
     lines += ["", "Load it with `mmscale.export.load_export(path)`, or with torch + safetensors alone "
               "(`safetensors.torch.load_file('model.safetensors')`) and config.json.", ""]
     return "\n".join(lines)
@@ -80,6 +81,8 @@ def save_export(out_dir: str | os.PathLike, state_dict: dict, model_cfg: Any, to
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         (tmp / CARD).write_text(_model_card(cfg, info))
+        from mmscale.fsutil import apply_umask_tree
+        apply_umask_tree(tmp)  # mkdtemp makes 0700: the export gets the modes of any other new folder
         if out.exists():  # overwrite: swap only once the new export is complete
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -104,7 +107,29 @@ def load_export_config(path: str | os.PathLike) -> dict:
         raise UserError(f"export '{p}': {CONFIG} is not an mmscale export config (format {meta.get('format')!r})")
     if not (p / WEIGHTS).is_file():
         raise UserError(f"export '{p}' has no {WEIGHTS}; re-run `mmscale convert`")
+    tok = meta.get("tokenizer")
+    if tok is not None and (not isinstance(tok, str) or Path(tok).name != tok or tok in ("", ".", "..")):
+        raise UserError(f"export '{p}': {CONFIG} names the tokenizer {str(tok)[:80]!r}, which is not a file inside "
+                        "the export; it must be a plain file name such as tokenizer.model")
     return meta
+
+
+def load_export_tokenizer(path: str | os.PathLike, meta: dict, vocab_size: int):
+    """The export's tokenizer, refused when it has more pieces than the model has embeddings."""
+    from mmscale.data.tokenizer import load_tokenizer
+
+    tok_path = Path(path) / meta["tokenizer"]
+    try:
+        sp = load_tokenizer(tok_path)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"export '{path}': '{tok_path.name}' is not a readable tokenizer ({type(e).__name__}); "
+                        "re-run `mmscale convert` with the run's tokenizer") from None
+    if sp.get_piece_size() > vocab_size:
+        raise UserError(f"export '{path}': its tokenizer has {sp.get_piece_size()} pieces but the model's vocab_size is "
+                        f"{vocab_size}; ship the tokenizer the model was trained with (mmscale convert --tokenizer)")
+    return sp
 
 
 def load_export(path: str | os.PathLike, dtype=None, device="cpu", require_tokenizer: bool = False):

@@ -8,10 +8,14 @@ keeping the last n_ctx tokens as its context (no KV cache: each step recomputes 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from mmscale.errors import UserError
+
+
+MIN_TEMPERATURE = 1e-2  # below this, logits / temperature overflow float32 for ordinary logits
 
 
 def sample_next(logits, temperature: float, top_k: int, generator):
@@ -67,6 +71,17 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     return new
 
 
+def continuation_text(sp, prompt_ids: list[int], new: list[int]) -> str:
+    """The text the new tokens add to the prompt. Decoded together with the prompt and cut after the prompt's
+    own text: decoded alone, a continuation's first piece loses its leading space ("▁their" -> "their")."""
+    eos = sp.eos_id()
+    body = [t for t in prompt_ids if t != eos]
+    tail = [t for t in new if t != eos]
+    head = sp.decode(body) if body else ""
+    full = sp.decode(body + tail) if body else sp.decode(tail)
+    return full[len(head):] if full.startswith(head) else sp.decode(tail)
+
+
 # ---------------------------------------------------------------------------------------------
 # `mmscale generate`
 
@@ -81,17 +96,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmscale.data.tokenizer import load_tokenizer
-    from mmscale.export.format import load_export
+    from mmscale.export.format import load_export, load_export_tokenizer
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}", 2)
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise UserError(f"--temperature {args.temperature} is too small to sample with (the logits overflow); "
+                        f"use 0 for greedy decoding or a value >= {MIN_TEMPERATURE}", 2)
     if args.top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
     model, meta = load_export(args.export, require_tokenizer=True)
-    sp = load_tokenizer(Path(args.export) / meta["tokenizer"])
+    sp = load_export_tokenizer(args.export, meta, model.config.vocab_size)
     # training data is documents each followed by EOS (no BOS): an EOS first starts a new document
     eos = sp.eos_id()
     prompt_ids = ([eos] if eos >= 0 else []) + sp.encode(args.prompt)
@@ -100,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                            seed=args.seed + n, eos_id=sp.eos_id(), pad_id=sp.pad_id())
         if model.config.kind == "mixer" and len(prompt_ids) + len(new) >= model.config.n_ctx:
             print(f"(window of {model.config.n_ctx} tokens full)", file=sys.stderr)
-        text = sp.decode([t for t in new if t != sp.eos_id()])
+        text = continuation_text(sp, prompt_ids, new)
         if n:
             print("-" * 40)
         print(args.prompt + text)
