@@ -93,6 +93,27 @@ class Collection:
 # reading
 
 def _jsonl(path: Path, kind: str):
+    import codecs
+
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:  # binary or non-UTF-8 files: one line naming the place, before any parsing
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                at = max(e.start, 0)
+                line_no = lines + chunk.count(b"\n", 0, at)
+                raise UserError(f"{path}:{line_no} is not UTF-8 text (byte offset {offset + at}); give a JSONL "
+                                f"file, one {kind} object per line") from None
+            if b"\0" in chunk:
+                raise UserError(f"{path} holds NUL bytes (a binary file?); give a JSONL file, one {kind} object "
+                                "per line")
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} ends inside a UTF-8 character (truncated?); give a complete JSONL file") from None
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
