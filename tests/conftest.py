@@ -62,6 +62,8 @@ def streaming_hygiene(tmp_path_factory):
     tmpdir.mkdir(exist_ok=True)
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = str(tmpdir)
+    # mmscale's own cache (token_mix's measured auto choice) stays inside the session, not in ~/.cache
+    os.environ.setdefault("MMSCALE_CACHE_DIR", str(tmpdir / "mmscale-cache"))
     tempfile.tempdir = str(tmpdir)
     before = _streaming_segments()
     yield tmpdir

@@ -1,6 +1,8 @@
 """mmscale.ops against plain references: the dense masked matmul in float64, F.cross_entropy in float64."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,30 @@ def test_autocast_bf16_computes_in_bf16_and_returns_fp32_weight_grads():
         assert weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
         assert (weight.grad.triu(1) == 0).all()
         weight.grad = x.grad = None
+
+
+def test_auto_measures_once_per_shape_and_caches_the_winner(tmp_path, monkeypatch):
+    from mmscale.ops import token_mixing as tm
+
+    monkeypatch.setenv("MMSCALE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tm, "_CHOSEN", {})
+    calls = []
+    costs = {"dense": 2.0, "blocked": 1.0}
+    monkeypatch.setattr(tm, "_time_impl", lambda impl, *a, **k: calls.append(impl) or costs[impl])
+    assert choose_impl(512, "cpu", True, batch=2, threads=2, channels=64) == "blocked"
+    assert sorted(calls) == ["blocked", "dense"]
+    costs.update(dense=0.5)  # faster now, but the first measurement stands (resumes take the same path)
+    assert choose_impl(512, "cpu", True, batch=2, threads=2, channels=64) == "blocked" and len(calls) == 2
+    monkeypatch.setattr(tm, "_CHOSEN", {})  # a new process: the cache file answers, nothing is timed
+    assert choose_impl(512, "cpu", True, batch=2, threads=2, channels=64) == "blocked" and len(calls) == 2
+    assert choose_impl(512, "cpu", True, batch=2, threads=1, channels=64) == "dense"  # another key: measured
+    assert len(calls) == 4 and len(json.loads((tmp_path / "token_mix_auto.json").read_text())) == 2
+    assert choose_impl(128, "cpu", True, channels=64) == "dense" and len(calls) == 4  # short: never timed
+    monkeypatch.setenv("MMSCALE_TOKEN_MIX_AUTO", "rule")
+    assert choose_impl(4096, "cpu", True, threads=1, channels=64) == "blocked" and len(calls) == 4
+    # the real timer runs both paths and returns positive seconds
+    monkeypatch.undo()
+    assert tm._time_impl("blocked", 256, 8, 1, torch.float32, repeats=1) > 0
 
 
 def test_auto_selection_by_device_and_size():

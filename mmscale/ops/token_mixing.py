@@ -22,7 +22,11 @@ feature axis, out[.., i, c] = sum_j sum_t W[i, j, t] x[.., j, c + t - k // 2], z
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -98,13 +102,16 @@ def _canonical(weight, x):
 
 
 def choose_impl(t: int, device: torch.device | str, causal: bool, batch: int = 1,
-                threads: int | None = None) -> str:
-    """The fastest exact path for this size and device (measurements in benchmarks/RESULTS.md).
+                threads: int | None = None, channels: int | None = None, dtype=torch.float32) -> str:
+    """The fastest exact path for this size and device.
 
-    CPU: the blocked path wins (1.35-1.7x at T >= 512) in a single-threaded process, the layout of
-    multi-process training (one rank per core, OMP_NUM_THREADS=1). With more threads, or from 16
-    [T, C] slices (`batch` = batch x heads), torch runs the dense conv through oneDNN, 2-3x more
-    work per second than the blocked path's many small GEMMs, and dense is faster.
+    CPU, from CPU_BLOCKED_MIN_T up: measured once per shape, dtype and thread count (`measured_cpu_choice`:
+    dense vs blocked, forward + backward), kept in memory and in a small cache file, so a run and its resumes
+    on one machine take the same path. Measurement needs `channels`; without it (or with
+    MMSCALE_TOKEN_MIX_AUTO=rule) the fixed rule from benchmarks/RESULTS.md: the blocked path wins
+    single-threaded (1.35-1.7x at T >= 512) below 16 [T, C] slices (`batch` = batch x heads); with more
+    threads or slices torch runs the dense conv through oneDNN and dense wins.
+    CUDA: Triton from CUDA_TRITON_MIN_T, dense below.
     """
     if not causal:
         return "dense"  # nothing is masked: no work to skip
@@ -115,9 +122,64 @@ def choose_impl(t: int, device: torch.device | str, causal: bool, batch: int = 1
             return "triton"
         return "dense"
     threads = torch.get_num_threads() if threads is None else threads
-    if threads == 1 and t >= CPU_BLOCKED_MIN_T and batch < CPU_DENSE_MIN_BATCH:
+    if t < CPU_BLOCKED_MIN_T:
+        return "dense"
+    if channels is not None and os.environ.get("MMSCALE_TOKEN_MIX_AUTO", "measure") != "rule":
+        return measured_cpu_choice(t, channels, batch, threads, dtype)
+    if threads == 1 and batch < CPU_DENSE_MIN_BATCH:
         return "blocked"
     return "dense"
+
+
+_CHOSEN: dict[str, str] = {}
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("MMSCALE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mmscale")
+    return Path(root) / "token_mix_auto.json"
+
+
+def _time_impl(impl: str, t: int, channels: int, slices: int, dtype, repeats: int = 3) -> float:
+    """Median seconds of one forward + backward of `impl` on random data of this shape."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1, t, t, generator=g).to(dtype).requires_grad_(True)
+    x = torch.randn(slices, 1, t, channels, generator=g).to(dtype).requires_grad_(True)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        out = dense_mix(w, x) if impl == "dense" else BlockedMix.apply(w, x, _default_block_rows(t))
+        out.sum().backward()
+        times.append(time.perf_counter() - t0)
+        w.grad = x.grad = None
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def measured_cpu_choice(t: int, channels: int, slices: int, threads: int, dtype) -> str:
+    """dense or blocked for this CPU shape, whichever ran faster here (measured once, then cached)."""
+    key = f"T{t}-C{channels}-S{slices}-threads{threads}-{str(dtype).replace('torch.', '')}-torch{torch.__version__}"
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    path = _cache_file()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    choice = cached.get(key) if isinstance(cached, dict) else None
+    if choice not in ("dense", "blocked"):
+        with torch.enable_grad():
+            cost = {impl: _time_impl(impl, t, channels, slices, dtype) for impl in ("dense", "blocked")}
+        choice = min(cost, key=cost.get)
+        cached = cached if isinstance(cached, dict) else {}
+        cached[key] = choice
+        try:  # best effort: a read-only home only means measuring again in the next process
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(cached, indent=0, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    _CHOSEN[key] = choice
+    return choice
 
 
 def _dispatch(weight, x, causal, impl, block_rows, bias=None):
@@ -125,7 +187,7 @@ def _dispatch(weight, x, causal, impl, block_rows, bias=None):
         raise ValueError(f"token_mix: impl must be one of {IMPLS}, got {impl!r}")
     t, taps = x.shape[2], weight.shape[3]
     if impl == "auto":
-        impl = choose_impl(t, x.device, causal, x.shape[0] * x.shape[1])
+        impl = choose_impl(t, x.device, causal, x.shape[0] * x.shape[1], channels=x.shape[3], dtype=x.dtype)
     if taps > 1:
         # kernel_size k: one masked T x T matrix per tap over the feature-shifted input
         out = sum(_dispatch(weight[..., i:i + 1], _shift(x, i - taps // 2), causal, impl, block_rows)
