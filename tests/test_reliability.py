@@ -424,6 +424,19 @@ def _(w, d):
     return ["convert", str(run / "checkpoints" / STEP2), "--out", str(d / "x")], "is damaged"
 
 
+@case("export-hf EXPORT EXPORT --overwrite", 2)
+def _(w, d):
+    ex = copy(w.export, d / "export")
+    return ["export-hf", str(ex), "--out", str(ex), "--overwrite", "--no-verify"], "overlaps the input"
+
+
+@case("tokenizer train --out onto its input --overwrite", 2)
+def _(w, d):
+    (d / "t.txt").write_text("some text\n\nmore text\n")
+    return ["tokenizer", "train", "--data", str(d / "t.txt"), "--vocab-size", "300", "--out", str(d / "t.txt"),
+            "--overwrite"], "overlaps the input"
+
+
 # --- exports
 def _export_copy(w, d):
     return copy(w.export, d / "export")

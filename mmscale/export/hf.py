@@ -301,6 +301,9 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="au
         raise UserError(f"output directory '{out}' already exists; choose another path or pass --overwrite")
     if not src.is_dir():
         raise UserError(f"'{src}' does not exist; pass an export (mmscale convert) or a run / checkpoint folder")
+    if out.exists():  # --overwrite never removes the source, nor a folder holding it
+        from mmscale.fsutil import check_output
+        check_output(out, [src] + ([tokenizer] if tokenizer else []), "--out")
     try:
         is_export = (src / CONFIG).is_file() and json.loads((src / CONFIG).read_text()).get("format") == FORMAT
     except (ValueError, AttributeError):
