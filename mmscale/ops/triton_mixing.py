@@ -54,15 +54,23 @@ if triton is not None:
         acc = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32)
         w_base = w_ptr + h.to(tl.int64) * T * T
         x_base = x_ptr + g.to(tl.int64) * T * C
-        # only key tiles that hold some j <= the tile's last row
-        j_end = tl.minimum((it + 1) * BLOCK_I, T)
-        for j0 in range(0, j_end, BLOCK_J):
+        tl.static_assert(BLOCK_I == BLOCK_J)  # square tiles: the diagonal tile is the last key tile
+        row_ok = rows[:, None] < T
+        col_ok = cols[None, :] < C
+        # key tiles strictly below the diagonal: every j < every row and < T, so only the bounds of the
+        # last row tile and of the channels are masked (no causal test per weight element)
+        diag0 = it * BLOCK_I
+        for j0 in range(0, diag0, BLOCK_J):
             js = j0 + tl.arange(0, BLOCK_J)
-            w_mask = (rows[:, None] < T) & (js[None, :] <= rows[:, None])
-            w = tl.load(w_base + rows[:, None] * T + js[None, :], mask=w_mask, other=0.0)
-            x_mask = (js[:, None] < T) & (cols[None, :] < C)
-            x = tl.load(x_base + js[:, None] * C + cols[None, :], mask=x_mask, other=0.0)
+            w = tl.load(w_base + rows[:, None] * T + js[None, :], mask=row_ok, other=0.0)
+            x = tl.load(x_base + js[:, None] * C + cols[None, :], mask=col_ok, other=0.0)
             acc += _dot(w, x, PREC, UPCAST)
+        # the diagonal tile: the causal mask, and the bounds of T
+        js = diag0 + tl.arange(0, BLOCK_J)
+        w = tl.load(w_base + rows[:, None] * T + js[None, :], mask=row_ok & (js[None, :] <= rows[:, None]),
+                    other=0.0)
+        x = tl.load(x_base + js[:, None] * C + cols[None, :], mask=(js[:, None] < T) & col_ok, other=0.0)
+        acc += _dot(w, x, PREC, UPCAST)
         o_mask = (rows[:, None] < T) & (cols[None, :] < C)
         tl.store(out_ptr + g.to(tl.int64) * T * C + rows[:, None] * C + cols[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -80,15 +88,21 @@ if triton is not None:
         acc = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
         w_base = w_ptr + h.to(tl.int64) * T * T
         d_base = dout_ptr + g.to(tl.int64) * T * C
-        # only output tiles that hold some i >= the tile's first column
-        i_start = (jt * BLOCK_J // BLOCK_I) * BLOCK_I
-        for i0 in range(i_start, T, BLOCK_I):
+        tl.static_assert(BLOCK_I == BLOCK_J)  # square tiles: the diagonal tile is the first output tile
+        col_ok = cols[None, :] < C
+        # the diagonal tile: the causal mask (i >= j) and the bounds of T; W^T tile [j, i]
+        diag0 = jt * BLOCK_J
+        rows = diag0 + tl.arange(0, BLOCK_I)
+        wt_mask = (js[:, None] < T) & (rows[None, :] < T) & (js[:, None] <= rows[None, :])
+        wt = tl.load(w_base + rows[None, :] * T + js[:, None], mask=wt_mask, other=0.0)
+        d = tl.load(d_base + rows[:, None] * C + cols[None, :], mask=(rows[:, None] < T) & col_ok, other=0.0)
+        acc += _dot(wt, d, PREC, UPCAST)
+        # output tiles strictly below: every i > every j, so only the bounds of T (last tile) are masked
+        for i0 in range(diag0 + BLOCK_I, T, BLOCK_I):
             rows = i0 + tl.arange(0, BLOCK_I)
-            # W^T tile [j, i]
-            wt_mask = (js[:, None] < T) & (rows[None, :] < T) & (js[:, None] <= rows[None, :])
-            wt = tl.load(w_base + rows[None, :] * T + js[:, None], mask=wt_mask, other=0.0)
-            d_mask = (rows[:, None] < T) & (cols[None, :] < C)
-            d = tl.load(d_base + rows[:, None] * C + cols[None, :], mask=d_mask, other=0.0)
+            row_ok = rows[None, :] < T
+            wt = tl.load(w_base + rows[None, :] * T + js[:, None], mask=row_ok & (js[:, None] < T), other=0.0)
+            d = tl.load(d_base + rows[:, None] * C + cols[None, :], mask=(rows[:, None] < T) & col_ok, other=0.0)
             acc += _dot(wt, d, PREC, UPCAST)
         o_mask = (js[:, None] < T) & (cols[None, :] < C)
         tl.store(dx_ptr + g.to(tl.int64) * T * C + js[:, None] * C + cols[None, :],
