@@ -1,0 +1,1459 @@
+"""`mmscale experiment run|status|report`: a fair, rerunnable comparison of masked mixers and transformers.
+
+    mmscale experiment run experiments/paper-small.yaml [--out DIR] [--launcher local|slurm] [--jobs N] [--resume]
+    mmscale experiment status DIR
+    mmscale experiment report DIR
+
+A spec (YAML) names the data, the arms (model overrides), the axes (n_ctx, width x depth, seeds), the budget
+rule and what is measured; see experiments/paper-small.yaml for every key. The experiment directory holds:
+
+    spec.yaml            the spec as given (a resumed experiment must be run with the same spec)
+    plan.json            the resolved plan: arms, parameter counts, FLOPs per token, steps of every run
+    sweep.json           the learning rate chosen per arm and axis point, with the sweep's losses
+    commands.log         every command that touched the experiment (time, git commit, argv)
+    data/                prepared data (when the spec gives text instead of prepared datasets)
+    runs/sweep/NAME/     learning-rate sweep runs (ordinary mmscale run dirs)
+    runs/main/NAME/      full-budget runs: checkpoints/, metrics.jsonl, export/, eval.json, retrieval/
+    report/              report.md, report.html (self-contained), *.png, runs.html (`mmscale report`)
+
+Fairness, by construction: every arm trains on the same prepared data with the same tokenizer; seed i of every arm
+uses run.seed = seeds[i] (the same data order); every arm gets its own learning-rate sweep (the same grid, the same
+short budget, the best final val loss carried to the full budget); every arm is evaluated on the same fixed first
+eval.batches x eval.batch_size windows of the held-out split (the same tokens), unshuffled.
+
+Budget rules (budget.rule): `flops` gives every arm the same training FLOPs (model.flops_per_token(), counted
+`causal` = the live lower triangle, or `dense`; budget.count), `tokens` the same training tokens, `wall_clock`
+the same seconds, converted to steps with each arm's throughput measured in its sweep. Steps are rounded to
+the nearest whole step, so arms differ by less than one step's worth. The other two quantities are recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmscale.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+RULES = ("flops", "tokens", "wall_clock")
+TOP_KEYS = {"name", "description", "data", "base", "arms", "baseline", "axes", "budget", "sweep", "eval",
+            "retrieval", "representation", "launcher"}
+DATA_KEYS = {"train", "text", "synth_stories", "vocab_size", "val_fraction", "other", "other_text", "retrieval",
+             "retrieval_test_fraction"}
+AXES_KEYS = {"seeds", "n_ctx", "shape"}
+BUDGET_KEYS = {"rule", "flops", "tokens", "seconds", "reference_arm", "reference_steps", "count",
+               "params_tolerance"}
+SWEEP_KEYS = {"lr", "fraction", "steps", "min_steps"}
+EVAL_KEYS = {"batches", "batch_size", "points"}
+RETRIEVAL_KEYS = {"enabled", "steps", "group_size", "temperature", "lr", "candidates", "micro_batch_size",
+                  "negatives", "warmup_steps"}
+REPR_KEYS = {"enabled", "samples", "steps"}
+LAUNCHER_KEYS = {"jobs", "slurm"}
+SLURM_KEYS = {"partition", "gpus_per_node", "cpus_per_task", "time_min", "mem_gb", "array_parallelism", "arms"}
+
+
+class SpecError(UserError):
+    exit_code = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the spec
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SpecError(msg)
+
+
+def _section(raw: dict, key: str, allowed: set, default: dict | None = None) -> dict:
+    sec = raw.get(key, default if default is not None else {})
+    if sec is None:
+        sec = {}
+    _need(isinstance(sec, dict), f"spec key '{key}' must be a mapping, got {sec!r}")
+    for k in sec:
+        _need(k in allowed, f"unknown spec key '{key}.{k}'; valid keys here: {', '.join(sorted(allowed))}")
+    return dict(sec)
+
+
+def _num(sec: dict, key: str, where: str, default, kind=float, minimum=None):
+    v = sec.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            raise SpecError(f"spec key '{where}.{key}' must be a number, got {v!r}") from None
+    _need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          f"spec key '{where}.{key}' must be a number, got {v!r}")
+    if kind is int:
+        _need(float(v).is_integer(), f"spec key '{where}.{key}' must be an integer, got {v!r}")
+        v = int(v)
+    else:
+        v = float(v)
+    if minimum is not None:
+        _need(v >= minimum, f"spec key '{where}.{key}' must be >= {minimum}, got {v}")
+    return v
+
+
+def _flat_overrides(d: dict, where: str) -> dict:
+    """{'model.kind': 'mixer', 'train': {'lr': 1e-3}} -> {'model.kind': 'mixer', 'train.lr': 0.001}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            for kk, vv in _flat_overrides(v, where).items():
+                out[f"{k}.{kk}"] = vv
+        else:
+            out[str(k)] = v
+    return out
+
+
+def _override_list(d: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in d.items()]
+
+
+@dataclass
+class Spec:
+    name: str
+    raw: dict
+    data: dict
+    base: dict
+    arms: dict           # name -> flat overrides
+    arm_resources: dict  # name -> slurm resources
+    baseline: str
+    seeds: list
+    n_ctx: list
+    shapes: list         # [{"d_model": .., "n_layers": ..}] or [{}]
+    budget: dict
+    sweep: dict
+    eval: dict
+    retrieval: dict
+    representation: dict
+    launcher: dict
+    base_dir: Path = field(default=Path("."))
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    import yaml
+
+    p = Path(path)
+    _need(p.is_file(), f"spec '{path}' does not exist; pass a YAML file such as experiments/paper-small.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise SpecError(f"spec '{path}' is not valid YAML{f' (line {mark.line + 1})' if mark else ''}; "
+                        "fix its syntax") from None
+    return parse_spec(raw, p.resolve().parent)
+
+
+def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
+    from mmscale.config import ConfigError, config_from_dict
+
+    _need(isinstance(raw, dict), "a spec must be a mapping with keys such as data, arms, budget")
+    for k in raw:
+        _need(k in TOP_KEYS, f"unknown spec key '{k}'; valid keys: {', '.join(sorted(TOP_KEYS))}")
+    name = str(raw.get("name") or "experiment")
+    data = _section(raw, "data", DATA_KEYS)
+    _need(bool(data.get("train")) != bool(data.get("text")),
+          "spec key 'data': give exactly one of data.train (a prepared dataset) or data.text (a text file, "
+          "or 'synth' for the built-in corpus)")
+    if data.get("text"):
+        _num(data, "vocab_size", "data", 1024, int, 8)
+    _need(not (data.get("other") and data.get("other_text")),
+          "spec key 'data': give data.other (prepared) or data.other_text (text), not both")
+    if data.get("other_text") and data.get("train"):
+        raise SpecError("spec key 'data.other_text' needs data.text (it is prepared with the experiment's "
+                        "tokenizer); with data.train give data.other, a dataset prepared with the same tokenizer")
+    base = _flat_overrides(raw.get("base") or {}, "base")
+    arms_raw = raw.get("arms")
+    _need(isinstance(arms_raw, dict) and len(arms_raw) >= 2,
+          "spec key 'arms' must map at least two arm names to model overrides, e.g. "
+          "{mixer: {model.kind: mixer}, transformer: {model.kind: transformer}}")
+    arms, resources = {}, {}
+    for an, ov in arms_raw.items():
+        _need(isinstance(an, str) and an.replace("-", "").replace("_", "").isalnum(),
+              f"spec key 'arms': arm name {an!r} must be letters, digits, - or _")
+        ov = dict(ov or {})
+        _need(isinstance(ov, dict), f"spec key 'arms.{an}' must be a mapping of config overrides")
+        resources[an] = ov.pop("resources", {}) or {}
+        arms[an] = _flat_overrides(ov, f"arms.{an}")
+    axes = _section(raw, "axes", AXES_KEYS)
+    seeds = axes.get("seeds", [0, 1, 2])
+    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+          and len(set(seeds)) == len(seeds), f"spec key 'axes.seeds' must be a list of distinct integers, got {seeds!r}")
+    n_ctx = axes.get("n_ctx", [None])
+    n_ctx = n_ctx if isinstance(n_ctx, list) else [n_ctx]
+    _need(all(v is None or (isinstance(v, int) and v >= 2) for v in n_ctx) and n_ctx,
+          f"spec key 'axes.n_ctx' must be a list of integers >= 2, got {axes.get('n_ctx')!r}")
+    shapes = axes.get("shape", [{}])
+    shapes = shapes if isinstance(shapes, list) else [shapes]
+    for s in shapes:
+        _need(isinstance(s, dict) and set(s) <= {"d_model", "n_layers"},
+              f"spec key 'axes.shape' must be a list of {{d_model: D, n_layers: L}}, got {s!r}")
+    budget = _section(raw, "budget", BUDGET_KEYS)
+    rule = budget.get("rule", "flops")
+    _need(rule in RULES, f"spec key 'budget.rule' must be one of {', '.join(RULES)}, got {rule!r}")
+    budget["rule"] = rule
+    count = budget.get("count", "causal")
+    _need(count in ("causal", "dense"), f"spec key 'budget.count' must be causal or dense, got {count!r}")
+    budget["count"] = count
+    amount = {"flops": "flops", "tokens": "tokens", "wall_clock": "seconds"}[rule]
+    if budget.get("reference_arm") is not None:
+        _need(budget["reference_arm"] in arms, f"spec key 'budget.reference_arm' names {budget['reference_arm']!r}, "
+                                               f"which is not an arm ({', '.join(arms)})")
+        _need(rule != "wall_clock", "spec key 'budget.reference_arm' works with rule flops or tokens; "
+                                    "give budget.seconds for wall_clock")
+        budget["reference_steps"] = _num(budget, "reference_steps", "budget", None, int, 1)
+        _need(budget["reference_steps"] is not None, "spec key 'budget.reference_steps' is needed with "
+                                                     "budget.reference_arm")
+    else:
+        _need(budget.get(amount) is not None, f"spec key 'budget.{amount}' is needed for rule {rule} "
+                                              f"(or budget.reference_arm + budget.reference_steps)")
+        budget[amount] = _num(budget, amount, "budget", None, float, 1e-9)
+    budget["params_tolerance"] = _num(budget, "params_tolerance", "budget", 0.1, float, 0)
+    sweep = _section(raw, "sweep", SWEEP_KEYS)
+    lrs = sweep.get("lr", [])
+    lrs = lrs if isinstance(lrs, list) else [lrs]
+    try:
+        lrs = [float(x) for x in lrs]
+    except (TypeError, ValueError):
+        raise SpecError(f"spec key 'sweep.lr' must be a list of learning rates, got {sweep.get('lr')!r}") from None
+    _need(all(x > 0 and math.isfinite(x) for x in lrs), f"spec key 'sweep.lr' must hold positive numbers, got {lrs}")
+    sweep["lr"] = lrs
+    sweep["fraction"] = _num(sweep, "fraction", "sweep", 0.25, float, 1e-6)
+    _need(sweep["fraction"] <= 1, f"spec key 'sweep.fraction' must be in (0, 1], got {sweep['fraction']}")
+    sweep["steps"] = _num(sweep, "steps", "sweep", None, int, 1)
+    sweep["min_steps"] = _num(sweep, "min_steps", "sweep", 5, int, 1)
+    _need(rule != "wall_clock" or sweep["steps"] is not None,
+          "spec key 'sweep.steps' is needed with budget.rule wall_clock (the sweep measures each arm's throughput)")
+    ev = _section(raw, "eval", EVAL_KEYS)
+    ev["batches"] = _num(ev, "batches", "eval", 8, int, 1)
+    ev["batch_size"] = _num(ev, "batch_size", "eval", 8, int, 1)
+    ev["points"] = _num(ev, "points", "eval", 8, int, 1)
+    ret = _section(raw, "retrieval", RETRIEVAL_KEYS)
+    ret["enabled"] = bool(ret.get("enabled", bool(data.get("retrieval"))))
+    _need(not ret["enabled"] or data.get("retrieval"),
+          "spec key 'retrieval.enabled' is true but data.retrieval is empty; give a collection, a pairs JSONL or "
+          "'synth'")
+    ret["steps"] = _num(ret, "steps", "retrieval", 100, int, 1)
+    ret["group_size"] = _num(ret, "group_size", "retrieval", 8, int, 2)
+    ret["temperature"] = _num(ret, "temperature", "retrieval", 0.05, float, 1e-9)
+    ret["lr"] = _num(ret, "lr", "retrieval", 1e-4, float, 1e-12)
+    ret["micro_batch_size"] = _num(ret, "micro_batch_size", "retrieval", 4, int, 1)
+    ret["warmup_steps"] = _num(ret, "warmup_steps", "retrieval", 5, int, 0)
+    ret["negatives"] = ret.get("negatives", "random")
+    _need(ret["negatives"] in ("random", "bm25", "model"),
+          f"spec key 'retrieval.negatives' must be random, bm25 or model, got {ret['negatives']!r}")
+    cands = ret.get("candidates", [32])
+    cands = cands if isinstance(cands, list) else [cands]
+    _need(all(isinstance(c, int) and c >= 2 for c in cands),
+          f"spec key 'retrieval.candidates' must be a list of integers >= 2, got {cands!r}")
+    ret["candidates"] = sorted(set(cands))
+    rep = _section(raw, "representation", REPR_KEYS)
+    rep["enabled"] = bool(rep.get("enabled", True))
+    rep["samples"] = _num(rep, "samples", "representation", 4, int, 1)
+    rep["steps"] = _num(rep, "steps", "representation", 200, int, 1)
+    la = _section(raw, "launcher", LAUNCHER_KEYS)
+    la["jobs"] = _num(la, "jobs", "launcher", 1, int, 1)
+    sl = la.get("slurm") or {}
+    _need(isinstance(sl, dict), "spec key 'launcher.slurm' must be a mapping")
+    for k in sl:
+        _need(k in SLURM_KEYS, f"unknown spec key 'launcher.slurm.{k}'; valid keys: {', '.join(sorted(SLURM_KEYS))}")
+    la["slurm"] = sl
+    for an, res in resources.items():
+        _need(isinstance(res, dict) and set(res) <= SLURM_KEYS - {"arms"},
+              f"spec key 'arms.{an}.resources' may hold {', '.join(sorted(SLURM_KEYS - {'arms'}))}")
+    baseline = raw.get("baseline")
+    if baseline is None:
+        kinds = {an: ov.get("model.kind", base.get("model.kind", "mixer")) for an, ov in arms.items()}
+        baseline = next((an for an, k in kinds.items() if k == "transformer"), list(arms)[-1])
+    _need(baseline in arms, f"spec key 'baseline' names {baseline!r}, which is not an arm ({', '.join(arms)})")
+    for k in base:
+        _need(not k.startswith("run.") and k != "data.train",
+              f"spec key 'base.{k}' is set by the experiment (run dirs, seeds, data); remove it")
+    spec = Spec(name=name, raw=raw, data=data, base=base, arms=arms, arm_resources=resources, baseline=baseline,
+                seeds=seeds, n_ctx=n_ctx, shapes=shapes, budget=budget, sweep=sweep, eval=ev, retrieval=ret,
+                representation=rep, launcher=la, base_dir=base_dir)
+    # every arm's config must load: a bad key is one line naming the arm and the key
+    for an in arms:
+        for nc in n_ctx:
+            for sh in shapes:
+                try:
+                    config_from_dict({}, _override_list(arm_overrides(spec, an, nc, sh)))
+                except ConfigError as e:
+                    raise SpecError(f"spec key 'arms.{an}': {e}") from None
+    return spec
+
+
+def arm_overrides(spec: Spec, arm: str, n_ctx, shape: dict) -> dict:
+    ov = dict(spec.base)
+    ov.update(spec.arms[arm])
+    if n_ctx is not None:
+        ov["model.n_ctx"] = n_ctx
+    for k, v in (shape or {}).items():
+        ov[f"model.{k}"] = v
+    return ov
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+def _resolve(spec: Spec, p: str) -> str:
+    if p in ("synth",) or "://" in p:
+        return p
+    q = Path(os.path.expanduser(p))
+    return str(q if q.is_absolute() else (spec.base_dir / q).resolve() if (spec.base_dir / q).exists() else q.resolve())
+
+
+def prepare_data(spec: Spec, exp: Path, n_ctx_values: list[int], progress: bool = False) -> dict:
+    """Prepared datasets for every n_ctx (keyed by n_ctx), the other source, the retrieval collection."""
+    from mmscale.data.loader import read_manifest
+
+    d = spec.data
+    out = {"train": {}, "other": {}, "retrieval": None, "tokenizer": None}
+    data_dir = exp / "data"
+    if d.get("train"):
+        train = _resolve(spec, d["train"])
+        _need(Path(train).is_dir(), f"spec key 'data.train': '{train}' is not a prepared dataset folder")
+        m = read_manifest(train)
+        for nc in n_ctx_values:
+            _need(nc is None or m.get("n_ctx") == nc,
+                  f"spec key 'axes.n_ctx': {nc} differs from data.train's n_ctx {m.get('n_ctx')}; give data.text "
+                  "so the experiment prepares each n_ctx, or one n_ctx")
+            out["train"][nc] = train
+        out["tokenizer"] = str(Path(train) / "tokenizer.model")
+        if d.get("other"):
+            other = _resolve(spec, d["other"])
+            _need(Path(other).is_dir(), f"spec key 'data.other': '{other}' is not a prepared dataset folder")
+            for nc in n_ctx_values:
+                out["other"][nc] = other
+    else:
+        from mmscale.data.prepare import PrepareOptions, prepare
+        from mmscale.data.tokenizer import train_tokenizer
+
+        text = d["text"]
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if text == "synth":
+            from mmscale.data.synth import write_corpus
+
+            corpus = data_dir / "synth"
+            if not (corpus / "pairs.jsonl").is_file():
+                write_corpus(corpus, int(d.get("synth_stories", 3000)), 0, overwrite=True)
+            text = str(corpus / "stories.txt")
+        else:
+            text = _resolve(spec, text)
+            _need(Path(text).exists(), f"spec key 'data.text': '{text}' does not exist; give a text file or 'synth'")
+        tok = data_dir / "tokenizer.model"
+        if not tok.is_file():
+            train_tokenizer([text] if Path(text).is_file() else [str(p) for p in sorted(Path(text).glob("*.txt"))],
+                            int(d.get("vocab_size", 1024)), tok)
+        out["tokenizer"] = str(tok)
+        other_text = d.get("other_text")
+        if other_text:
+            other_text = _resolve(spec, other_text)
+            _need(Path(other_text).exists(), f"spec key 'data.other_text': '{other_text}' does not exist")
+        for nc in n_ctx_values:
+            _need(nc is not None, "spec key 'axes.n_ctx' is needed with data.text (the windows to prepare)")
+            target = data_dir / f"train-{nc}"
+            if not (target / "manifest.json").is_file():
+                prepare(PrepareOptions(inputs=[text], tokenizer=str(tok), n_ctx=nc, out=str(target),
+                                       val_fraction=float(d.get("val_fraction", 0.05)), workers=1,
+                                       progress=progress, overwrite=target.exists()))
+            out["train"][nc] = str(target)
+            if other_text:
+                target = data_dir / f"other-{nc}"
+                if not (target / "manifest.json").is_file():
+                    prepare(PrepareOptions(inputs=[other_text], tokenizer=str(tok), n_ctx=nc, out=str(target),
+                                           val_fraction=0.5, workers=1, progress=progress, overwrite=target.exists()))
+                out["other"][nc] = str(target)
+        if d.get("other"):
+            for nc in n_ctx_values:
+                out["other"][nc] = _resolve(spec, d["other"])
+    if spec.retrieval["enabled"]:
+        r = d["retrieval"]
+        if r == "synth":
+            from mmscale.data.synth import write_corpus
+
+            corpus = data_dir / "synth"
+            if not (corpus / "pairs.jsonl").is_file():
+                write_corpus(corpus, int(d.get("synth_stories", 3000)), 0, overwrite=True)
+            r = str(corpus / "pairs.jsonl")
+        else:
+            r = _resolve(spec, r)
+            _need(Path(r).exists(), f"spec key 'data.retrieval': '{r}' does not exist; give a BEIR folder, a pairs "
+                                    "JSONL or 'synth'")
+        if Path(r).is_file():  # a pairs JSONL: held-out queries, as `retrieval import --test-fraction` writes
+            coll = data_dir / "retrieval"
+            if not (coll / "corpus.jsonl").is_file():
+                from mmscale.retrieval_data import import_collection
+
+                import_collection(argparse.Namespace(
+                    format="pairs", pairs=r, out=str(coll), split="test", seed=0, overwrite=True,
+                    test_fraction=float(d.get("retrieval_test_fraction", 0.2))))
+            r = str(coll)
+        out["retrieval"] = r
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan
+
+def _model_numbers(overrides: dict) -> dict:
+    import torch
+
+    from mmscale.config import config_from_dict
+    from mmscale.models import build_model
+
+    cfg = config_from_dict({}, _override_list(overrides))
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    n = sum(p.numel() for p in model.parameters())
+    fl = model.flops_per_token()
+    return {"params": int(n), "flops_dense": float(fl["dense"]), "flops_causal": float(fl["causal"]),
+            "tokens_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.n_ctx,
+            "n_ctx": cfg.model.n_ctx, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
+            "kind": cfg.model.kind, "warmup_steps": cfg.train.warmup_steps, "lr": cfg.train.lr}
+
+
+def _point_key(n_ctx, shape) -> str:
+    parts = []
+    if n_ctx is not None:
+        parts.append(f"ctx{n_ctx}")
+    if shape:
+        parts.append(f"d{shape.get('d_model', '')}x{shape.get('n_layers', '')}")
+    return "-".join(parts) or "base"
+
+
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:.0e}".replace("+", "").replace("-0", "-")
+
+
+def budget_steps(spec: Spec, numbers: dict, arm: str, throughput: float | None = None) -> int:
+    """Steps for `arm` under the budget rule (nearest whole step)."""
+    b, n = spec.budget, numbers[arm]
+    key = "flops_" + b["count"]
+    if b["rule"] == "wall_clock":
+        if not throughput:
+            raise UserError(f"arm '{arm}' has no measured throughput; its sweep runs did not log tokens_per_s")
+        return max(1, round(b["seconds"] * throughput / n["tokens_per_step"]))
+    if b.get("reference_arm"):
+        ref = numbers[b["reference_arm"]]
+        total = b["reference_steps"] * ref["tokens_per_step"] * (ref[key] if b["rule"] == "flops" else 1)
+    else:
+        total = b["flops"] if b["rule"] == "flops" else b["tokens"]
+    per_step = n["tokens_per_step"] * (n[key] if b["rule"] == "flops" else 1)
+    return max(1, round(total / per_step))
+
+
+def budget_target(spec: Spec, numbers: dict) -> float | None:
+    b = spec.budget
+    if b["rule"] == "wall_clock":
+        return b["seconds"]
+    if b.get("reference_arm"):
+        ref = numbers[b["reference_arm"]]
+        return b["reference_steps"] * ref["tokens_per_step"] * (ref["flops_" + b["count"]] if b["rule"] == "flops" else 1)
+    return b["flops"] if b["rule"] == "flops" else b["tokens"]
+
+
+@dataclass
+class Run:
+    name: str
+    phase: str          # sweep | main
+    arm: str
+    point: str
+    seed: int
+    lr: float | None
+    steps: int
+    overrides: dict
+
+    def dir(self, exp: Path) -> Path:
+        return exp / "runs" / self.phase / self.name
+
+
+class Experiment:
+    def __init__(self, spec: Spec, exp: Path):
+        self.spec, self.exp = spec, Path(exp)
+        self.points = [(nc, sh) for nc in spec.n_ctx for sh in spec.shapes]
+        self.data: dict | None = None
+        self.numbers = {}  # point -> arm -> model numbers
+        for nc, sh in self.points:
+            pk = _point_key(nc, sh)
+            self.numbers[pk] = {an: _model_numbers(arm_overrides(spec, an, nc, sh)) for an in spec.arms}
+
+    # ---- runs
+    def _common(self, run_dir: Path, steps: int, seed: int, lr: float | None, train_data: str) -> dict:
+        ev = self.spec.eval
+        ov = {"data.train": train_data, "run.dir": str(run_dir), "run.seed": seed, "run.resume": "auto",
+              "train.max_steps": steps, "train.eval_every": max(1, steps // ev["points"]),
+              "train.eval_batches": ev["batches"], "log.progress": False}
+        if lr is not None:
+            ov["train.lr"] = lr
+        return ov
+
+    def sweep_steps(self, pk: str, arm: str) -> int:
+        s = self.spec.sweep
+        if s["steps"]:
+            return s["steps"]
+        return max(s["min_steps"], round(s["fraction"] * budget_steps(self.spec, self.numbers[pk], arm)))
+
+    def sweep_runs(self) -> list[Run]:
+        runs = []
+        for nc, sh in self.points:
+            pk = _point_key(nc, sh)
+            lrs = self.spec.sweep["lr"] or [None]
+            for an in self.spec.arms:
+                steps = self.sweep_steps(pk, an)
+                for lr in lrs:
+                    if lr is None and self.spec.budget["rule"] != "wall_clock":
+                        continue  # no grid: nothing to sweep
+                    name = f"{an}-{pk}-{_lr_tag(lr) if lr else 'lr-base'}"
+                    ov = arm_overrides(self.spec, an, nc, sh)
+                    ov.update(self._common(self.exp / "runs" / "sweep" / name, steps, self.spec.seeds[0], lr,
+                                           self.data["train"][nc] if self.data else ""))
+                    runs.append(Run(name, "sweep", an, pk, self.spec.seeds[0], lr, steps, ov))
+        return runs
+
+    def main_runs(self, choice: dict | None = None) -> list[Run]:
+        runs = []
+        for nc, sh in self.points:
+            pk = _point_key(nc, sh)
+            for an in self.spec.arms:
+                c = (choice or {}).get(pk, {}).get(an, {})
+                lr = c.get("lr")
+                steps = c.get("steps") or (budget_steps(self.spec, self.numbers[pk], an)
+                                           if self.spec.budget["rule"] != "wall_clock" else 0)
+                for seed in self.spec.seeds:
+                    name = f"{an}-{pk}-s{seed}"
+                    ov = arm_overrides(self.spec, an, nc, sh)
+                    ov.update(self._common(self.exp / "runs" / "main" / name, steps, seed, lr,
+                                           self.data["train"][nc] if self.data else ""))
+                    runs.append(Run(name, "main", an, pk, seed, lr, steps, ov))
+        return runs
+
+    def config_path(self, run: Run) -> Path:
+        return self.exp / "configs" / run.phase / f"{run.name}.yaml"
+
+    def write_config(self, run: Run) -> Path:
+        from mmscale.config import config_from_dict
+
+        cfg = config_from_dict({}, _override_list(run.overrides))
+        p = self.config_path(run)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(cfg.to_yaml())
+        os.replace(tmp, p)
+        return p
+
+
+def run_state(run_dir: Path, steps: int) -> tuple[str, int]:
+    """('finished' | 'partial' | 'new', last checkpointed step)."""
+    from mmscale import checkpoint as ckpt
+
+    root = run_dir / "checkpoints"
+    last = ckpt.find_latest(root) if root.is_dir() else None
+    step = 0
+    if last is not None:
+        try:
+            step = int(ckpt.read_meta(last).get("step", 0))
+        except Exception:
+            step = 0
+    if step >= steps > 0:
+        return "finished", step
+    if step > 0 or (run_dir / "metrics.jsonl").exists():
+        return "partial", step
+    return "new", 0
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict):
+                rows.append(r)
+    return rows
+
+
+def last_val_loss(run_dir: Path) -> float | None:
+    vals = {int(r["step"]): r["val_loss"] for r in _read_jsonl(run_dir / "metrics.jsonl")
+            if "val_loss" in r and r["val_loss"] is not None}
+    return vals[max(vals)] if vals else None
+
+
+def median_throughput(run_dir: Path) -> float | None:
+    tps = [r["tokens_per_s"] for r in _read_jsonl(run_dir / "metrics.jsonl")
+           if "tokens_per_s" in r and r.get("tokens_per_s") and not r.get("skipped")]
+    tps = tps[len(tps) // 10:] if len(tps) >= 10 else tps
+    return statistics.median(tps) if tps else None
+
+
+# ----------------------------------------------------------------------------------------------
+# executing one run: train (resuming), then the measures
+
+def train_run(cfg_path: Path) -> int:
+    from mmscale.config import load_config
+    from mmscale.train import train
+
+    return train(load_config(cfg_path))
+
+
+def _atomic_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _fixed_batches(dataset: str, n_ctx: int, batch_size: int, batches: int):
+    """The first `batches` batches of the val split (train when there is none), unshuffled: the same tokens for
+    every arm and seed."""
+    from mmscale.data.loader import read_manifest
+    from mmscale.export.evaluate import _dataset_batches
+
+    m = read_manifest(dataset)
+    split = "val" if m.get("splits", {}).get("val", {}).get("samples", 0) > 0 else "train"
+    return list(_dataset_batches(dataset, n_ctx, batch_size, split, batches)), split
+
+
+def evaluate_run(exp: Experiment, run: Run, progress: bool = False) -> dict:
+    """The measures of one finished main run, each stored in run_dir/eval.json once done (resumable)."""
+    import torch
+
+    from mmscale.export.convert import convert
+    from mmscale.export.evaluate import evaluate_loss
+    from mmscale.export.format import load_export
+
+    spec, rd = exp.spec, run.dir(exp.exp)
+    path = rd / "eval.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    export = rd / "export"
+    if not (export / "model.safetensors").is_file():
+        convert(rd, export, overwrite=export.exists(), progress=False)
+    model, meta = load_export(export)
+    n_ctx = model.config.n_ctx
+    nc = run.overrides.get("model.n_ctx")
+    ev = spec.eval
+    if "heldout" not in out:
+        batches, split = _fixed_batches(exp.data["train"][nc], n_ctx, ev["batch_size"], ev["batches"])
+        out["heldout"] = {**evaluate_loss(model, batches, progress=False), "split": split,
+                          "dataset": exp.data["train"][nc]}
+        _atomic_json(path, out)
+    if exp.data["other"].get(nc) and "other" not in out:
+        batches, split = _fixed_batches(exp.data["other"][nc], n_ctx, ev["batch_size"], ev["batches"])
+        out["other"] = {**evaluate_loss(model, batches, progress=False), "split": split,
+                        "dataset": exp.data["other"][nc]}
+        _atomic_json(path, out)
+    if spec.representation["enabled"] and "representation" not in out:
+        from mmscale.config import config_from_dict
+        from mmscale.models import build_model
+        from mmscale.representation import representation_error
+
+        r = spec.representation
+        batches, _ = _fixed_batches(exp.data["train"][nc], n_ctx, r["samples"], 1)
+        ids = batches[0]["input_ids"][:r["samples"]]
+        cfg = config_from_dict({}, _override_list(run.overrides))
+        torch.manual_seed(run.seed)  # the run's own initial weights
+        init = build_model(cfg.model)
+        before = representation_error(init, ids, steps=r["steps"], seed=run.seed)
+        after = representation_error(model, ids, steps=r["steps"], seed=run.seed)
+        out["representation"] = {"before": before, "after": after}
+        _atomic_json(path, out)
+    del model
+    if spec.retrieval["enabled"] and "retrieval" not in out:
+        out["retrieval"] = retrieval_measure(exp, run, export)
+        _atomic_json(path, out)
+    out["done"] = True
+    _atomic_json(path, out)
+    return out
+
+
+def retrieval_measure(exp: Experiment, run: Run, export: Path) -> dict:
+    from mmscale.config import load_config
+    from mmscale.export.convert import convert
+    from mmscale.retrieval import evaluate_export, prepare_config, train_retrieval
+
+    r, rd = exp.spec.retrieval, run.dir(exp.exp)
+    coll = exp.data["retrieval"]
+    ret_dir = rd / "retrieval"
+    cfg = load_config(None, [f"run.dir={ret_dir}", f"run.seed={run.seed}", f"train.max_steps={r['steps']}",
+                             f"train.lr={r['lr']}", f"train.warmup_steps={min(r['warmup_steps'], r['steps'] - 1)}",
+                             f"train.micro_batch_size={r['micro_batch_size']}", "train.eval_every=0",
+                             "checkpoint.every=0", f"retrieval.group_size={r['group_size']}",
+                             f"retrieval.temperature={r['temperature']}", "log.progress=false",
+                             "log.wandb=disabled",
+                             *[f"{k}={v}" for k, v in run.overrides.items() if k.startswith("engine.")]])
+    cfg = prepare_config(cfg, str(export), None, coll, "train" if (Path(coll) / "qrels" / "train.tsv").is_file()
+                         else None, r["negatives"])
+    if run_state(ret_dir, r["steps"])[0] != "finished":
+        status = train_retrieval(cfg)
+        if status != 0:
+            raise UserError(f"retrieval fine-tuning of {run.name} stopped with exit status {status}; rerun with "
+                            "--resume")
+    ret_export = ret_dir / "export"
+    if not (ret_export / "model.safetensors").is_file():
+        convert(ret_dir, ret_export, overwrite=ret_export.exists(), progress=False)
+    res = evaluate_export(str(ret_export), coll, r["candidates"], seed=0, progress=False,
+                          cache_dir=ret_dir / "retrieval_cache", device="auto")
+    return {k: res[k] for k in ("n_queries", "n_corpus", "split", "metrics", "results", "baseline", "truncated")}
+
+
+def execute_run(exp: Experiment, run: Run, *, evaluate: bool, progress: bool = False) -> str:
+    """Train (or resume) one run, then measure it (main runs). Returns what was done."""
+    cfg_path = exp.config_path(run)
+    if not cfg_path.is_file():
+        exp.write_config(run)
+    state, step = run_state(run.dir(exp.exp), run.steps)
+    did = "skipped (finished)"
+    if state != "finished":
+        status = train_run(cfg_path)
+        if status != 0:
+            raise UserError(f"run {run.name} stopped with exit status {status} (75: interrupted after saving a "
+                            f"checkpoint); rerun `mmscale experiment run SPEC --out {exp.exp} --resume` to continue",
+                            status)
+        did = "resumed" if state == "partial" else "trained"
+    if evaluate:
+        ev = run.dir(exp.exp) / "eval.json"
+        if not (ev.is_file() and json.loads(ev.read_text()).get("done")):
+            evaluate_run(exp, run, progress)
+            did += ", measured"
+    return did
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+def _child_command(exp_dir: Path, phase: str, name: str) -> list[str]:
+    return [sys.executable, "-m", "mmscale.cli", "experiment", "run-one", str(exp_dir), phase, name]
+
+
+def run_local(exp: Experiment, runs: list[Run], evaluate: bool, jobs: int, log) -> None:
+    if jobs <= 1:
+        for i, run in enumerate(runs):
+            t0 = time.time()
+            did = execute_run(exp, run, evaluate=evaluate)
+            log(f"[{i + 1}/{len(runs)}] {run.phase}/{run.name}: {did} ({time.time() - t0:.0f} s)")
+        return
+    pending, active, failed = list(runs), {}, []
+    while pending or active:
+        while pending and len(active) < jobs:
+            run = pending.pop(0)
+            logf = open(run.dir(exp.exp).parent / f"{run.name}.log", "a")
+            active[run.name] = (subprocess.Popen(_child_command(exp.exp, run.phase, run.name), stdout=logf,
+                                                 stderr=subprocess.STDOUT, cwd=os.getcwd()), logf, run)
+        time.sleep(0.5)
+        for name, (proc, logf, run) in list(active.items()):
+            if proc.poll() is not None:
+                logf.close()
+                del active[name]
+                log(f"{run.phase}/{run.name}: exit {proc.returncode}")
+                if proc.returncode != 0:
+                    failed.append(run.name)
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see their .log files under "
+                        f"{exp.exp / 'runs'} and rerun with --resume")
+
+
+try:
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # submitit is only needed by --launcher slurm
+    _Checkpointable = object
+
+
+class RunJob(_Checkpointable):
+    """One run of an experiment as a submitit task: `mmscale experiment run-one` in a child process (its own
+    /dev/shm on emulated nodes); on preemption the trainer checkpoints and the task is requeued."""
+
+    def __init__(self, exp_dir: str, phase: str, name: str, cwd: str):
+        self.exp_dir, self.phase, self.name, self.cwd = exp_dir, phase, name, cwd
+        self._child = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_child"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._child = None
+
+    def __call__(self) -> dict:
+        import shutil
+
+        import submitit
+
+        from mmscale.launch import EXIT_REQUEUE, _wait_child, private_shm_prefix
+
+        env = submitit.JobEnvironment()
+        node_shm = f"/dev/shm/mmscale-exp-{str(env.job_id).replace('_', '-')}"
+        prefix = private_shm_prefix(node_shm) if env.cluster == "slurm" else []
+        child_env = dict(os.environ)
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            child_env.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
+        self._child = subprocess.Popen(prefix + _child_command(Path(self.exp_dir), self.phase, self.name),
+                                       cwd=self.cwd, env=child_env)
+        rc = _wait_child(self._child)
+        if prefix:
+            shutil.rmtree(node_shm, ignore_errors=True)
+        if rc == EXIT_REQUEUE and env.cluster == "slurm":
+            sys.stderr.flush()
+            os._exit(EXIT_REQUEUE)
+        if rc != 0:
+            raise RuntimeError(f"run {self.phase}/{self.name} exited with status {rc}")
+        return {"run": self.name, "returncode": rc}
+
+    def checkpoint(self, *args, **kwargs):
+        import signal
+
+        import submitit
+
+        from mmscale.launch import _wait_child
+
+        child = self._child
+        if child is not None and child.returncode is None:
+            try:
+                child.send_signal(signal.SIGUSR2)
+            except ProcessLookupError:
+                pass
+            _wait_child(child, timeout=100)
+        return submitit.helpers.DelayedSubmission(RunJob(self.exp_dir, self.phase, self.name, self.cwd))
+
+
+def run_slurm(exp: Experiment, runs: list[Run], log) -> None:
+    import logging
+    import shutil
+
+    import submitit
+
+    if not shutil.which("sbatch"):
+        raise UserError("--launcher slurm needs sbatch on PATH; use --launcher local on this machine")
+    sl = exp.spec.launcher["slurm"]
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        res = dict(sl)
+        res.pop("arms", None)
+        res.update((sl.get("arms") or {}).get(run.arm, {}))
+        res.update(exp.spec.arm_resources.get(run.arm, {}))
+        groups.setdefault(json.dumps(res, sort_keys=True), []).append(run)
+    logging.getLogger("submitit").setLevel(logging.ERROR)  # no accounting on small clusters: quiet polls
+    all_jobs = []
+    for gi, (key, group) in enumerate(groups.items()):
+        res = json.loads(key)
+        folder = exp.exp / "submitit" / f"{group[0].phase}-{gi}"
+        folder.mkdir(parents=True, exist_ok=True)
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        params = dict(nodes=1, tasks_per_node=1, cpus_per_task=int(res.get("cpus_per_task", 1)),
+                      timeout_min=int(res.get("time_min", 60)), name=f"{exp.spec.name}-{group[0].phase}",
+                      slurm_signal_delay_s=120, slurm_array_parallelism=int(res.get("array_parallelism", 64)))
+        if res.get("gpus_per_node"):
+            params["slurm_gpus_per_node"] = int(res["gpus_per_node"])
+        if res.get("partition"):
+            params["slurm_partition"] = res["partition"]
+        if res.get("mem_gb"):
+            params["mem_gb"] = float(res["mem_gb"])
+        ex.update_parameters(**params)
+        jobs_ = [RunJob(str(exp.exp), r.phase, r.name, os.getcwd()) for r in group]
+        try:
+            with ex.batch():
+                handles = [ex.submit(j) for j in jobs_]
+        except Exception as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()] or [str(e).strip()]
+            raise UserError(f"the SLURM array was not submitted: {lines[-1][:300]}") from None
+        log(f"submitted array {handles[0].job_id.split('_')[0]} ({len(handles)} runs, {res or 'default resources'})")
+        all_jobs += list(zip(group, handles))
+    failed = []
+    for run, h in all_jobs:
+        try:
+            h.results()
+            log(f"{run.phase}/{run.name}: done (job {h.job_id})")
+        except Exception as e:
+            from mmscale.launch import _last_error_line
+            failed.append(f"{run.name} (job {h.job_id}: {_last_error_line(str(e))})")
+    if failed:
+        raise UserError(f"{len(failed)} SLURM run(s) failed: {'; '.join(failed)[:500]}; logs under "
+                        f"{exp.exp / 'submitit'}; rerun with --resume")
+
+
+# ----------------------------------------------------------------------------------------------
+# `mmscale experiment run`
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head or "unknown") + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "hostname": platform.node()}
+    try:
+        info["loadavg"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return info
+
+
+def _spec_hash(raw: dict) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def open_experiment(spec_path: str, out: str | None, resume: bool) -> Experiment:
+    import yaml
+
+    spec = load_spec(spec_path)
+    exp_dir = Path(out or Path("runs") / "experiments" / spec.name).resolve()
+    saved = exp_dir / "spec.yaml"
+    if saved.is_file():
+        if not resume:
+            raise UserError(f"experiment dir '{exp_dir}' already holds an experiment; pass --resume to continue it "
+                            "or --out another directory")
+        old = yaml.safe_load(saved.read_text()) or {}
+        if _spec_hash(old) != _spec_hash(spec.raw):
+            raise UserError(f"'{spec_path}' differs from the spec of the experiment in '{exp_dir}' (spec.yaml); "
+                            "resume with the same spec, or --out a new directory")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not saved.is_file():
+        (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+        (exp_dir / "spec_dir.txt").write_text(str(spec.base_dir) + "\n")
+    return Experiment(spec, exp_dir)
+
+
+def reopen(exp_dir: str | Path) -> Experiment:
+    exp_dir = Path(exp_dir).resolve()
+    saved = exp_dir / "spec.yaml"
+    if not saved.is_file():
+        raise UserError(f"'{exp_dir}' is not an experiment directory (no spec.yaml); pass the --out of "
+                        "`mmscale experiment run`")
+    base = Path((exp_dir / "spec_dir.txt").read_text().strip()) if (exp_dir / "spec_dir.txt").is_file() else exp_dir
+    spec = load_spec_from(saved, base)
+    exp = Experiment(spec, exp_dir)
+    plan = exp_dir / "plan.json"
+    if plan.is_file():
+        exp.data = json.loads(plan.read_text()).get("data")
+        if exp.data:
+            exp.data["train"] = {_nc(k): v for k, v in exp.data["train"].items()}
+            exp.data["other"] = {_nc(k): v for k, v in exp.data["other"].items()}
+    return exp
+
+
+def _nc(k):
+    return None if k in ("None", "null") else int(k)
+
+
+def load_spec_from(path: Path, base_dir: Path) -> Spec:
+    import yaml
+
+    return parse_spec(yaml.safe_load(path.read_text()) or {}, base_dir)
+
+
+def choose_lrs(exp: Experiment, sweep: list[Run]) -> dict:
+    """{point: {arm: {"lr", "steps", "sweep": [{lr, val_loss, tokens_per_s}]}}}."""
+    choice: dict = {}
+    for run in sweep:
+        rd = run.dir(exp.exp)
+        entry = choice.setdefault(run.point, {}).setdefault(run.arm, {"sweep": []})
+        entry["sweep"].append({"lr": run.lr, "val_loss": last_val_loss(rd), "tokens_per_s": median_throughput(rd),
+                               "steps": run.steps, "run": str(rd)})
+    for pk, arms in choice.items():
+        for an, entry in arms.items():
+            ok = [s for s in entry["sweep"] if s["val_loss"] is not None and math.isfinite(s["val_loss"])]
+            if not ok:
+                raise UserError(f"no sweep run of arm '{an}' ({pk}) has a finite val loss; widen sweep.lr or check "
+                                "the data's val split")
+            best = min(ok, key=lambda s: s["val_loss"])
+            entry["lr"] = best["lr"]
+            tps = best["tokens_per_s"]
+            entry["steps"] = budget_steps(exp.spec, exp.numbers[pk], an, tps)
+    return choice
+
+
+def write_plan(exp: Experiment, choice: dict | None) -> None:
+    data = dict(exp.data)
+    data["train"] = {str(k): v for k, v in data["train"].items()}
+    data["other"] = {str(k): v for k, v in data["other"].items()}
+    plan = {"name": exp.spec.name, "budget": exp.spec.budget, "baseline": exp.spec.baseline, "data": data,
+            "numbers": exp.numbers, "choice": choice,
+            "runs": [{"phase": r.phase, "name": r.name, "arm": r.arm, "point": r.point, "seed": r.seed,
+                      "lr": r.lr, "steps": r.steps} for r in exp.sweep_runs() + exp.main_runs(choice)]}
+    _atomic_json(exp.exp / "plan.json", plan)
+
+
+def _log_command(exp: Path, argv: list[str]) -> None:
+    line = (f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}\tcommit {git_commit()}\t"
+            f"cwd {os.getcwd()}\t" + shlex.join(["mmscale", *argv]) + "\n")
+    with open(exp / "commands.log", "a") as f:
+        f.write(line)
+
+
+def run_experiment(spec_path: str, out: str | None = None, *, launcher: str = "local", resume: bool = False,
+                   jobs: int | None = None, report: bool = True, argv: list[str] | None = None,
+                   log=None) -> Path:
+    log = log or (lambda m: print(m, flush=True))
+    exp = open_experiment(spec_path, out, resume)
+    _log_command(exp.exp, argv or ["experiment", "run", spec_path])
+    jobs = jobs or exp.spec.launcher["jobs"]
+    exp.data = prepare_data(exp.spec, exp.exp, exp.spec.n_ctx)
+    sweep = exp.sweep_runs()
+    for r in sweep:
+        exp.write_config(r)
+    write_plan(exp, None)
+    log(f"experiment {exp.spec.name}: {len(sweep)} sweep run(s) in {exp.exp}")
+    todo = [r for r in sweep if run_state(r.dir(exp.exp), r.steps)[0] != "finished"]
+    if todo:
+        (run_slurm(exp, todo, log) if launcher == "slurm" else run_local(exp, todo, False, jobs, log))
+    choice = choose_lrs(exp, sweep) if sweep else {}
+    if not sweep:  # no grid: the base config's learning rate for every arm
+        for pk in exp.numbers:
+            for an in exp.spec.arms:
+                choice.setdefault(pk, {})[an] = {"lr": None, "steps": budget_steps(exp.spec, exp.numbers[pk], an),
+                                                 "sweep": []}
+    _atomic_json(exp.exp / "sweep.json", choice)
+    main = exp.main_runs(choice)
+    for r in main:
+        exp.write_config(r)
+    write_plan(exp, choice)
+    log(f"main: {len(main)} run(s); steps per arm: " + ", ".join(
+        f"{pk}/{an} {c['steps']} (lr {c['lr'] if c['lr'] is not None else 'base'})"
+        for pk, arms in choice.items() for an, c in arms.items()))
+    def measured(r):
+        ev = r.dir(exp.exp) / "eval.json"
+        return ev.is_file() and json.loads(ev.read_text()).get("done")
+    todo = [r for r in main if run_state(r.dir(exp.exp), r.steps)[0] != "finished" or not measured(r)]
+    if todo:
+        (run_slurm(exp, todo, log) if launcher == "slurm" else run_local(exp, todo, True, jobs, log))
+    if report:
+        paths = write_experiment_report(exp.exp)
+        log(f"report: {paths['markdown']} and {paths['html']}")
+    return exp.exp
+
+
+# ----------------------------------------------------------------------------------------------
+# status
+
+def status_rows(exp_dir: str | Path) -> list[dict]:
+    exp = reopen(exp_dir)
+    plan = json.loads((exp.exp / "plan.json").read_text()) if (exp.exp / "plan.json").is_file() else {"runs": []}
+    rows = []
+    for r in plan["runs"]:
+        rd = exp.exp / "runs" / r["phase"] / r["name"]
+        state, step = run_state(rd, r["steps"])
+        ev = rd / "eval.json"
+        measured = ev.is_file() and json.loads(ev.read_text()).get("done", False)
+        rows.append({**r, "state": state, "step": step, "measured": bool(measured),
+                     "val_loss": last_val_loss(rd)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+def mean_sd(xs: list[float]) -> tuple[float | None, float | None, int]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
+
+
+def verdict(a: list[float], b: list[float], a_name: str, b_name: str, lower_better: bool, unit: str = "") -> str:
+    """Plain verdict comparing arm a with arm b: the difference of means ± its standard error; a difference
+    within two standard errors is "no difference within noise"."""
+    ma, sa, na = mean_sd(a)
+    mb, sb, nb = mean_sd(b)
+    if ma is None or mb is None:
+        return "not measured"
+    diff = (mb - ma) if lower_better else (ma - mb)  # > 0: a better
+    if sa is None or sb is None:
+        who = a_name if diff > 0 else b_name
+        return (f"{who} better by {abs(diff):.4g}{unit} (one seed: no estimate of the noise, not a verdict)"
+                if diff else "equal (one seed)")
+    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    if abs(diff) <= 2 * se:
+        return f"no difference within noise ({a_name} - {b_name}: {ma - mb:+.4g} ± {se:.2g}{unit})"
+    who = a_name if diff > 0 else b_name
+    return f"{who} better by {abs(diff):.4g} ± {se:.2g}{unit}"
+
+
+def _fmt(v, nd=4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and abs(v) >= 100 and abs(v) < 1e6:
+        return f"{v:.0f}"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _ms(xs, nd=4) -> str:
+    m, s, n = mean_sd(xs)
+    if m is None:
+        return "–"
+    if abs(m) >= 100:
+        nd = 0
+    return f"{m:.{nd}f} ± {s:.{nd}f}" if s is not None else f"{m:.{nd}f}"
+
+
+def collect(exp_dir: str | Path) -> dict:
+    """Every number of the report, from the run dirs (metrics.jsonl, eval.json) and the plan."""
+    from mmscale.report import load_run, summarize
+
+    exp = reopen(exp_dir)
+    if not (exp.exp / "plan.json").is_file():
+        raise UserError(f"'{exp.exp}' has no plan.json yet; run `mmscale experiment run` first")
+    plan = json.loads((exp.exp / "plan.json").read_text())
+    choice = plan.get("choice") or {}
+    runs = []
+    for r in plan["runs"]:
+        if r["phase"] != "main":
+            continue
+        rd = exp.exp / "runs" / "main" / r["name"]
+        if not (rd / "metrics.jsonl").is_file():
+            continue
+        summ = summarize(load_run(rd))
+        nums = plan["numbers"][r["point"]][r["arm"]]
+        rows = _read_jsonl(rd / "metrics.jsonl")
+        curve = sorted((int(x["step"]), x["val_loss"]) for x in rows if x.get("val_loss") is not None)
+        tps = nums["tokens_per_step"]
+        ev = json.loads((rd / "eval.json").read_text()) if (rd / "eval.json").is_file() else {}
+        runs.append({**r, "dir": str(rd), "summary": summ, "numbers": nums, "eval": ev,
+                     "val_loss": last_val_loss(rd), "tokens": summ["tokens"],
+                     "flops_causal": (summ["tokens"] or 0) * nums["flops_causal"],
+                     "flops_dense": (summ["tokens"] or 0) * nums["flops_dense"],
+                     "curve": [{"step": s, "tokens": s * tps, "flops_causal": s * tps * nums["flops_causal"],
+                                "flops_dense": s * tps * nums["flops_dense"], "val_loss": v} for s, v in curve]})
+    return {"exp": exp, "plan": plan, "choice": choice, "runs": runs}
+
+
+def _plots(data: dict, out: Path) -> list[tuple[str, str]]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    pngs = []
+    points = sorted({r["point"] for r in data["runs"]})
+    arms = list(data["exp"].spec.arms)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for pk in points:
+        for xkey, xlabel in (("flops_causal", "training FLOPs (causal count)"), ("tokens", "training tokens")):
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            for ai, an in enumerate(arms):
+                rs = [r for r in data["runs"] if r["point"] == pk and r["arm"] == an and r["curve"]]
+                for j, r in enumerate(rs):
+                    ax.plot([c[xkey] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], "-",
+                            color=colours[ai % len(colours)], alpha=0.35, lw=1)
+                if rs:
+                    n = min(len(r["curve"]) for r in rs)
+                    xs = [statistics.fmean(r["curve"][i][xkey] for r in rs) for i in range(n)]
+                    ys = [statistics.fmean(r["curve"][i]["val_loss"] for r in rs) for i in range(n)]
+                    ax.plot(xs, ys, "o-", color=colours[ai % len(colours)], lw=2,
+                            label=f"{an} (mean of {len(rs)} seed{'s' if len(rs) > 1 else ''})")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("held-out loss (nats/token)")
+            ax.set_title(f"{data['exp'].spec.name} {pk}: val loss vs {xlabel.split(' (')[0]}")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            name = f"loss_vs_{'flops' if xkey.startswith('flops') else 'tokens'}_{pk}.png"
+            fig.savefig(out / name, dpi=100)
+            plt.close(fig)
+            pngs.append((name, f"{pk}: held-out loss against {xlabel}"))
+    return pngs
+
+
+def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
+    exp, plan = data["exp"], data["plan"]
+    spec = exp.spec
+    base = spec.baseline
+    others = [a for a in spec.arms if a != base]
+    b = spec.budget
+    amount = ({"flops": f"{budget_target(spec, next(iter(exp.numbers.values()))):.4g} training FLOPs "
+                        f"({b['count']} count)",
+               "tokens": f"{budget_target(spec, next(iter(exp.numbers.values()))):.4g} training tokens",
+               "wall_clock": f"{b.get('seconds')} s of training"})[b["rule"]]
+    L = [f"# Experiment `{spec.name}`", ""]
+    if spec.raw.get("description"):
+        L += [str(spec.raw["description"]).strip(), ""]
+    L += [f"Budget rule: **equal {b['rule'].replace('_', '-')}** ({amount} per run; steps rounded to the nearest "
+          f"whole step). Baseline arm: `{base}`. Seeds: {', '.join(map(str, spec.seeds))}. "
+          f"Held-out sets: the first {spec.eval['batches']} x {spec.eval['batch_size']} windows of each val split, "
+          "unshuffled, the same for every run. Spread: mean ± sample standard deviation over seeds; verdicts compare "
+          "means with the standard error of their difference (within 2 SE: no difference within noise).", ""]
+    runs = data["runs"]
+    for pk in sorted({r["point"] for r in runs}):
+        nums = plan["numbers"][pk]
+        L += [f"## Point `{pk}`", "", "### Budget and parameters", "",
+              "| arm | parameters | vs baseline | FLOPs/token (causal / dense) | lr | steps | tokens | "
+              "training FLOPs causal | dense | wall-clock s (mean) | tokens/s (median) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        tol = b["params_tolerance"]
+        for an in spec.arms:
+            n = nums[an]
+            rs = [r for r in runs if r["point"] == pk and r["arm"] == an]
+            ratio = n["params"] / nums[base]["params"] - 1
+            match = "matched" if abs(ratio) <= tol else f"**MISMATCH** ({ratio:+.1%}, tolerance ±{tol:.0%})"
+            c = data["choice"].get(pk, {}).get(an, {})
+            wc = mean_sd([r["summary"]["wall_clock_s"] for r in rs])[0]
+            tp = [r["summary"]["median_tokens_per_s"] for r in rs if r["summary"]["median_tokens_per_s"]]
+            L.append(f"| {an} | {n['params']:,} | {ratio:+.1%} {match} | {n['flops_causal']:.4g} / "
+                     f"{n['flops_dense']:.4g} | {_fmt(c.get('lr')) if c.get('lr') else 'base'} | "
+                     f"{rs[0]['steps'] if rs else '–'} | {rs[0]['tokens'] if rs else '–'} | "
+                     f"{_fmt(rs[0]['flops_causal']) if rs else '–'} | {_fmt(rs[0]['flops_dense']) if rs else '–'} | "
+                     f"{_fmt(wc, 1)} | {_fmt(statistics.median(tp), 0) if tp else '–'} |")
+        L.append("")
+        sweep_rows = [(an, s) for an in spec.arms for s in data["choice"].get(pk, {}).get(an, {}).get("sweep", [])]
+        if sweep_rows:
+            L += ["### Learning-rate sweep (seed {}, short budget; best carried to the full budget)".format(
+                spec.seeds[0]), "", "| arm | lr | steps | final val loss | tokens/s | chosen |", "|---|---|---|---|---|---|"]
+            for an, s in sweep_rows:
+                chosen = "**yes**" if s["lr"] == data["choice"][pk][an]["lr"] else ""
+                L.append(f"| {an} | {_fmt(s['lr']) if s['lr'] else 'base'} | {s['steps']} | {_fmt(s['val_loss'])} | "
+                         f"{_fmt(s['tokens_per_s'], 0)} | {chosen} |")
+            L.append("")
+
+        def claim(title, getter, lower_better, unit, note=""):
+            rows = ["| arm | " + " | ".join(f"seed {s}" for s in spec.seeds) + " | mean ± sd |",
+                    "|---|" + "---|" * (len(spec.seeds) + 1)]
+            vals = {}
+            for an in spec.arms:
+                per = {r["seed"]: getter(r) for r in runs if r["point"] == pk and r["arm"] == an}
+                vals[an] = [v for v in per.values() if v is not None]
+                rows.append(f"| {an} | " + " | ".join(_fmt(per.get(s)) for s in spec.seeds) + f" | {_ms(vals[an])} |")
+            if not any(vals.values()):
+                return []
+            out = [f"### {title}", ""] + ([note, ""] if note else []) + rows + [""]
+            for an in others:
+                out.append(f"**Verdict ({an} vs {base}):** {verdict(vals[an], vals[base], an, base, lower_better, unit)}")
+            return out + [""]
+
+        L += claim("Held-out loss of the training source (nats/token, fixed eval tokens)",
+                   lambda r: (r["eval"].get("heldout") or {}).get("loss"), True, " nats",
+                   note=_tokens_note(runs, pk, "heldout"))
+        L += claim("Trainer's last val loss (metrics.jsonl, nats/token)", lambda r: r["val_loss"], True, " nats")
+        L += claim("Loss on held-out text from another source (nats/token)",
+                   lambda r: (r["eval"].get("other") or {}).get("loss"), True, " nats",
+                   note=_tokens_note(runs, pk, "other"))
+        L += claim("Throughput (median tokens/s while training)",
+                   lambda r: r["summary"]["median_tokens_per_s"], False, " tokens/s")
+        ret = [r for r in runs if r["point"] == pk and r["eval"].get("retrieval")]
+        if ret:
+            first = ret[0]["eval"]["retrieval"]
+            note = (f"After {spec.retrieval['steps']} InfoNCE steps from each pretrained model; "
+                    f"{first['n_queries']} held-out queries ranked against {first['n_corpus']} documents "
+                    f"(split {first['split']}), as `mmscale retrieval eval` measures. BM25 on the same queries: "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in (first.get("baseline") or {}).get("metrics", {}).items())
+                    + "; " + ", ".join(f"top-1 among {x['candidates']} {x['top1']:.4f}"
+                                       for x in (first.get("baseline") or {}).get("results", [])) + ".")
+            L += claim("Retrieval nDCG@10 after fine-tuning",
+                       lambda r: ((r["eval"].get("retrieval") or {}).get("metrics") or {}).get("ndcg@10"), False, "",
+                       note=note)
+            for i, n in enumerate(spec.retrieval["candidates"]):
+                L += claim(f"Retrieval top-1 among {n} after fine-tuning",
+                           lambda r, i=i: (((r["eval"].get("retrieval") or {}).get("results") or [{}] * (i + 1))[i]
+                                           .get("top1")), False, "")
+        if any(r["eval"].get("representation") for r in runs if r["point"] == pk):
+            note = (f"Fraction of positions whose token is not recovered in the top 5 after {spec.representation['steps']} "
+                    f"gradient steps ({spec.representation['samples']} windows; 0 = fully recoverable, 1 = not at all).")
+            L += claim("Input-representation error before training (untrained, the run's initial weights)",
+                       lambda r: ((r["eval"].get("representation") or {}).get("before") or {}).get("error"), True, "",
+                       note=note)
+            L += claim("Input-representation error after training",
+                       lambda r: ((r["eval"].get("representation") or {}).get("after") or {}).get("error"), True, "")
+    if pngs:
+        L += ["## Loss against FLOPs and tokens", ""]
+        L += [f"![{cap}]({name})" for name, cap in pngs] + [""]
+    L += ["## How this was made", "", "Commands (from commands.log):", "", "```"]
+    L += [ln.split("\t")[-1] + f"    # {ln.split(chr(9))[0]}" for ln in
+          (exp.exp / "commands.log").read_text().splitlines()] if (exp.exp / "commands.log").is_file() else []
+    L += ["```", "", f"Git commit: `{git_commit()}` (at report time; each command's commit is in commands.log).", ""]
+    m = machine()
+    L += ["Machine: " + "; ".join(f"{k} {v}" for k, v in m.items()), "",
+          "Per-run curves, configs and samples: [runs.html](runs.html) (`mmscale report` of the main runs).", ""]
+    return "\n".join(L)
+
+
+def _tokens_note(runs, pk, key) -> str:
+    toks = {(r["eval"].get(key) or {}).get("tokens") for r in runs if r["point"] == pk and r["eval"].get(key)}
+    toks.discard(None)
+    if not toks:
+        return ""
+    return ("Every run is evaluated on the same " + ", ".join(f"{t:,}" for t in sorted(toks)) + " tokens"
+            + (" (differs between arms: check the data)" if len(toks) > 1 else "") + ".")
+
+
+def _md_to_html(md: str, out: Path) -> str:
+    """A small Markdown subset (headings, tables, paragraphs, code, images inlined as data URIs)."""
+    import base64
+    import html
+    import re
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+        s = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', s)
+        return s
+
+    lines, out_html, i = md.splitlines(), [], 0
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("```"):
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            out_html.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
+            i = j + 1
+            continue
+        if ln.startswith("#"):
+            level = len(ln) - len(ln.lstrip("#"))
+            out_html.append(f"<h{level}>{inline(ln[level:].strip())}</h{level}>")
+        elif ln.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, body = rows[0], [r for r in rows[1:] if not all(set(c) <= {"-", ":"} for c in r)]
+            out_html.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                            + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                            + "</table>")
+            continue
+        elif (m := re.match(r"!\[(.*)\]\((.+)\)", ln)):
+            p = out / m.group(2)
+            src = ("data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()) if p.is_file() else m.group(2)
+            out_html.append(f'<figure><img src="{src}" alt="{html.escape(m.group(1))}"><figcaption>'
+                            f"{html.escape(m.group(1))}</figcaption></figure>")
+        elif ln.strip():
+            out_html.append(f"<p>{inline(ln)}</p>")
+        i += 1
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}pre{background:#f6f6f6;"
+             "padding:8px;overflow-x:auto}img{max-width:100%}")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>mmscale experiment</title><style>"
+            + style + "</style></head><body>" + "\n".join(out_html) + "</body></html>\n")
+
+
+def write_experiment_report(exp_dir: str | Path, out: str | Path | None = None) -> dict:
+    data = collect(exp_dir)
+    if not data["runs"]:
+        raise UserError(f"'{exp_dir}' has no main run with metrics yet; run `mmscale experiment run` first")
+    out = Path(out) if out else data["exp"].exp / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = _plots(data, out)
+    md = build_markdown(data, pngs)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(_md_to_html(md, out))
+    try:
+        from mmscale.report import write_report
+
+        write_report([r["dir"] for r in data["runs"]], out / "runs.html")
+    except Exception as e:  # the per-run page is a convenience; the experiment report stands without it
+        print(f"mmscale experiment: note: runs.html not written ({type(e).__name__}: {e})", file=sys.stderr)
+    summary = {"markdown": str(out / "report.md"), "html": str(out / "report.html"),
+               "pngs": [str(out / n) for n, _ in pngs]}
+    _atomic_json(out / "numbers.json", {"runs": [{k: v for k, v in r.items() if k not in ("summary",)}
+                                                 | {"summary": r["summary"]} for r in data["runs"]],
+                                        "choice": data["choice"]})
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    r = sub.add_parser("run", help="run (or resume) an experiment spec: sweeps, full-budget runs, measures, report")
+    r.add_argument("spec", help="the experiment spec (YAML), e.g. experiments/paper-small.yaml")
+    r.add_argument("--out", default=None, help="experiment directory (default runs/experiments/NAME)")
+    r.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="local: runs on this machine (in sequence, or --jobs at a time); slurm: submitit job arrays")
+    r.add_argument("--jobs", type=int, default=0, help="local launcher: runs at a time (0 = launcher.jobs of the spec)")
+    r.add_argument("--resume", action="store_true", help="continue an experiment dir: skip finished runs, resume "
+                                                         "partial ones")
+    r.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    s = sub.add_parser("status", help="every run of an experiment: finished, partial (step) or not started")
+    s.add_argument("dir", help="the experiment directory")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    p = sub.add_parser("report", help="tables with verdicts, loss-vs-FLOPs plots (markdown + HTML + PNG)")
+    p.add_argument("dir", help="the experiment directory")
+    p.add_argument("--out", default=None, help="report folder (default DIR/report)")
+    o = sub.add_parser("run-one", help=argparse.SUPPRESS)
+    o.add_argument("dir", help="the experiment directory")
+    o.add_argument("phase", choices=["sweep", "main"], help="sweep or main")
+    o.add_argument("name", help="the run's name (plan.json)")
+
+
+def _argv_of(args) -> list[str]:
+    argv = ["experiment", "run", args.spec]
+    if args.out:
+        argv += ["--out", args.out]
+    argv += ["--launcher", args.launcher]
+    if args.jobs:
+        argv += ["--jobs", str(args.jobs)]
+    if args.resume:
+        argv.append("--resume")
+    return argv
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "run":
+        if args.jobs < 0:
+            raise UserError(f"--jobs must be >= 0, got {args.jobs}", 2)
+        run_experiment(args.spec, args.out, launcher=args.launcher, resume=args.resume, jobs=args.jobs or None,
+                       report=not args.no_report, argv=_argv_of(args))
+        return 0
+    if args.action == "status":
+        rows = status_rows(args.dir)
+        if getattr(args, "json", False):
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print("no runs planned yet")
+            return 0
+        w = max(len(r["phase"] + r["name"]) for r in rows) + 1
+        for r in rows:
+            state = {"finished": "finished", "new": "not started"}.get(r["state"], f"partial (step {r['step']})")
+            extra = f"  val {r['val_loss']:.4f}" if r["val_loss"] is not None else ""
+            meas = "  measured" if r["measured"] else ""
+            print(f"{r['phase'] + '/' + r['name']:<{w}}  {r['steps']:>6} steps  {state}{extra}{meas}")
+        done = sum(r["state"] == "finished" for r in rows)
+        print(f"{done}/{len(rows)} runs finished")
+        return 0
+    if args.action == "report":
+        paths = write_experiment_report(args.dir, args.out)
+        print(f"wrote {paths['markdown']}, {paths['html']}" + (f" and {len(paths['pngs'])} PNG(s)" if paths["pngs"]
+                                                                else ""))
+        return 0
+    # run-one: one run of an experiment (what the parallel local launcher and SLURM tasks execute)
+    exp = reopen(args.dir)
+    plan = json.loads((exp.exp / "plan.json").read_text())
+    choice = plan.get("choice")
+    runs = exp.sweep_runs() if args.phase == "sweep" else exp.main_runs(choice)
+    run_ = next((r for r in runs if r.name == args.name), None)
+    if run_ is None:
+        raise UserError(f"no {args.phase} run named '{args.name}' in {exp.exp}")
+    print(f"{args.phase}/{args.name}: " + execute_run(exp, run_, evaluate=args.phase == "main"), flush=True)
+    return 0
