@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrieval": ("mmscale.retrieval", "retrieval fine-tuning, evaluation, collection import (`retrieval train|eval|import`)"),
     "representation": ("mmscale.representation", "input-representation accuracy of an export (the paper's metric)"),
     "report": ("mmscale.report", "one self-contained HTML page comparing runs (curves, config diff, samples)"),
+    "experiment": ("mmscale.experiment", "a fair mixer-vs-transformer comparison from a spec "
+                                         "(`experiment run|status|report`)"),
     "config": ("mmscale.config_cli", "every config key with its default, allowed values and meaning "
                                      "(`config show|keys`)"),
 }
