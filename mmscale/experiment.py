@@ -144,7 +144,7 @@ class Spec:
     base_dir: Path = field(default=Path("."))
 
 
-def load_spec(path: str | os.PathLike) -> Spec:
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Spec:
     import yaml
 
     p = Path(path)
@@ -155,6 +155,16 @@ def load_spec(path: str | os.PathLike) -> Spec:
         mark = getattr(e, "problem_mark", None)
         raise SpecError(f"spec '{path}' is not valid YAML{f' (line {mark.line + 1})' if mark else ''}; "
                         "fix its syntax") from None
+    _need(isinstance(raw, dict), "a spec must be a mapping with keys such as data, arms, budget")
+    for o in overrides or []:
+        k, eq, v = o.partition("=")
+        _need(bool(eq) and "." in k, f"spec override '{o}' is not of the form section.key=value "
+                                     "(e.g. data.text=stories.txt)")
+        sec, key = k.split(".", 1)
+        _need(sec in TOP_KEYS, f"unknown spec key '{sec}' in override '{o}'; valid keys: {', '.join(sorted(TOP_KEYS))}")
+        node = raw.setdefault(sec, {})
+        _need(isinstance(node, dict), f"spec key '{sec}' is not a section; cannot set '{k}'")
+        node[key] = yaml.safe_load(v) if v.strip() else ""
     return parse_spec(raw, p.resolve().parent)
 
 
@@ -361,7 +371,14 @@ def prepare_data(spec: Spec, exp: Path, n_ctx_values: list[int], progress: bool 
                             int(d.get("vocab_size", 1024)), tok)
         out["tokenizer"] = str(tok)
         other_text = d.get("other_text")
-        if other_text:
+        if other_text == "synth":
+            from mmscale.data.synth import write_corpus
+
+            corpus = data_dir / "synth"
+            if not (corpus / "pairs.jsonl").is_file():
+                write_corpus(corpus, int(d.get("synth_stories", 3000)), 0, overwrite=True)
+            other_text = str(corpus / "stories.txt")
+        elif other_text:
             other_text = _resolve(spec, other_text)
             _need(Path(other_text).exists(), f"spec key 'data.other_text': '{other_text}' does not exist")
         for nc in n_ctx_values:
@@ -918,10 +935,10 @@ def _spec_hash(raw: dict) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_experiment(spec_path: str, out: str | None, resume: bool) -> Experiment:
+def open_experiment(spec_path: str, out: str | None, resume: bool, overrides: list[str] | None = None) -> Experiment:
     import yaml
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, overrides)
     exp_dir = Path(out or Path("runs") / "experiments" / spec.name).resolve()
     saved = exp_dir / "spec.yaml"
     if saved.is_file():
@@ -1008,9 +1025,9 @@ def _log_command(exp: Path, argv: list[str]) -> None:
 
 def run_experiment(spec_path: str, out: str | None = None, *, launcher: str = "local", resume: bool = False,
                    jobs: int | None = None, report: bool = True, argv: list[str] | None = None,
-                   log=None) -> Path:
+                   log=None, overrides: list[str] | None = None) -> Path:
     log = log or (lambda m: print(m, flush=True))
-    exp = open_experiment(spec_path, out, resume)
+    exp = open_experiment(spec_path, out, resume, overrides)
     _log_command(exp.exp, argv or ["experiment", "run", spec_path])
     jobs = jobs or exp.spec.launcher["jobs"]
     exp.data = prepare_data(exp.spec, exp.exp, exp.spec.n_ctx)
@@ -1387,6 +1404,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     r = sub.add_parser("run", help="run (or resume) an experiment spec: sweeps, full-budget runs, measures, report")
     r.add_argument("spec", help="the experiment spec (YAML), e.g. experiments/paper-small.yaml")
+    r.add_argument("spec_overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted spec overrides, e.g. data.text=stories.txt budget.reference_steps=200")
     r.add_argument("--out", default=None, help="experiment directory (default runs/experiments/NAME)")
     r.add_argument("--launcher", default="local", choices=["local", "slurm"],
                    help="local: runs on this machine (in sequence, or --jobs at a time); slurm: submitit job arrays")
@@ -1407,7 +1426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _argv_of(args) -> list[str]:
-    argv = ["experiment", "run", args.spec]
+    argv = ["experiment", "run", args.spec, *args.spec_overrides]
     if args.out:
         argv += ["--out", args.out]
     argv += ["--launcher", args.launcher]
@@ -1423,7 +1442,7 @@ def run(args: argparse.Namespace) -> int:
         if args.jobs < 0:
             raise UserError(f"--jobs must be >= 0, got {args.jobs}", 2)
         run_experiment(args.spec, args.out, launcher=args.launcher, resume=args.resume, jobs=args.jobs or None,
-                       report=not args.no_report, argv=_argv_of(args))
+                       report=not args.no_report, argv=_argv_of(args), overrides=args.spec_overrides)
         return 0
     if args.action == "status":
         rows = status_rows(args.dir)

@@ -225,6 +225,16 @@ def test_status_and_report_of_a_folder_that_is_not_an_experiment(tmp_path, capsy
     assert cli_main(["experiment", "run", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_spec_overrides_on_the_command_line(tmp_path, capsys):
+    p = write_spec(tmp_path, tiny_spec(retrieval=None))
+    spec = X.load_spec(p, ["budget.reference_steps=9", "data.other_text=synth"])
+    assert spec.budget["reference_steps"] == 9 and spec.data["other_text"] == "synth"
+    for bad, key in (("colour.red=1", "colour"), ("budget", "budget"), ("budget.bogus=1", "budget.bogus")):
+        assert cli_main(["experiment", "run", str(p), bad, "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and key in err
+
+
 def test_verdicts_are_stated_plainly():
     assert X.verdict([3.0, 3.1, 3.05], [3.5, 3.6, 3.55], "mixer", "llama", True).startswith("mixer better by 0.5")
     assert X.verdict([3.0, 3.4], [3.1, 3.3], "mixer", "llama", True).startswith("no difference within noise")
