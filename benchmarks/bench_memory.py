@@ -34,13 +34,15 @@ def _rss_bytes() -> int:
 
 
 def cpu_bytes(model, ids, labels, dtype):
+    # parameters (and views of them, which token mixing saves) are counted once, as weights below
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, saved = set(), 0
 
     def pack(t):
         nonlocal saved
         st = t.untyped_storage()
         key = (st.data_ptr(), st.nbytes())
-        if key not in seen and not isinstance(t, torch.nn.Parameter):
+        if key not in seen and key[0] not in params:
             seen.add(key)
             saved += key[1]
         return t

@@ -97,12 +97,14 @@ def state_bytes(model):
 
 
 def saved_activation_bytes(model, ids, amp_dtype, device):
+    # parameters (and views of them, which mmscale's token mixing saves) are counted in state_bytes
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, total = set(), 0
 
     def pack(t):
         nonlocal total
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen and not isinstance(t, nn.Parameter):
+        if key not in seen and key[0] not in params:
             seen.add(key)
             total += key[1]
         return t
