@@ -111,16 +111,17 @@ if triton is not None:
     @triton.jit
     def _bwd_w_kernel(x_ptr, dout_ptr, dw_ptr, T, C, H, B, tile_i_ptr, tile_j_ptr,
                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
-                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+                      PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
+        part = tl.program_id(2)  # this program sums batch elements part, part + SPLIT, ...
         it = tl.load(tile_i_ptr + pid)
         jt = tl.load(tile_j_ptr + pid)
         rows = it * BLOCK_I + tl.arange(0, BLOCK_I)
         js = jt * BLOCK_J + tl.arange(0, BLOCK_J)
         acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
         # sum over batch (g = b * H + h) and the feature axis
-        for b in range(0, B):
+        for b in range(part, B, SPLIT):
             g = b * H + h
             d_base = dout_ptr + g.to(tl.int64) * T * C
             x_base = x_ptr + g.to(tl.int64) * T * C
@@ -133,8 +134,11 @@ if triton is not None:
                 acc += _dot(d, xt, PREC, UPCAST)
         keep = (rows[:, None] < T) & (js[None, :] < T)
         acc = tl.where(js[None, :] <= rows[:, None], acc, 0.0)
-        tl.store(dw_ptr + h.to(tl.int64) * T * T + rows[:, None] * T + js[None, :],
-                 acc.to(dw_ptr.dtype.element_ty), mask=keep)
+        dst = dw_ptr + h.to(tl.int64) * T * T + rows[:, None] * T + js[None, :]
+        if SPLIT == 1:
+            tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=keep)
+        else:  # partial sums of SPLIT programs meet in the fp32 buffer
+            tl.atomic_add(dst, acc, mask=keep)
 
 
 def _blocks(t: int, c: int, dtype: torch.dtype):
@@ -154,6 +158,20 @@ def _precision(dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _weight_grad_split(programs: int, batch: int) -> int:
+    """How many programs share one weight-gradient tile, each summing every SPLIT-th batch element.
+
+    One program per lower tile is about one wave on a GPU at T 1024 (136 tiles of 64 for 132 SMs) with a
+    long serial loop over batch x channels; splitting the batch gives >= 4 waves, the partial sums meet by
+    atomic adds in the fp32 buffer (their order, and so the last bits, may vary from run to run on CUDA).
+    The CPU interpreter splits in two when it can, so the tests run the atomic path.
+    """
+    if _interpreting():
+        return min(2, batch)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(batch, -(-4 * sms // max(1, programs))))
 
 
 def _lower_tiles(n_tiles: int, device):
@@ -192,9 +210,10 @@ def _mix_backward_w(w: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) -> tor
     # fp32 accumulation buffer; tiles above the diagonal stay zero (never launched)
     dw = torch.zeros(h, t, t, device=x.device, dtype=torch.float32)
     ti, tj = _lower_tiles(triton.cdiv(t, bi), x.device)
-    grid = (ti.numel(), h)
+    split = _weight_grad_split(ti.numel() * h, b)
+    grid = (ti.numel(), h, split)
     _launch(_bwd_w_kernel)[grid](x, dout, dw, t, c, h, b, ti, tj, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc,
-                                 **_flags(x.dtype))
+                                 SPLIT=split, **_flags(x.dtype))
     return dw.to(w.dtype)
 
 
