@@ -32,6 +32,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _tuned(kernel):
+    """On a GPU, let Triton pick warps and pipeline stages per (T, C) from a few configurations (the tiles
+    stay those of `_blocks`, which the grids and the weight-gradient tile lists are built from). The CPU
+    interpreter has neither, so there the kernel runs as written."""
+    if triton is None or _interpreting():
+        return kernel
+    configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (4, 3), (8, 3), (8, 4))]
+    return triton.autotune(configs=configs, key=["T", "C"])(kernel)
+
+
 if triton is not None:
 
     @triton.jit
@@ -41,6 +51,7 @@ if triton is not None:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         return tl.dot(a, b, input_precision=PREC)
 
+    @_tuned
     @triton.jit
     def _fwd_kernel(w_ptr, x_ptr, out_ptr, T, C, H,
                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -75,6 +86,7 @@ if triton is not None:
         tl.store(out_ptr + g.to(tl.int64) * T * C + rows[:, None] * C + cols[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
+    @_tuned
     @triton.jit
     def _bwd_x_kernel(w_ptr, dout_ptr, dx_ptr, T, C, H,
                       BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
