@@ -113,11 +113,12 @@ class Embedder:
     def from_export(cls, path: str | os.PathLike, position: int | str = "last", device="cpu", dtype=None) -> "Embedder":
         from pathlib import Path
 
-        from mmscale.data.tokenizer import load_tokenizer
-        from mmscale.export.format import load_export
+        from mmscale.export.format import load_export, load_export_tokenizer
 
         model, meta = load_export(path, dtype=dtype, device=device, require_tokenizer=True)
-        return cls(model, load_tokenizer(Path(path) / meta["tokenizer"]), position=position, device=device)
+        # refuses a tokenizer with more pieces than the model's vocab (one line, not an IndexError later)
+        sp = load_export_tokenizer(Path(path), meta, model.config.vocab_size)
+        return cls(model, sp, position=position, device=device)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return encode_texts(self.tokenizer, texts, self.n_ctx)

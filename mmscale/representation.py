@@ -108,14 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mmscale.data.tokenizer import load_tokenizer
     from mmscale.export.evaluate import iter_batches
-    from mmscale.export.format import load_export
+    from mmscale.export.format import load_export, load_export_tokenizer
 
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     model, meta = load_export(args.export, require_tokenizer=True)
-    sp = load_tokenizer(Path(args.export) / meta["tokenizer"])
+    sp = load_export_tokenizer(args.export, meta, model.config.vocab_size)
     n_ctx = model.config.n_ctx
     rows = [b["input_ids"] for b in iter_batches(args.data, sp, n_ctx, args.samples, max_batches=1)]
     if not rows:

@@ -470,6 +470,22 @@ def _(w, d):
     return ["generate", str(ex), "--prompt", "Once"], "1024 pieces but the model's vocab_size is 512"
 
 
+@case("representation: export tokenizer larger than the model's vocab")
+def _(w, d):
+    ex = _export_copy(w, d)
+    shutil.copyfile(w.big_tok, ex / "tokenizer.model")
+    return ["representation", str(ex), "--data", str(w.data)], "1024 pieces but the model's vocab_size is 512"
+
+
+@case("retrieval eval: export tokenizer larger than the model's vocab")
+def _(w, d):
+    ex = _export_copy(w, d)
+    shutil.copyfile(w.big_tok, ex / "tokenizer.model")
+    (d / "p.jsonl").write_text("".join(json.dumps({"query": f"q{i}", "passage": f"p{i}"}) + "\n" for i in range(4)))
+    return ["retrieval", "eval", str(ex), "--pairs", str(d / "p.jsonl"), "--json", str(d / "r.json"),
+            "--candidates", "2", "--no-baseline"], "1024 pieces but the model's vocab_size is 512"
+
+
 @case("eval on data made with another tokenizer", 2)
 def _(w, d):
     return ["eval", str(w.export), "--data", str(w.other)], "evaluate on data prepared with the export's"
