@@ -5,6 +5,8 @@
   Old spellings keep working and print a one-line deprecation note once the command succeeded (an error
   stays one line): `--input` (prepare, tokenizer train) is `--data`; convert's positional OUT is `--out OUT`.
 - `--json` prints the result as JSON on stdout; `--json FILE` (or `--json=FILE`) writes it to FILE instead.
+  Every output is checked before the work: its folder must exist, and an existing FILE is replaced only with
+  `--overwrite` (commands that print --json get that flag for it).
 - `--no-progress` turns progress bars off wherever there is one (prepare; and the training commands, where
   it is the same as the override log.progress=false).
 - Commands that take dotted config overrides point to `mmscale config keys` / `mmscale config show`.
@@ -102,6 +104,9 @@ class Conventions:
                 if a.dest == "json" and a.option_strings:
                     if a.nargs == 0:
                         self.json_flag = True
+                        if "--overwrite" not in p._option_string_actions:
+                            p.add_argument("--overwrite", dest="_json_overwrite", action="store_true",
+                                           help="replace an existing --json FILE")
                     elif a.nargs is None:
                         a.nargs, a.const = "?", "-"
                         a.help = "print the result as JSON on stdout, or write it to FILE"
@@ -170,6 +175,9 @@ class Conventions:
                 target = Path(self.json_file)
                 if not target.parent.is_dir():
                     raise UserError(f"--json: folder '{target.parent}' does not exist; create it first", 2)
+                if target.exists() and not (getattr(args, "overwrite", False)
+                                            or getattr(args, "_json_overwrite", False)):
+                    raise UserError(f"--json: '{target}' already exists; pass --overwrite or another --json path", 2)
                 with target.open("w") as f, contextlib.redirect_stdout(f):
                     yield
             else:

@@ -199,6 +199,12 @@ def _(w, d):
     return ["eval", str(w.export), "--data", str(w.data), "--json", str(d / "x.json")], "already exists"
 
 
+@case("model-info --json onto an existing file", 2)
+def _(w, d):
+    (d / "m.json").write_text("{}\n")
+    return ["model-info", "--json", str(d / "m.json"), "model.d_model=64"], "already exists; pass --overwrite"
+
+
 # --- datasets
 def _dataset(w, d, name="ds"):
     return copy(w.data, d / name)
