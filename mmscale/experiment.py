@@ -768,6 +768,7 @@ def run_local(exp: Experiment, runs: list[Run], evaluate: bool, jobs: int, log) 
     while pending or active:
         while pending and len(active) < jobs:
             run = pending.pop(0)
+            run.dir(exp.exp).parent.mkdir(parents=True, exist_ok=True)
             logf = open(run.dir(exp.exp).parent / f"{run.name}.log", "a")
             active[run.name] = (subprocess.Popen(_child_command(exp.exp, run.phase, run.name), stdout=logf,
                                                  stderr=subprocess.STDOUT, cwd=os.getcwd()), logf, run)
@@ -1250,6 +1251,12 @@ def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
                 L.append(f"| {an} | {_fmt(s['lr']) if s['lr'] else 'base'} | {s['steps']} | {_fmt(s['val_loss'])} | "
                          f"{_fmt(s['tokens_per_s'], 0)} | {chosen} |")
             L.append("")
+            grid = sorted(spec.sweep["lr"])
+            for an in spec.arms:
+                lr = data["choice"].get(pk, {}).get(an, {}).get("lr")
+                if lr is not None and len(grid) > 1 and lr in (grid[0], grid[-1]):
+                    L += [f"Note: `{an}`'s best learning rate {_fmt(lr)} is at the {'top' if lr == grid[-1] else 'bottom'} "
+                          "of the grid; a wider grid may find a better one for this arm.", ""]
 
         def claim(title, getter, lower_better, unit, note=""):
             rows = ["| arm | " + " | ".join(f"seed {s}" for s in spec.seeds) + " | mean ± sd |",
