@@ -283,10 +283,14 @@ def _save_checkpoint(cfg, engine, info, root: Path, tmp: Path, step: int, tokens
     if info.rank == 0:
         ckpt.prepare_tmp_dir(root, step)
     dist_.barrier(engine.device)
-    files = engine.save(tmp)
-    data_state = loader.state_dict() if hasattr(loader, "state_dict") else None
-    ckpt.save_rank_state(tmp, info.rank, data_state)
-    dist_.barrier(engine.device)
+    failure, files = None, {}
+    try:
+        files = engine.save(tmp)
+        data_state = loader.state_dict() if hasattr(loader, "state_dict") else None
+        ckpt.save_rank_state(tmp, info.rank, data_state)
+    except (OSError, RuntimeError) as e:
+        failure = e
+    _agree_saved(failure, engine, root)  # (a barrier that also tells every rank whether a write failed)
     final = root / ckpt.step_dir_name(step)
     if info.rank == 0:
         meta = {"step": step, "tokens_seen": tokens, "engine": engine.kind, "zero_stage": cfg.engine.zero_stage,
@@ -294,9 +298,25 @@ def _save_checkpoint(cfg, engine, info, root: Path, tmp: Path, step: int, tokens
                 "micro_batch_size": micro_batch_size, "model_format": engine.model_format, **files,
                 "rank_files": [ckpt.rank_file_name(r) for r in range(info.world_size)],
                 "config": cfg.to_dict(), "model": cfg.to_dict()["model"]}
-        final = ckpt.finalize(root, tmp, step, meta, cfg.checkpoint.keep)
-    dist_.barrier(engine.device)
+        try:
+            final = ckpt.finalize(root, tmp, step, meta, cfg.checkpoint.keep)
+        except (OSError, RuntimeError) as e:
+            failure = e
+    _agree_saved(failure, engine, root)
     return final
+
+
+def _agree_saved(failure, engine, root: Path) -> None:
+    """Every rank learns whether any rank failed to write its part of the checkpoint: the failing rank raises its
+    error (a full disk becomes one line in save_checkpoint), the others stop with one line too, rather than waiting
+    in the next collective."""
+    (n_failed,) = dist_.all_reduce_sum([float(failure is not None)], engine.device)
+    if failure is not None:
+        raise failure
+    if n_failed:
+        last = ckpt.find_latest(root)
+        raise UserError(f"saving the checkpoint failed on {int(n_failed)} other rank(s) (see rank 0's message); "
+                        f"{f'the previous checkpoint {last} is intact' if last else 'no checkpoint was saved'}")
 
 
 def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:

@@ -886,3 +886,19 @@ def test_ten_kills_in_one_run_single_engine_resume_bit_for_bit(tmp_path):
 @pytest.mark.distributed
 def test_ten_kills_in_one_run_fsdp_two_ranks_resume_bit_for_bit(tmp_path):
     _kill_ten_times(tmp_path, {"engine.kind": "fsdp"}, 2, seed=7)
+
+
+@pytest.mark.distributed
+def test_full_disk_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """DDP on 2 ranks, rank 0's disk full at the step-4 checkpoint: both ranks stop (no hang in the next
+    collective), each with one line, and the step-2 checkpoint stays the latest."""
+    from tests._dist import run_distributed
+
+    cfg = tiny_config(tmp_path / "r", **{"engine.kind": "ddp", "train.max_steps": 6, "checkpoint.every": 2})
+    statuses = run_distributed("tests._faults:enospc_runs", {"runs": [{"config": cfg}]}, timeout=240)
+    rank0, rank1 = statuses[0][0], statuses[1][0]
+    assert isinstance(rank0, str) and "no space left on device" in rank0 and "\n" not in rank0, rank0
+    assert isinstance(rank1, str) and "failed on 1 other rank" in rank1, rank1
+    root = tmp_path / "r" / "checkpoints"
+    assert [p.name for p in ckpt.list_complete(root)] == [STEP2] and not list(root.glob(".tmp_*"))
+    assert (root / "latest").read_text().strip() == STEP2
