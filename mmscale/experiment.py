@@ -646,6 +646,28 @@ def _fixed_batches(dataset: str, n_ctx: int, batch_size: int, batches: int):
     return list(_dataset_batches(dataset, n_ctx, batch_size, split, batches)), split
 
 
+def measure_key(spec: Spec, name: str) -> str:
+    """A short hash of what one measure depends on besides the trained model (its spec section)."""
+    sec = dict(getattr(spec, name))
+    if name == "retrieval":
+        sec["data"] = [spec.data.get("retrieval"), spec.data.get("retrieval_test_fraction"),
+                       spec.data.get("synth_stories")]
+    return hashlib.sha256(json.dumps(sec, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def measured(exp: Experiment, run: Run) -> bool:
+    """eval.json holds every measure, made with the spec's current measure sections."""
+    path = run.dir(exp.exp) / "eval.json"
+    if not path.is_file():
+        return False
+    ev = json.loads(path.read_text())
+    spec = exp.spec
+    return bool(ev.get("done")
+                and (not spec.retrieval["enabled"] or ev.get("retrieval_key") == measure_key(spec, "retrieval"))
+                and (not spec.representation["enabled"]
+                     or ev.get("representation_key") == measure_key(spec, "representation")))
+
+
 def evaluate_run(exp: Experiment, run: Run, progress: bool = False) -> dict:
     """The measures of one finished main run, each stored in run_dir/eval.json once done (resumable)."""
     import torch
@@ -674,7 +696,8 @@ def evaluate_run(exp: Experiment, run: Run, progress: bool = False) -> dict:
         out["other"] = {**evaluate_loss(model, batches, progress=False), "split": split,
                         "dataset": exp.data["other"][nc]}
         _atomic_json(path, out)
-    if spec.representation["enabled"] and "representation" not in out:
+    rkey = measure_key(spec, "representation")
+    if spec.representation["enabled"] and ("representation" not in out or out.get("representation_key") != rkey):
         from mmscale.config import config_from_dict
         from mmscale.models import build_model
         from mmscale.representation import representation_error
@@ -688,10 +711,13 @@ def evaluate_run(exp: Experiment, run: Run, progress: bool = False) -> dict:
         before = representation_error(init, ids, steps=r["steps"], seed=run.seed)
         after = representation_error(model, ids, steps=r["steps"], seed=run.seed)
         out["representation"] = {"before": before, "after": after}
+        out["representation_key"] = rkey
         _atomic_json(path, out)
     del model
-    if spec.retrieval["enabled"] and "retrieval" not in out:
+    key = measure_key(spec, "retrieval")
+    if spec.retrieval["enabled"] and ("retrieval" not in out or out.get("retrieval_key") != key):
         out["retrieval"] = retrieval_measure(exp, run, export)
+        out["retrieval_key"] = key
         _atomic_json(path, out)
     out["done"] = True
     _atomic_json(path, out)
@@ -705,7 +731,7 @@ def retrieval_measure(exp: Experiment, run: Run, export: Path) -> dict:
 
     r, rd = exp.spec.retrieval, run.dir(exp.exp)
     coll = exp.data["retrieval"]
-    ret_dir = rd / "retrieval"
+    ret_dir = rd / f"retrieval-{measure_key(exp.spec, 'retrieval')}"  # a changed retrieval spec: a new run
     cfg = load_config(None, [f"run.dir={ret_dir}", f"run.seed={run.seed}", f"train.max_steps={r['steps']}",
                              f"train.lr={r['lr']}", f"train.warmup_steps={min(r['warmup_steps'], r['steps'] - 1)}",
                              f"train.micro_batch_size={r['micro_batch_size']}", "train.eval_every=0",
@@ -743,8 +769,7 @@ def execute_run(exp: Experiment, run: Run, *, evaluate: bool, progress: bool = F
                             status)
         did = "resumed" if state == "partial" else "trained"
     if evaluate:
-        ev = run.dir(exp.exp) / "eval.json"
-        if not (ev.is_file() and json.loads(ev.read_text()).get("done")):
+        if not measured(exp, run):
             evaluate_run(exp, run, progress)
             did += ", measured"
     return did
@@ -932,7 +957,13 @@ def machine() -> dict:
     return info
 
 
-def _spec_hash(raw: dict) -> str:
+# sections that only decide how finished runs are measured (or launched): they may change on --resume
+MEASURE_SECTIONS = ("retrieval", "representation", "launcher", "description")
+
+
+def _spec_hash(raw: dict, training: bool = False) -> str:
+    if training:
+        raw = {k: v for k, v in raw.items() if k not in MEASURE_SECTIONS}
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -947,9 +978,12 @@ def open_experiment(spec_path: str, out: str | None, resume: bool, overrides: li
             raise UserError(f"experiment dir '{exp_dir}' already holds an experiment; pass --resume to continue it "
                             "or --out another directory")
         old = yaml.safe_load(saved.read_text()) or {}
-        if _spec_hash(old) != _spec_hash(spec.raw):
-            raise UserError(f"'{spec_path}' differs from the spec of the experiment in '{exp_dir}' (spec.yaml); "
-                            "resume with the same spec, or --out a new directory")
+        if _spec_hash(old, training=True) != _spec_hash(spec.raw, training=True):
+            raise UserError(f"'{spec_path}' differs from the spec of the experiment in '{exp_dir}' (spec.yaml) outside "
+                            f"{', '.join(MEASURE_SECTIONS)}; resume with the same data, arms, axes, budget, sweep and "
+                            "eval, or --out a new directory")
+        if _spec_hash(old) != _spec_hash(spec.raw):  # only how runs are measured changed: those measures are redone
+            (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not saved.is_file():
         (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
@@ -1054,10 +1088,7 @@ def run_experiment(spec_path: str, out: str | None = None, *, launcher: str = "l
     log(f"main: {len(main)} run(s); steps per arm: " + ", ".join(
         f"{pk}/{an} {c['steps']} (lr {c['lr'] if c['lr'] is not None else 'base'})"
         for pk, arms in choice.items() for an, c in arms.items()))
-    def measured(r):
-        ev = r.dir(exp.exp) / "eval.json"
-        return ev.is_file() and json.loads(ev.read_text()).get("done")
-    todo = [r for r in main if run_state(r.dir(exp.exp), r.steps)[0] != "finished" or not measured(r)]
+    todo = [r for r in main if run_state(r.dir(exp.exp), r.steps)[0] != "finished" or not measured(exp, r)]
     if todo:
         (run_slurm(exp, todo, log) if launcher == "slurm" else run_local(exp, todo, True, jobs, log))
     if report:
@@ -1076,9 +1107,9 @@ def status_rows(exp_dir: str | Path) -> list[dict]:
     for r in plan["runs"]:
         rd = exp.exp / "runs" / r["phase"] / r["name"]
         state, step = run_state(rd, r["steps"])
-        ev = rd / "eval.json"
-        measured = ev.is_file() and json.loads(ev.read_text()).get("done", False)
-        rows.append({**r, "state": state, "step": step, "measured": bool(measured),
+        done = r["phase"] == "main" and measured(exp, Run(r["name"], "main", r["arm"], r["point"], r["seed"], r["lr"],
+                                                             r["steps"], {}))
+        rows.append({**r, "state": state, "step": step, "measured": bool(done),
                      "val_loss": last_val_loss(rd)})
     return rows
 

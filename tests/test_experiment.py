@@ -156,6 +156,17 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_runs(tmp_path
     calls.clear()
     X.run_experiment(str(spec_path), str(out), resume=True, log=lambda m: None)
     assert calls == []
+    # a changed measure section (representation) is measured again without retraining; a changed budget is refused
+    spec["representation"] = {"enabled": True, "samples": 1, "steps": 2}
+    write_spec(tmp_path, spec)
+    X.run_experiment(str(spec_path), str(out), resume=True, log=lambda m: None)
+    assert calls == []
+    ev = json.loads((out / "runs" / "main" / first / "eval.json").read_text())
+    assert ev["representation"]["after"]["steps"] == 2 and ev["heldout"]
+    spec["budget"]["tokens"] = 8 * 4 * 16
+    write_spec(tmp_path, spec)
+    with pytest.raises(UserError, match="outside"):
+        X.run_experiment(str(spec_path), str(out), resume=True, log=lambda m: None)
 
 
 def test_budget_rule_gives_equal_flops_or_tokens_within_one_step():
