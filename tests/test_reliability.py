@@ -23,6 +23,20 @@ from tests._dist import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+_WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def clean_world_env():
+    """The data loader writes RANK/WORLD_SIZE/... into the environment (streaming reads them there); a
+    one-process DeepSpeed/FSDP run after it would take them for a launcher's and rendezvous on the default
+    port. Each test starts and ends without them."""
+    saved = {k: os.environ.pop(k) for k in _WORLD_ENV if k in os.environ}
+    yield
+    for k in _WORLD_ENV:
+        os.environ.pop(k, None)
+    os.environ.update(saved)
+
 STEP1, STEP2 = ckpt.step_dir_name(1), ckpt.step_dir_name(2)
 
 
@@ -636,6 +650,8 @@ def sharded_checkpoints(tmp_path_factory):
     from tests._dist import train_runs
 
     base = tmp_path_factory.mktemp("sharded")
+    for k in _WORLD_ENV:  # (module fixtures run before the autouse one)
+        os.environ.pop(k, None)
     runs = [{"config": tiny_config(base / k, **{"engine.kind": kind, "engine.zero_stage": 1, "train.max_steps": 1})}
             for k, kind in (("z1", "deepspeed"), ("fsdp", "fsdp"))]
     assert train_runs({"runs": runs}) == [0, 0]
