@@ -93,3 +93,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# what launchers and process groups read from the environment: a test that leaves one of these set (an
+# in-process run that exported its rendezvous, a loader left open) would change what later tests see, e.g.
+# make lm-eval's accelerate believe it runs distributed; each test gets back the environment it started with
+_WORLD_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "GROUP_RANK", "ROLE_RANK")
+
+
+@pytest.fixture(autouse=True)
+def world_env_hygiene(request):
+    before = {k: os.environ.get(k) for k in _WORLD_KEYS}
+    yield
+    changed = [k for k in _WORLD_KEYS if os.environ.get(k) != before[k]]
+    for k in changed:
+        if before[k] is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = before[k]
+    if changed:
+        import warnings
+
+        warnings.warn(f"{request.node.nodeid} left {', '.join(changed)} changed in os.environ (restored)")

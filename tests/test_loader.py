@@ -358,3 +358,16 @@ def test_two_ranks_disjoint_resumable_and_onto_one_rank(packed, tmp_path):
     with loader_for(packed, split="val", batch=1) as v:
         every_val = Counter(tuple(r) for b in v for r in b["labels"].tolist())
     assert not (every_val - val) and sum((val - every_val).values()) <= 1
+
+
+def test_loaders_leave_the_environment_as_they_found_it(packed, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # the caller's own value survives
+    train = loader_for(packed, split="train")
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"  # streaming reads them while open
+    val = loader_for(packed, split="val", endless=False)
+    val.close()
+    assert os.environ["WORLD_SIZE"] == "1"  # the train loader is still open: still set
+    take(train, 1)
+    train.close()
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ and "LOCAL_RANK" not in os.environ
+    assert os.environ["LOCAL_WORLD_SIZE"] == "1"

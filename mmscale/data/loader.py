@@ -258,7 +258,7 @@ def _collate(samples: list[dict], *, layout: str, n_ctx: int, left_pad: bool) ->
 # ---------------------------------------------------------------------------------------------
 # the world, as mosaicml-streaming reads it
 
-def _set_world_env(rank: int, world_size: int, local_rank: int | None, local_world_size: int | None) -> None:
+def _check_world_env(rank: int, world_size: int, local_rank: int | None, local_world_size: int | None) -> dict:
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}")
     local_rank = rank if local_rank is None else local_rank
@@ -271,8 +271,33 @@ def _set_world_env(rank: int, world_size: int, local_rank: int | None, local_wor
         if have is not None and have != "" and int(have) != value:
             raise UserError(f"environment {key}={have} contradicts the {key.lower()} {value} passed to "
                             "build_dataloader; pass the launcher's values")
+    return want
+
+
+def _enter_world_env(want: dict) -> None:
+    if not _WORLD_ENV["open"]:  # the first open loader remembers what the caller had
+        _WORLD_ENV["saved"] = {key: os.environ.get(key) for key in want}
+    _WORLD_ENV["open"] += 1
     for key, value in want.items():
         os.environ[key] = str(value)
+
+
+# mosaicml-streaming reads the world from the environment while a loader lives (construction and
+# iteration); when the last loader of this process closes, the caller's environment comes back, so a
+# later launcher or library in the same process (lm-eval, submitit) does not inherit RANK/WORLD_SIZE
+_WORLD_ENV: dict = {"open": 0, "saved": {}}
+
+
+def _release_world_env() -> None:
+    _WORLD_ENV["open"] = max(0, _WORLD_ENV["open"] - 1)
+    if _WORLD_ENV["open"]:
+        return
+    for key, old in _WORLD_ENV["saved"].items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    _WORLD_ENV["saved"] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +437,7 @@ class StreamingLoader:
         if distributed:
             # the next dataset's ranks must all see the freed prefix, or they pick different ones
             torch.distributed.barrier()
+        _release_world_env()
 
     def __enter__(self):
         return self
@@ -517,7 +543,7 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
     index = None
     if not _is_remote(root):
         index = check_shards(root, split)  # deleted or truncated shards, a corrupt index: one line
-    _set_world_env(rank, world_size, local_rank, local_world_size)
+    world_env = _check_world_env(rank, world_size, local_rank, local_world_size)
     local_rank = rank if local_rank is None else local_rank
 
     from mmscale.data._streaming import import_streaming
@@ -545,6 +571,7 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
                         "them); set data.cache_dir to a writable directory to read it as a remote") from None
     saved_tempdir = tempfile.tempdir
     tempfile.tempdir = str(lock_dir)  # streaming puts its lock files in gettempdir()
+    _enter_world_env(world_env)  # left as the caller had it when the last loader closes
     try:
         dataset = streaming.StreamingDataset(
             **stream_args, split=split, shuffle=data_cfg.shuffle if split == "train" else False,
@@ -554,8 +581,10 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
             validate_hash=_hash_algo(index) if index is not None else ("xxh64" if manifest.get("shard_hash") == "xxh64" else None),
         )
     except UserError:
+        _release_world_env()
         raise
     except Exception as e:
+        _release_world_env()
         text = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise UserError(f"cannot open the {split} split of dataset '{root}' ({type(e).__name__}: "
                         f"{(text[-1] if text else '')[:200]}); check it with `mmscale data verify {root}` "
