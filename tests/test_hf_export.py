@@ -375,7 +375,10 @@ def test_lm_eval_runs_and_agrees_with_mmscale_eval(exports, corpus, tmp_path):
     # the lm_eval command's own entry point, twice in one process (one import of lm-eval)
     script = ("import json, sys\nfrom lm_eval.__main__ import cli_evaluate\n"
               "for spec in json.loads(sys.argv[1]):\n    sys.argv = ['lm_eval'] + spec\n    cli_evaluate()\n")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    # a plain one-process lm_eval, as a user runs it: no launcher variables from whatever started pytest
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher},
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run([sys.executable, "-c", script, json.dumps(specs)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
