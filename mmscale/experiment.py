@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmscale.errors import UserError
+from mmscale.launch import ChildTask
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = ("flops", "tokens", "wall_clock")
@@ -810,25 +811,12 @@ def run_local(exp: Experiment, runs: list[Run], evaluate: bool, jobs: int, log) 
                         f"{exp.exp / 'runs'} and rerun with --resume")
 
 
-try:
-    from submitit.helpers import Checkpointable as _Checkpointable
-except ImportError:  # submitit is only needed by --launcher slurm
-    _Checkpointable = object
-
-
-class RunJob(_Checkpointable):
+class RunJob(ChildTask):
     """One run of an experiment as a submitit task: `mmscale experiment run-one` in a child process (its own
     /dev/shm on emulated nodes); on preemption the trainer checkpoints and the task is requeued."""
 
     def __init__(self, exp_dir: str, phase: str, name: str, cwd: str):
         self.exp_dir, self.phase, self.name, self.cwd = exp_dir, phase, name, cwd
-        self._child = None
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_child"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
         self._child = None
 
     def __call__(self) -> dict:
@@ -857,19 +845,9 @@ class RunJob(_Checkpointable):
         return {"run": self.name, "returncode": rc}
 
     def checkpoint(self, *args, **kwargs):
-        import signal
-
         import submitit
 
-        from mmscale.launch import _wait_child
-
-        child = self._child
-        if child is not None and child.returncode is None:
-            try:
-                child.send_signal(signal.SIGUSR2)
-            except ProcessLookupError:
-                pass
-            _wait_child(child, timeout=100)
+        self.stop_child(timeout=100)
         return submitit.helpers.DelayedSubmission(RunJob(self.exp_dir, self.phase, self.name, self.cwd))
 
 

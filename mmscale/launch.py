@@ -128,7 +128,34 @@ def _wait_child(child: subprocess.Popen, timeout: float | None = None) -> int | 
     return child.returncode
 
 
-class TrainJob(Checkpointable):
+class ChildTask(Checkpointable):
+    """A submitit task that runs a trainer as a child process (`self._child`): the child is not pickled,
+    and on preemption it is asked to checkpoint (USR2) and waited for before the task is requeued."""
+
+    _child: subprocess.Popen | None = None
+
+    def __getstate__(self):  # the child process is not part of what submitit pickles
+        return {k: v for k, v in self.__dict__.items() if k != "_child"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._child = None
+
+    def stop_child(self, timeout: float) -> bool:
+        """USR2 to a running child, then wait up to `timeout` s; False if it is still running then."""
+        child = self._child
+        if child is None or child.returncode is not None:
+            return True
+        # SLURM signals every process of the step, so the trainer usually has USR2 already;
+        # it only sets a flag while it trains, so a second one does no harm
+        try:
+            child.send_signal(signal.SIGUSR2)
+        except ProcessLookupError:
+            pass
+        return _wait_child(child, timeout=timeout) is not None
+
+
+class TrainJob(ChildTask):
     """One task of a training job (submitit callable; checkpointable so the job is requeued)."""
 
     def __init__(self, config_path: str, overrides: list[str], cwd: str, run_dir: str, master_port: int = 0):
@@ -138,13 +165,6 @@ class TrainJob(Checkpointable):
         self.run_dir = run_dir
         # 0: derive it from the job id (all nodes agree); local jobs get a port that was free at submission
         self.master_port = master_port
-        self._child: subprocess.Popen | None = None
-
-    def __getstate__(self):  # the child process is not part of what submitit pickles
-        return {k: v for k, v in self.__dict__.items() if k != "_child"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
         self._child = None
 
     def __call__(self) -> dict:
@@ -191,17 +211,9 @@ class TrainJob(Checkpointable):
         """submitit's preemption hook (rank 0, in its USR2 handler): let the trainer save, then requeue."""
         import submitit
 
-        child = self._child
-        if child is not None and child.returncode is None:
-            # SLURM signals every process of the step, so the trainer usually has USR2 already;
-            # it only sets a flag while it trains, so a second one does no harm
-            try:
-                child.send_signal(signal.SIGUSR2)
-            except ProcessLookupError:
-                pass
-            if _wait_child(child, timeout=PREEMPT_SIGNAL_DELAY_S - 10) is None:
-                print("[mmscale launch] the trainer did not stop in time; requeueing anyway "
-                      "(it resumes from its last checkpoint)", file=sys.stderr, flush=True)
+        if not self.stop_child(timeout=PREEMPT_SIGNAL_DELAY_S - 10):
+            print("[mmscale launch] the trainer did not stop in time; requeueing anyway "
+                  "(it resumes from its last checkpoint)", file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(
             TrainJob(self.config_path, self.overrides, self.cwd, self.run_dir, self.master_port))
 
