@@ -224,7 +224,7 @@ def install_nan_fault(model, steps: set[int], current: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------
 
-def evaluate(engine, val_fn, eval_batches: int, device) -> float | None:
+def evaluate(engine, val_fn, eval_batches: int) -> float | None:
     if val_fn is None:
         return None
     total, count = 0.0, 0
@@ -394,12 +394,11 @@ def _remove_if_empty(run_dir: Path) -> None:
 
 def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) -> int:
     from mmscale.engines import build_engine, lr_at
-    from mmscale.metrics import MetricsLogger, peak_mem_mib, train_flops_per_token
+    from mmscale.metrics import MetricsLogger, peak_mem_mib
 
     run_dir = Path(cfg.run.dir)
     root = ckpt.checkpoints_root(run_dir)
     grad_accum = cfg.train.grad_accum
-    flops_per_token = train_flops_per_token(model)
     engine = build_engine(cfg, model, info, device)
 
     start_step, tokens = 0, 0
@@ -480,7 +479,7 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
                 status = EXIT_NONFINITE
                 break
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-                val = evaluate(engine, val_fn, cfg.train.eval_batches, device)
+                val = evaluate(engine, val_fn, cfg.train.eval_batches)
                 if val is not None:
                     logger.log({"step": done, "val_loss": val})
                     logger.write(f"step {done}: val_loss {val:.4f}")
@@ -499,7 +498,7 @@ def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) ->
         # a final held-out loss when the last step was not an eval step
         ran_to_end = status == EXIT_OK and start_step < cfg.train.max_steps
         if ran_to_end and cfg.train.eval_every and cfg.train.max_steps % cfg.train.eval_every:
-            val = evaluate(engine, val_fn, cfg.train.eval_batches, device)
+            val = evaluate(engine, val_fn, cfg.train.eval_batches)
             if val is not None:
                 logger.log({"step": cfg.train.max_steps, "val_loss": val})
                 logger.write(f"final val_loss {val:.4f}")
