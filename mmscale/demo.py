@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from mmscale.distributed import free_port
 from mmscale.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,7 +131,7 @@ def _demo(args) -> int:
     _say(f"4/6 training a masked mixer on 2 CPU ranks with DeepSpeed ZeRO-2 (bf16), {args.steps} steps")
     eval_every = max(1, args.steps // 4)
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    _run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "mmscale/train.py",
+    _run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "mmscale/train.py",
           *DEMO_OVERRIDES, f"model.vocab_size={args.vocab_size}", f"data.train={data_dir}",
           f"train.max_steps={args.steps}", f"train.eval_every={eval_every}", f"checkpoint.every={eval_every * 2}",
           f"log.sample_every={eval_every * 2}", f"run.dir={run_dir}", "run.resume=never"],
@@ -155,13 +156,6 @@ def _demo(args) -> int:
           f"  config       {run_dir / 'config.yaml'}\n"
           f"  report       {run_dir / 'report.html'}  (curves, numbers, samples; one file, no network)", flush=True)
     return 0
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -94,6 +94,13 @@ def _restore_env() -> None:
     _exported.clear()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it; for rendezvous and launchers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def device_for(info: DistInfo):
     """This rank's device, made current: cuda:LOCAL_RANK when CUDA is there, else the CPU.
 
@@ -128,9 +135,7 @@ def init(info: DistInfo, device, *, deepspeed: bool = False, timeout_min: float 
     import torch.distributed as dist
 
     if info.launcher == "none":  # a one-process group: any free local port (others may run beside us)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            info = DistInfo(master_port=s.getsockname()[1])
+        info = DistInfo(master_port=free_port())
     export_env(info)
     timeout = datetime.timedelta(minutes=timeout_min)
     kwargs = {"device_id": device} if device.type == "cuda" else {}

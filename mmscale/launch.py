@@ -31,6 +31,7 @@ from pathlib import Path
 from submitit.helpers import Checkpointable
 
 from mmscale.config import Config, load_config
+from mmscale.distributed import free_port
 from mmscale.errors import UserError
 
 EXIT_REQUEUE = 75  # the trainer's "stopped by a signal after saving a checkpoint" (ARCHITECTURE.md)
@@ -251,12 +252,6 @@ def _check_partition(partition: str) -> None:
         raise UserError(f"partition '{partition}' does not exist; available: {', '.join(names) or 'none'}", 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _last_error_line(text: str) -> str:
     """'RuntimeError: ...' from a traceback text (what the task raised), else its first line."""
     errors = [ln.strip() for ln in text.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", ln.strip())]
@@ -427,7 +422,7 @@ def run(args) -> int:
               f"(--cpus-per-task={args.cpus_per_task})", file=sys.stderr)
     run_dir = Path(cfg.run.dir).resolve()
     job = TrainJob(str(Path(args.config).resolve()), overrides, os.getcwd(), str(run_dir),
-                   _free_port() if args.cluster == "local" else 0)
+                   free_port() if args.cluster == "local" else 0)
     folder = run_dir / "submitit"
     if args.dry_run:
         if args.cluster != "slurm":

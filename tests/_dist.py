@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,10 +20,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mmscale.distributed import free_port as _free_port  # noqa: E402  (tests import it from here)
+
+_LAUNCHER_STORE = []
+
+
+def fresh_rendezvous(run_index: int) -> None:
+    """Before the run_index-th train() in one torchrun worker: a new rendezvous on a port that is free now.
+
+    Re-using torchrun's own store across process groups hangs, so each run's group is hosted by rank 0
+    on its own port. Rank 0 asks the OS for a free one and publishes it in the launcher's store (kept
+    alive by torchrun); guessing "launcher port + i" collides with whatever else holds that port.
+    """
+    if not ("RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ):
+        return
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    if not _LAUNCHER_STORE:
+        _LAUNCHER_STORE.append((os.environ["MASTER_PORT"], TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=datetime.timedelta(seconds=120))))
+    launcher_port, store = _LAUNCHER_STORE[0]
+    key = f"mmscale_tests/{launcher_port}/run_{run_index}/port"
+    if int(os.environ["RANK"]) == 0:
+        store.set(key, str(_free_port()))
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    os.environ["MASTER_PORT"] = store.get(key).decode()
 
 
 def run_distributed(target: str, payload: dict, nproc: int = 2, launcher: str = "torchrun", timeout: float = 300,
@@ -143,12 +167,8 @@ def train_runs(payload: dict) -> list:
     import mmscale.engines
     original_lr_at = mmscale.engines.lr_at
     statuses = []
-    base_port = int(os.environ.get("MASTER_PORT", 29500))
     for i, run in enumerate(payload["runs"]):
-        if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
-            # a fresh rendezvous per run, hosted by rank 0 (re-using torchrun's store across groups hangs)
-            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-            os.environ["MASTER_PORT"] = str(base_port + 1 + i)
+        fresh_rendezvous(i)
         mmscale.engines.lr_at = original_lr_at
         os.environ.pop("MMSCALE_FAULT_NAN_STEPS", None)
         os.environ.update(run.get("env", {}))

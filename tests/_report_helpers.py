@@ -25,11 +25,10 @@ def train_real_runs(payload: dict) -> list:
     from mmscale.train import train
 
     statuses = []
-    base_port = int(os.environ.get("MASTER_PORT", 29500))
+    from tests._dist import fresh_rendezvous
+
     for i, overrides in enumerate(payload["runs"]):
-        if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
-            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # a fresh rendezvous per run
-            os.environ["MASTER_PORT"] = str(base_port + 1 + i)
+        fresh_rendezvous(i)
         statuses.append(train(load_config(None, overrides)))
     return statuses
 

@@ -14,7 +14,6 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,11 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mmscale.distributed import free_port  # noqa: E402
 
 
 def make_dataset(root: Path, n_ctx: int, vocab: int) -> Path:
@@ -63,7 +58,7 @@ def run_engine(engine: str, data: Path, root: Path, timeout: float) -> tuple[str
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     t0 = time.time()
     for max_steps in (24, 32):
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
         try:
             out = subprocess.run(base + [f"train.max_steps={max_steps}"], capture_output=True, text=True, env=env,
                                  timeout=timeout, cwd=REPO)
