@@ -28,8 +28,10 @@ Layout (format "mmscale-checkpoint", version 1; every path below is relative to 
 
 meta.json:
     {"format": "mmscale-checkpoint", "version": 1, "step": int, "tokens_seen": int,
-     "engine": "single" | "ddp" | "deepspeed" | "fsdp", "zero_stage": int, "precision": "bf16" | "fp32",
-     "world_size": int, "model_format": "torch" | "deepspeed" | "dcp",
+     "engine": "single" | "ddp" | "deepspeed" | "fsdp", "precision": "bf16" | "fp32",
+     "world_size": int, "micro_batch_size": int, "model_format": "torch" | "deepspeed" | "dcp",
+     the engine's own keys (only the engine that writes them reads them; deepspeed: "zero_stage": int,
+     "ds_bf16": bool),
      "model_files": [relative paths], "optimizer_files": [...], "rank_files": [...],
      "config": {the full resolved config, as config.yaml}, "model": {the ModelConfig fields},
      "files": {relative path: {"size": bytes, "xxh64": hex digest}} of every other file in the folder,
@@ -51,6 +53,7 @@ learning rate is a pure function of the step, so no scheduler state is stored.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -233,8 +236,11 @@ def newest_intact(root: Path, announce: bool = True) -> Path | None:
 
 
 def check_compatible(meta: dict, cfg: Any, world_size: int, where: str) -> None:
-    """Refuse to resume a checkpoint made for another model, engine or (where it matters) world size."""
+    """Refuse to resume a checkpoint made for another model; the engine of this run decides the rest (family,
+    precision, its own keys such as DeepSpeed's ZeRO stage and world size: Engine.check_resume)."""
     from dataclasses import asdict
+
+    from mmscale.engines import engine_class
 
     here = asdict(cfg.model)
     there = meta.get("model", {})
@@ -243,22 +249,7 @@ def check_compatible(meta: dict, cfg: Any, world_size: int, where: str) -> None:
         k = diffs[0]
         raise UserError(f"{where} holds checkpoints of a different model (model.{k} is {there[k]!r} there, "
                         f"{here[k]!r} here); choose another run.dir or match the model config")
-    if meta.get("engine") != cfg.engine.kind:
-        same_family = {meta.get("engine"), cfg.engine.kind} <= {"single", "ddp"}
-        if not same_family:
-            raise UserError(f"{where} was written by engine.kind={meta.get('engine')}, this run uses "
-                            f"engine.kind={cfg.engine.kind}; resume with the same engine, or convert it "
-                            "with `mmscale convert` and start from the export (train.init_from)")
-    if cfg.engine.kind == "deepspeed":
-        if meta.get("zero_stage") != cfg.engine.zero_stage:
-            raise UserError(f"{where} was written with engine.zero_stage={meta.get('zero_stage')}, this run uses "
-                            f"{cfg.engine.zero_stage}; resume with the same ZeRO stage")
-        if meta.get("world_size") != world_size:
-            raise UserError(f"{where} was written by {meta.get('world_size')} DeepSpeed ranks, this run has "
-                            f"{world_size}; resume with the same number of ranks")
-    if meta.get("precision") != cfg.engine.precision and cfg.engine.kind in ("deepspeed", "fsdp"):
-        raise UserError(f"{where} was written with engine.precision={meta.get('precision')}, this run uses "
-                        f"{cfg.engine.precision}; resume with the same precision")
+    engine_class(cfg.engine.kind).check_resume(meta, cfg, world_size, where)
 
 
 def prepare_tmp_dir(root: Path, step: int) -> Path:
@@ -308,6 +299,132 @@ def finalize(root: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+class Checkpointer:
+    """The whole checkpoint protocol of one run, for every rank: find what to resume, restore it, save.
+
+    The engine writes and reads its own files (Engine.save / Engine.load); this class owns everything
+    around them: the temporary folder, the per-rank RNG and data state, agreeing across ranks that every
+    part was written, meta.json, the atomic rename, `latest`, retention and a full disk.
+    """
+
+    def __init__(self, cfg: Any, info: Any):
+        self.cfg, self.info = cfg, info
+        self.root = checkpoints_root(cfg.run.dir)
+
+    def find(self) -> tuple[Path | None, dict | None]:
+        """(the step folder to resume per run.resume, its meta) or (None, None); refuses an incompatible one."""
+        step_dir = resolve_resume(self.cfg, announce=self.info.rank == 0)
+        if step_dir is None:
+            return None, None
+        meta = read_meta(step_dir)
+        where = f"run.dir '{self.cfg.run.dir}'" if self.cfg.run.resume == "auto" else f"checkpoint '{step_dir}'"
+        check_compatible(meta, self.cfg, self.info.world_size, where)
+        return step_dir, meta
+
+    def latest(self) -> Path | None:
+        return find_latest(self.root)
+
+    def restore(self, engine, step_dir: Path, meta: dict, loader) -> tuple[int, int]:
+        """Load the engine's files, this rank's RNG and the loader's position; returns (step, tokens seen)."""
+        try:
+            with safe_unpickling():  # DeepSpeed and DCP unpickle: only allow-listed classes
+                engine.load(step_dir)
+        except BaseException as e:  # DCP wraps rank failures in a BaseException (CheckpointException)
+            if isinstance(e, pickle.UnpicklingError) or "Unsupported global" in str(e):
+                raise unsafe_payload_error(step_dir, e) from None
+            raise
+        state = load_rank_state(step_dir, self.info.rank, self.info.world_size, meta)
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
+        if state["data"] is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state["data"])
+        return meta["step"], meta["tokens_seen"]
+
+    def save(self, engine, step: int, tokens: int, loader) -> Path:
+        """Every rank: write the checkpoint of `step`; returns its folder. A full disk is one line that says
+        whether the previous checkpoint is intact; nothing complete is ever overwritten."""
+        tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
+        try:
+            return self._save(engine, tmp, step, tokens, loader)
+        except (OSError, RuntimeError) as e:
+            if not self._no_space(e):
+                raise
+            if self.info.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            need = self._bytes_needed(engine)
+            free = shutil.disk_usage(self.root).free if self.root.is_dir() else 0
+            last = self.latest()
+            raise UserError(f"no space left on device writing checkpoint '{tmp}' (needs about {need:,} bytes, "
+                            f"{free:,} free); free space or move run.dir; "
+                            f"{f'the previous checkpoint {last} is intact' if last else 'no checkpoint was saved'}"
+                            ) from None
+
+    def _save(self, engine, tmp: Path, step: int, tokens: int, loader) -> Path:
+        from mmscale import distributed
+
+        info, cfg = self.info, self.cfg
+        if info.rank == 0:
+            prepare_tmp_dir(self.root, step)
+        distributed.barrier(engine.device)
+        failure, files = None, {}
+        try:
+            files = engine.save(tmp)  # its file lists and its own meta keys
+            save_rank_state(tmp, info.rank, loader.state_dict() if hasattr(loader, "state_dict") else None)
+        except (OSError, RuntimeError) as e:
+            failure = e
+        self._agree_saved(failure, engine)  # (a barrier that also tells every rank whether a write failed)
+        final = self.root / step_dir_name(step)
+        if info.rank == 0:
+            meta = {"step": step, "tokens_seen": tokens, "engine": engine.kind, "precision": cfg.engine.precision,
+                    "world_size": info.world_size, "micro_batch_size": cfg.train.micro_batch_size,
+                    "model_format": engine.model_format, **files,
+                    "rank_files": [rank_file_name(r) for r in range(info.world_size)],
+                    "config": cfg.to_dict(), "model": cfg.to_dict()["model"]}
+            try:
+                final = finalize(self.root, tmp, step, meta, cfg.checkpoint.keep)
+            except (OSError, RuntimeError) as e:
+                failure = e
+        self._agree_saved(failure, engine)
+        return final
+
+    def _agree_saved(self, failure, engine) -> None:
+        """Every rank learns whether any rank failed to write its part: the failing rank raises its error (a full
+        disk becomes one line in save), the others stop with one line too, rather than waiting in the next
+        collective."""
+        import torch
+
+        from mmscale import distributed
+
+        # not distributed.all_reduce_sum: that is the loop's one host sync per step (and profiled as such)
+        flag = torch.tensor([float(failure is not None)], dtype=torch.float64, device=engine.device)
+        if distributed.is_initialized():
+            torch.distributed.all_reduce(flag)
+        (n_failed,) = flag.tolist()
+        if failure is not None:
+            raise failure
+        if n_failed:
+            last = self.latest()
+            raise UserError(f"saving the checkpoint failed on {int(n_failed)} other rank(s) (see rank 0's message); "
+                            f"{f'the previous checkpoint {last} is intact' if last else 'no checkpoint was saved'}")
+
+    def _no_space(self, e: BaseException) -> bool:
+        if isinstance(e, OSError):
+            return e.errno == errno.ENOSPC
+        text = str(e)
+        return "No space left" in text or ("write failed" in text and self.root.is_dir()
+                                           and shutil.disk_usage(self.root).free < (1 << 26))
+
+    def _bytes_needed(self, engine) -> int:
+        """The size of the newest checkpoint, else weights + two AdamW moments in fp32."""
+        last = self.latest()
+        if last is not None:
+            return sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
+        try:
+            return 12 * sum(p.numel() for p in engine.module().parameters())
+        except Exception:
+            return 0
 
 
 def rng_state() -> dict:
@@ -530,6 +647,21 @@ def safe_unpickling():
         torch.load = original
         if saved_pickle is not None:
             fs_mod.pickle = saved_pickle
+
+
+def load_file(path: Path):
+    """torch.load of an engine's checkpoint file, memory-mapped, under safe_unpickling (DeepSpeed's files pickle
+    a few of its classes; anything else is refused unread). For the engines' offline readers."""
+    import torch
+
+    try:
+        with safe_unpickling():
+            return torch.load(path, map_location="cpu", mmap=True)
+    except pickle.UnpicklingError as e:
+        raise unsafe_payload_error(path, e) from None
+    except Exception as e:  # truncated or foreign files: one clear line
+        raise UserError(f"cannot read '{path}' ({type(e).__name__}); the checkpoint is damaged or incomplete: "
+                        "convert an earlier step folder") from None
 
 
 def unsafe_payload_error(where: Path, e: Exception) -> UserError:

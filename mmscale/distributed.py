@@ -26,6 +26,11 @@ class DistInfo:
     local_world_size: int = 1  # ranks on this node (mosaicml-streaming shares /dev/shm per node)
 
     @property
+    def nodes(self) -> int:
+        """Nodes of the job (ranks are spread evenly: world / ranks per node)."""
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -124,11 +129,12 @@ def backend_for(device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init(info: DistInfo, device, *, deepspeed: bool = False, timeout_min: float = 60) -> None:
-    """Start the process group on `device` (see backend_for); also for one process (DeepSpeed, FSDP need one).
+def init(info: DistInfo, device, *, timeout_min: float = 60) -> None:
+    """Start the torch process group on `device` (see backend_for); also for one process (DeepSpeed, FSDP need one).
 
     `device` comes from device_for (the GPU is set before the group starts, and the group is bound to it
-    with device_id); `timeout_min` bounds how long a collective waits for the other ranks.
+    with device_id); `timeout_min` bounds how long a collective waits for the other ranks. Engines that need
+    more (DeepSpeed adopts this group) do it in their Engine.start_process_group.
     """
     import datetime
 
@@ -137,18 +143,9 @@ def init(info: DistInfo, device, *, deepspeed: bool = False, timeout_min: float 
     if info.launcher == "none":  # a one-process group: any free local port (others may run beside us)
         info = DistInfo(master_port=free_port())
     export_env(info)
-    timeout = datetime.timedelta(minutes=timeout_min)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device), timeout=timeout, **kwargs)
-    if deepspeed:
-        import deepspeed as ds
-        import deepspeed.ops
-
-        # the shared-memory comm op JIT-compiles for ~30 s (needs g++) and gives identical results
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        # DeepSpeed adopts the torch group started above (its backend string, device and timeout)
-        ds.init_distributed(dist_backend=backend_for(device), timeout=timeout)
+        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
 
 
 def is_initialized() -> bool:
@@ -190,16 +187,40 @@ def all_reduce_sum(values, device) -> list[float]:
         return t.tolist()
 
 
-def shutdown(deepspeed: bool = False) -> None:
-    if not is_initialized():
-        _restore_env()
-        return
-    if deepspeed:
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
-    else:
+def shutdown() -> None:
+    """Destroy the torch process group (if one is up) and give the environment back as init found it."""
+    if is_initialized():
         import torch.distributed as dist
 
         dist.destroy_process_group()
     _restore_env()
+
+
+# mosaicml-streaming reads the world (RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE) from the environment
+# while a data loader lives (construction and iteration). The loaders of a process share one setting: the
+# first to enter remembers what the caller had and the last to leave gives it back, so a later launcher or
+# library in the same process (lm-eval, submitit) does not inherit our RANK / WORLD_SIZE.
+_world_env: dict = {"open": 0, "saved": {}}
+
+
+def enter_world_env(values: dict) -> None:
+    """Set the variables `values` ({"RANK": 0, "WORLD_SIZE": 2, ...}) in the environment for one more user;
+    pair every call with leave_world_env()."""
+    if not _world_env["open"]:  # the first user remembers what the caller had
+        _world_env["saved"] = {key: os.environ.get(key) for key in values}
+    _world_env["open"] += 1
+    for key, value in values.items():
+        os.environ[key] = str(value)
+
+
+def leave_world_env() -> None:
+    """One user of enter_world_env is done; after the last, the environment is as the first one found it."""
+    _world_env["open"] = max(0, _world_env["open"] - 1)
+    if _world_env["open"]:
+        return
+    for key, old in _world_env["saved"].items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    _world_env["saved"] = {}

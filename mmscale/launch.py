@@ -42,28 +42,12 @@ PREEMPT_SIGNAL_DELAY_S = 120  # USR2 this long before the time limit: time to wr
 # checks shared by `mmscale launch` and slurm/pretrain.sh
 
 def check_layout(cfg: Config, nodes: int, tasks_per_node: int) -> None:
-    """Raise UserError when nodes x tasks per node cannot run this config."""
-    if nodes < 1 or tasks_per_node < 1:
-        raise UserError(f"need at least 1 node and 1 task per node, got {nodes} x {tasks_per_node}", 2)
+    """Raise UserError (exit 2) when nodes x tasks per node cannot run this config: the trainer's own check
+    (engines.check_world_layout), made before anything is submitted."""
+    from mmscale.engines import check_world_layout
+
     world = nodes * tasks_per_node
-    layout = f"{nodes} node(s) x {tasks_per_node} task(s) = {world} ranks"
-    if cfg.engine.kind == "single" and world > 1:
-        raise UserError(f"engine.kind=single runs one process but the job has {layout}; "
-                        "set engine.kind=deepspeed, fsdp or ddp, or use 1 node x 1 task", 2)
-    t = cfg.train
-    if t.global_batch_size:
-        per_step = t.micro_batch_size * world
-        if t.global_batch_size % per_step:
-            raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                            f"train.micro_batch_size ({t.micro_batch_size}) x {layout}; change the node or "
-                            f"task counts, or set train.global_batch_size to a multiple of {per_step}", 2)
-    if cfg.engine.kind == "fsdp" and world % cfg.engine.hsdp_replicas:
-        raise UserError(f"engine.hsdp_replicas={cfg.engine.hsdp_replicas} does not divide {layout}; "
-                        "pick a replica count that divides the number of ranks", 2)
-    ncn = cfg.data.num_canonical_nodes
-    if ncn % nodes and nodes % ncn:
-        raise UserError(f"data.num_canonical_nodes={ncn} and {nodes} nodes: one must divide the other "
-                        "(mosaicml-streaming); change --nodes or data.num_canonical_nodes", 2)
+    check_world_layout(cfg, world, nodes, f"{nodes} node(s) x {tasks_per_node} task(s) = {world} ranks", exit_code=2)
 
 
 def rendezvous_host(hostname: str) -> str:

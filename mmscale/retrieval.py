@@ -684,12 +684,9 @@ def run(args: argparse.Namespace) -> int:
         overrides = list(args.overrides) + (["log.progress=false"] if getattr(args, "no_progress", False) else [])
         cfg = prepare_config(load_config(args.config, overrides), args.init, args.pairs, args.collection,
                              args.split, args.negatives)
-        status = train_retrieval(cfg)
-        if cfg.engine.kind == "deepspeed":  # see mmscale.train.run: leave without interpreter teardown
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-        return status
+        from mmscale.engines import engine_class
+
+        return engine_class(cfg.engine.kind).finish_process(train_retrieval(cfg))
     if args.action == "import":
         from mmscale.retrieval_data import import_collection
 

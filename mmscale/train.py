@@ -12,10 +12,9 @@ or SIGINT after saving a checkpoint (requeue: the run resumes); 3 too many non-f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
-import pickle
-import shutil
 import signal
 import sys
 import time
@@ -51,17 +50,12 @@ class StopFlag:
         self.signum = signum
 
 
-def resolve_grad_accum(cfg: Config, world_size: int) -> int:
-    t = cfg.train
-    if cfg.engine.kind == "single" and world_size > 1:
-        raise UserError(f"engine.kind=single cannot run on {world_size} ranks; use engine.kind=ddp, fsdp or deepspeed")
-    if t.global_batch_size == 0:
-        return t.grad_accum
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size ({t.global_batch_size}) is not divisible by micro_batch_size x ranks "
-                        f"({t.micro_batch_size} x {world_size}); pick a multiple of {per_step}")
-    return t.global_batch_size // per_step
+def resolve_grad_accum(cfg: Config, world_size: int, nodes: int = 1) -> int:
+    """Gradient accumulation steps for this world; refuses a layout the engine or the batch cannot use
+    (the same check as `mmscale launch`: engines.check_world_layout)."""
+    from mmscale.engines import check_world_layout
+
+    return check_world_layout(cfg, world_size, nodes, exit_code=1)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -215,13 +209,6 @@ def configure_cuda(cfg: Config) -> None:
     torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
 
 
-def install_nan_fault(model, steps: set[int], current: dict) -> None:
-    """Tests only (MMSCALE_FAULT_NAN_STEPS=3,4): poison the embeddings at those steps (1-based)."""
-    def hook(module, args, output):
-        return output * float("nan") if current["step"] in steps else output
-    model.embed.register_forward_hook(hook)
-
-
 # ----------------------------------------------------------------------------------------------
 
 def evaluate(engine, val_fn, eval_batches: int) -> float | None:
@@ -241,93 +228,69 @@ def evaluate(engine, val_fn, eval_batches: int) -> float | None:
     return total / count if count else None
 
 
-def save_checkpoint(cfg, engine, info, root: Path, step: int, tokens: int, loader, micro_batch_size: int) -> Path:
-    tmp = root / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
-    try:
-        return _save_checkpoint(cfg, engine, info, root, tmp, step, tokens, loader, micro_batch_size)
-    except (OSError, RuntimeError) as e:
-        if not _no_space(e, root):
-            raise
-        if info.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        need = _checkpoint_bytes(root, engine)
-        free = shutil.disk_usage(root).free if root.is_dir() else 0
-        last = ckpt.find_latest(root)
-        raise UserError(f"no space left on device writing checkpoint '{tmp}' (needs about {need:,} bytes, "
-                        f"{free:,} free); free space or move run.dir; "
-                        f"{f'the previous checkpoint {last} is intact' if last else 'no checkpoint was saved'}"
-                        ) from None
+@dataclasses.dataclass
+class TrainState:
+    """Where the run is: the next step to run is `step` + 1; what the loop carries from step to step."""
+    step: int = 0
+    tokens: int = 0
+    bad_in_row: int = 0
+    status: int = EXIT_OK
 
 
-def _no_space(e: BaseException, root: Path) -> bool:
-    if isinstance(e, OSError):
-        return e.errno == errno.ENOSPC
-    text = str(e)
-    return "No space left" in text or ("write failed" in text and root.is_dir()
-                                       and shutil.disk_usage(root).free < (1 << 26))
+@dataclasses.dataclass
+class StepResult:
+    loss: float           # the global mean loss (nan when skipped)
+    skipped_ranks: int    # ranks whose loss was not finite (the step was skipped on all)
+    stop_requested: bool  # a stop signal reached some rank
+    tokens: int           # global tokens of the step
+    grad_norm: object     # None when skipped; else a float or a 0-d tensor, read only when logged
+    lr: float
+    data_wait: float
+    seconds: float
 
 
-def _checkpoint_bytes(root: Path, engine) -> int:
-    """The size of the newest checkpoint, else weights + two AdamW moments in fp32."""
-    last = ckpt.find_latest(root)
-    if last is not None:
-        return sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
-    try:
-        return 12 * sum(p.numel() for p in engine.module().parameters())
-    except Exception:
-        return 0
+def train_step(engine, batches, step: int, grad_accum: int, train_cfg, stop: StopFlag, world_size: int) -> StepResult:
+    """One optimizer step (0-based `step`): grad_accum micro-batches, then one all-reduce (one host sync) that
+    agrees on the loss, a non-finite loss on any rank (then the step is skipped everywhere) and a stop request."""
+    from mmscale.engines import lr_at
 
-
-def _save_checkpoint(cfg, engine, info, root: Path, tmp: Path, step: int, tokens: int, loader,
-                     micro_batch_size: int) -> Path:
-    if info.rank == 0:
-        ckpt.prepare_tmp_dir(root, step)
-    dist_.barrier(engine.device)
-    failure, files = None, {}
-    try:
-        files = engine.save(tmp)
-        data_state = loader.state_dict() if hasattr(loader, "state_dict") else None
-        ckpt.save_rank_state(tmp, info.rank, data_state)
-    except (OSError, RuntimeError) as e:
-        failure = e
-    _agree_saved(failure, engine, root)  # (a barrier that also tells every rank whether a write failed)
-    final = root / ckpt.step_dir_name(step)
-    if info.rank == 0:
-        meta = {"step": step, "tokens_seen": tokens, "engine": engine.kind, "zero_stage": cfg.engine.zero_stage,
-                "precision": cfg.engine.precision, "world_size": info.world_size,
-                "micro_batch_size": micro_batch_size, "model_format": engine.model_format, **files,
-                "rank_files": [ckpt.rank_file_name(r) for r in range(info.world_size)],
-                "config": cfg.to_dict(), "model": cfg.to_dict()["model"]}
-        try:
-            final = ckpt.finalize(root, tmp, step, meta, cfg.checkpoint.keep)
-        except (OSError, RuntimeError) as e:
-            failure = e
-    _agree_saved(failure, engine, root)
-    return final
-
-
-def _agree_saved(failure, engine, root: Path) -> None:
-    """Every rank learns whether any rank failed to write its part of the checkpoint: the failing rank raises its
-    error (a full disk becomes one line in save_checkpoint), the others stop with one line too, rather than waiting
-    in the next collective."""
-    # not dist_.all_reduce_sum: that is the loop's one host sync per step (and profiled as such)
-    flag = torch.tensor([float(failure is not None)], dtype=torch.float64, device=engine.device)
-    if dist_.is_initialized():
-        torch.distributed.all_reduce(flag)
-    (n_failed,) = flag.tolist()
-    if failure is not None:
-        raise failure
-    if n_failed:
-        last = ckpt.find_latest(root)
-        raise UserError(f"saving the checkpoint failed on {int(n_failed)} other rank(s) (see rank 0's message); "
-                        f"{f'the previous checkpoint {last} is intact' if last else 'no checkpoint was saved'}")
+    t0 = time.perf_counter()
+    data_wait, loss_local, n_tokens = 0.0, None, 0
+    for micro in range(grad_accum):
+        tw = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - tw
+        n_tokens += batch["input_ids"].numel()
+        # float64 on the device, no host sync per micro-batch (the same sums as Python floats)
+        part = engine.forward_backward(batch, last=micro == grad_accum - 1).double() / grad_accum
+        loss_local = part if loss_local is None else loss_local + part
+    finite = torch.isfinite(loss_local)
+    loss_sum, n_bad, n_stop, n_tokens = dist_.all_reduce_sum(
+        [torch.where(finite, loss_local, 0.0), (~finite).double(), float(stop.signum != 0), n_tokens], engine.device)
+    lr = lr_at(step, train_cfg)
+    if n_bad:
+        engine.skip_step()
+        grad_norm, loss = None, float("nan")
+    else:
+        grad_norm, loss = engine.step(lr), loss_sum / world_size
+    return StepResult(loss, int(n_bad), bool(n_stop), int(n_tokens), grad_norm, lr, data_wait,
+                      time.perf_counter() - t0)
 
 
 def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
-    """Run (or resume) training per `cfg`; returns the exit status. Every rank calls this."""
+    """Run (or resume) training per `cfg`; returns the exit status. Every rank calls this.
+
+    The factories (model_factory(cfg) -> model, data_factory(cfg, info, micro_batch_size) -> (train loader,
+    val loader function or None)) default to the real model and the prepared dataset; tests pass stand-ins,
+    faults included, with the same contracts. `cfg` is not modified: the run uses a copy with the resolved
+    gradient accumulation.
+    """
+    from mmscale.engines import engine_class
+
     info = dist_.detect()
-    grad_accum = resolve_grad_accum(cfg, info.world_size)
-    cfg.train.grad_accum = grad_accum
+    engine_cls = engine_class(cfg.engine.kind)
+    grad_accum = resolve_grad_accum(cfg, info.world_size, info.nodes)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=grad_accum))
     run_dir = Path(cfg.run.dir)
     check_run_dir_possible(run_dir)
     if data_factory is None:
@@ -337,35 +300,27 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     created = not run_dir.exists()
     check_run_dir(run_dir)  # every rank: a rank-0-only error would leave the others waiting in init
 
+    checkpointer = ckpt.Checkpointer(cfg, info)
     try:
-        resume_dir = ckpt.resolve_resume(cfg, announce=info.rank == 0)
-        meta = None
-        if resume_dir is not None:
-            meta = ckpt.read_meta(resume_dir)
-            where = f"run.dir '{run_dir}'" if cfg.run.resume == "auto" else f"checkpoint '{resume_dir}'"
-            ckpt.check_compatible(meta, cfg, info.world_size, where)
+        resume_dir, meta = checkpointer.find()
     except UserError:
         if created and info.rank == 0:
             _remove_if_empty(run_dir)
         raise
 
-    needs_group = info.world_size > 1 or cfg.engine.kind in ("deepspeed", "fsdp")
+    needs_group = engine_cls.needs_process_group(info.world_size)
     device = dist_.device_for(info)  # before the group: NCCL binds each rank to its own GPU
     if device.type == "cuda":
         configure_cuda(cfg)
     if needs_group:
-        dist_.init(info, device, deepspeed=cfg.engine.kind == "deepspeed", timeout_min=cfg.engine.dist_timeout_min)
+        engine_cls.start_process_group(info, device, cfg.engine.dist_timeout_min)
 
     loader, clean = None, False
     try:
         torch.manual_seed(cfg.run.seed)  # same seed -> same initial weights on every engine and rank
         model = (model_factory or default_model_factory)(cfg)
-        fault_steps = {int(s) for s in os.environ.get("MMSCALE_FAULT_NAN_STEPS", "").split(",") if s}
-        current = {"step": 0}
-        if fault_steps:
-            install_nan_fault(model, fault_steps, current)
         loader, val_fn = (data_factory or default_data_factory)(cfg, info, cfg.train.micro_batch_size)
-        status = _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current)
+        status = _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, meta)
         clean = True
         return status
     except UserError:
@@ -381,7 +336,7 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
                 loader.close()
             dist_.barrier(device)
             if needs_group:
-                dist_.shutdown(deepspeed=cfg.engine.kind == "deepspeed")
+                engine_cls.stop_process_group()
 
 
 def _remove_if_empty(run_dir: Path) -> None:
@@ -392,125 +347,90 @@ def _remove_if_empty(run_dir: Path) -> None:
         pass
 
 
-def _run(cfg, info, model, loader, val_fn, device, resume_dir, meta, current) -> int:
-    from mmscale.engines import build_engine, lr_at
-    from mmscale.metrics import MetricsLogger, peak_mem_mib
+def _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, meta) -> int:
+    from mmscale.engines import build_engine
+    from mmscale.metrics import MetricsLogger
+    from mmscale.watch import RunWatch  # MFU vs the device's peak, samples, profiler (mmscale/watch.py)
 
     run_dir = Path(cfg.run.dir)
-    root = ckpt.checkpoints_root(run_dir)
-    grad_accum = cfg.train.grad_accum
     engine = build_engine(cfg, model, info, device)
-
-    start_step, tokens = 0, 0
+    state = TrainState()
     if resume_dir is not None:
-        try:
-            with ckpt.safe_unpickling():  # DeepSpeed and DCP unpickle: only allow-listed classes
-                engine.load(resume_dir)
-        except BaseException as e:  # DCP wraps rank failures in a BaseException (CheckpointException)
-            if isinstance(e, pickle.UnpicklingError) or "Unsupported global" in str(e):
-                raise ckpt.unsafe_payload_error(resume_dir, e) from None
-            raise
-        state = ckpt.load_rank_state(resume_dir, info.rank, info.world_size, meta)
-        if state["rng"] is not None:
-            ckpt.set_rng_state(state["rng"])
-        if state["data"] is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(state["data"])
-        start_step, tokens = meta["step"], meta["tokens_seen"]
-
+        state.step, state.tokens = checkpointer.restore(engine, resume_dir, meta, loader)
+    start_step = state.step
     if info.rank == 0:
         (run_dir / ".tmp_config.yaml").write_text(cfg.to_yaml())
         os.replace(run_dir / ".tmp_config.yaml", run_dir / "config.yaml")
         _trim_metrics(run_dir / "metrics.jsonl", start_step)
     logger = MetricsLogger(cfg, run_dir, info.rank == 0, start_step, cfg.train.max_steps)
     if resume_dir is not None:
-        logger.write(f"resumed from {resume_dir} (step {start_step}, {tokens} tokens)")
-    from mmscale.watch import RunWatch  # MFU vs the device's peak, samples, profiler (mmscale/watch.py)
+        logger.write(f"resumed from {resume_dir} (step {start_step}, {state.tokens} tokens)")
     watch = RunWatch(cfg, info, engine, model, device, logger, start_step, resume_dir)
 
     stop = StopFlag()
     stop.install()
     batches = endless(loader)
-    bad_in_row, status = 0, EXIT_OK
     try:
-        for step in range(start_step, cfg.train.max_steps):
-            current["step"] = step + 1
-            t0 = time.perf_counter()
-            data_wait, loss_local, n_tokens = 0.0, None, 0
-            for micro in range(grad_accum):
-                tw = time.perf_counter()
-                batch = next(batches)
-                data_wait += time.perf_counter() - tw
-                n_tokens += batch["input_ids"].numel()
-                # float64 on the device, no host sync per micro-batch (the same sums as Python floats)
-                part = engine.forward_backward(batch, last=micro == grad_accum - 1).double() / grad_accum
-                loss_local = part if loss_local is None else loss_local + part
-            # one all-reduce (one host sync) agrees on the loss, a non-finite loss anywhere, a stop request
-            finite = torch.isfinite(loss_local)
-            loss_sum, n_bad, n_stop, n_tokens = dist_.all_reduce_sum(
-                [torch.where(finite, loss_local, 0.0), (~finite).double(), float(stop.signum != 0), n_tokens],
-                engine.device)
-            lr = lr_at(step, cfg.train)
-            if n_bad:
-                engine.skip_step()
-                bad_in_row += 1
-                grad_norm, loss = None, float("nan")
-            else:
-                grad_norm = engine.step(lr)
-                bad_in_row = 0
-                loss = loss_sum / info.world_size
-            done = step + 1
-            tokens += int(n_tokens)
-            step_time = time.perf_counter() - t0
-            if done % cfg.log.every == 0 or done == cfg.train.max_steps or n_bad:
-                tps = n_tokens / step_time
-                row = {"step": done, "loss": loss if not n_bad else None, "lr": lr,
-                       "grad_norm": None if grad_norm is None else float(grad_norm),  # a sync, on log steps only
-                       "tokens_per_s": tps, **watch.mfu(tps), "step_time": step_time, "data_wait": data_wait,
-                       "peak_mem": peak_mem_mib(device), "tokens": tokens, "skipped": bool(n_bad)}
-                logger.log(row)
-            logger.progress(done, None if n_bad else loss)
-            if bad_in_row:
-                logger.write(f"step {done}: non-finite loss on {int(n_bad)} rank(s); step skipped "
-                             f"({bad_in_row} in a row, limit train.max_bad_steps={cfg.train.max_bad_steps})")
-            if bad_in_row > cfg.train.max_bad_steps:
-                last = ckpt.find_latest(root)
-                logger.write(f"stopping: {bad_in_row} non-finite losses in a row; the last good checkpoint is "
-                             f"{last if last else '(none saved yet)'}; lower train.lr or check the data")
-                status = EXIT_NONFINITE
-                break
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-                val = evaluate(engine, val_fn, cfg.train.eval_batches)
-                if val is not None:
-                    logger.log({"step": done, "val_loss": val})
-                    logger.write(f"step {done}: val_loss {val:.4f}")
-                logger.plot()
-            at_end = done == cfg.train.max_steps
-            watch.after_step(done, at_end)
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or at_end or n_stop:
-                path = save_checkpoint(cfg, engine, info, root, done, tokens, loader, cfg.train.micro_batch_size)
-                logger.write(f"checkpoint: {path}")
-                logger.event(done, "checkpoint", path=str(path))
-            if n_stop and not at_end:
-                logger.write(f"stopped by a signal at step {done} after saving a checkpoint; "
-                             f"rerun the same command to resume (exit status {EXIT_SIGNAL})")
-                status = EXIT_SIGNAL
+        while state.step < cfg.train.max_steps:
+            r = train_step(engine, batches, state.step, cfg.train.grad_accum, cfg.train, stop, info.world_size)
+            state.step += 1
+            state.tokens += r.tokens
+            state.bad_in_row = state.bad_in_row + 1 if r.skipped_ranks else 0
+            if not _after_step(cfg, state, r, engine, loader, val_fn, checkpointer, logger, watch):
                 break
         # a final held-out loss when the last step was not an eval step
-        ran_to_end = status == EXIT_OK and start_step < cfg.train.max_steps
+        ran_to_end = state.status == EXIT_OK and start_step < cfg.train.max_steps
         if ran_to_end and cfg.train.eval_every and cfg.train.max_steps % cfg.train.eval_every:
             val = evaluate(engine, val_fn, cfg.train.eval_batches)
             if val is not None:
                 logger.log({"step": cfg.train.max_steps, "val_loss": val})
                 logger.write(f"final val_loss {val:.4f}")
-        if status in (EXIT_OK, EXIT_SIGNAL, EXIT_NONFINITE):
-            logger.plot()  # also when stopped: the curve shows every step logged so far
+        logger.plot()  # also when stopped: the curve shows every step logged so far
     finally:
         watch.close()
         logger.close()
     engine.close()
-    return status
+    return state.status
 
 
+def _after_step(cfg, state: TrainState, r: StepResult, engine, loader, val_fn, checkpointer, logger, watch) -> bool:
+    """Log, evaluate, checkpoint and decide whether to go on after the step `state.step` (1-based) ran."""
+    from mmscale.metrics import peak_mem_mib
+
+    done, at_end = state.step, state.step == cfg.train.max_steps
+    if done % cfg.log.every == 0 or at_end or r.skipped_ranks:
+        tps = r.tokens / r.seconds
+        logger.log({"step": done, "loss": None if r.skipped_ranks else r.loss, "lr": r.lr,
+                    "grad_norm": None if r.grad_norm is None else float(r.grad_norm),  # a sync, on log steps only
+                    "tokens_per_s": tps, **watch.mfu(tps), "step_time": r.seconds, "data_wait": r.data_wait,
+                    "peak_mem": peak_mem_mib(engine.device), "tokens": state.tokens, "skipped": bool(r.skipped_ranks)})
+    logger.progress(done, None if r.skipped_ranks else r.loss)
+    if state.bad_in_row:
+        logger.write(f"step {done}: non-finite loss on {r.skipped_ranks} rank(s); step skipped "
+                     f"({state.bad_in_row} in a row, limit train.max_bad_steps={cfg.train.max_bad_steps})")
+    if state.bad_in_row > cfg.train.max_bad_steps:
+        last = checkpointer.latest()
+        logger.write(f"stopping: {state.bad_in_row} non-finite losses in a row; the last good checkpoint is "
+                     f"{last if last else '(none saved yet)'}; lower train.lr or check the data")
+        state.status = EXIT_NONFINITE
+        return False
+    if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+        val = evaluate(engine, val_fn, cfg.train.eval_batches)
+        if val is not None:
+            logger.log({"step": done, "val_loss": val})
+            logger.write(f"step {done}: val_loss {val:.4f}")
+        logger.plot()
+    watch.after_step(done, at_end)
+    if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or at_end or r.stop_requested:
+        path = checkpointer.save(engine, done, state.tokens, loader)
+        logger.write(f"checkpoint: {path}")
+        logger.event(done, "checkpoint", path=str(path))
+    if r.stop_requested and not at_end:
+        logger.write(f"stopped by a signal at step {done} after saving a checkpoint; "
+                     f"rerun the same command to resume (exit status {EXIT_SIGNAL})")
+        state.status = EXIT_SIGNAL
+        return False
+    return True
 
 
 def _trim_metrics(path: Path, upto_step: int) -> None:
@@ -531,14 +451,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmscale.engines import engine_class
+
     cfg = load_config(args.config, args.overrides)
-    status = train(cfg)
-    if cfg.engine.kind == "deepspeed":
-        # very short DeepSpeed processes sometimes abort at interpreter exit; leave without teardown
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status
+    return engine_class(cfg.engine.kind).finish_process(train(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

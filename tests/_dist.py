@@ -95,6 +95,28 @@ def tiny_model(cfg):
     return build_model(cfg.model)
 
 
+def with_nan_at_steps(model_factory, steps):
+    """A model factory whose model turns its embeddings to NaN during the given optimizer steps (1-based,
+    counted from a fresh start by the training-mode forwards: grad_accum of them a step): a fault to test
+    non-finite-loss handling, given to train() like any other factory."""
+    steps = {int(s) for s in steps}
+
+    def build(cfg):
+        model = model_factory(cfg)
+        forwards = [0]
+
+        def hook(module, args, output):
+            if not module.training:  # evaluation and samples are not steps
+                return output
+            step = forwards[0] // cfg.train.grad_accum + 1
+            forwards[0] += 1
+            return output * float("nan") if step in steps else output
+
+        model.embed.register_forward_hook(hook)
+        return model
+    return build
+
+
 class SyntheticTokens:
     """Deterministic random windows; the global order is fixed, rank r of w takes its slice of each
     global micro-batch, so one rank with a w-times larger micro-batch sees exactly the same samples.
@@ -158,8 +180,9 @@ def read_losses(run_dir) -> dict:
 # worker targets
 
 def train_runs(payload: dict) -> list:
-    """Each run: {"config": dict, "env": {...}}; returns the exit statuses. Runs one after the other in
-    the same processes (each train() starts and ends its own process group)."""
+    """Each run: {"config": dict, "env": {...}, "nan_steps": [...], "kill_self_at": {...}}; returns the exit
+    statuses. Runs one after the other in the same processes (each train() starts and ends its own process
+    group)."""
     from mmscale.config import config_from_dict
     from mmscale.errors import UserError
     from mmscale.train import train
@@ -170,12 +193,12 @@ def train_runs(payload: dict) -> list:
     for i, run in enumerate(payload["runs"]):
         fresh_rendezvous(i)
         mmscale.engines.lr_at = original_lr_at
-        os.environ.pop("MMSCALE_FAULT_NAN_STEPS", None)
         os.environ.update(run.get("env", {}))
+        model_factory = with_nan_at_steps(tiny_model, run["nan_steps"]) if run.get("nan_steps") else tiny_model
         if run.get("kill_self_at"):
             _signal_self_at(run["kill_self_at"])
         try:
-            statuses.append(train(config_from_dict(run["config"]), model_factory=tiny_model,
+            statuses.append(train(config_from_dict(run["config"]), model_factory=model_factory,
                                   data_factory=synthetic_data))
         except UserError as e:
             statuses.append(f"UserError: {e}")

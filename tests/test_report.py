@@ -63,19 +63,18 @@ def runs(tmp_path_factory):
     # the transformer: a non-finite loss at step 3 (skipped); preempted (a signal in step 8: it stops after
     # step 9) and not resumed; then a torn line
     import mmscale.engines
-    from tests._dist import _signal_self_at
+    from mmscale.train import default_model_factory
+    from tests._dist import _signal_self_at, with_nan_at_steps
 
     ov = real_config(tf, data, **{"model.kind": "transformer", "model.heads": 2, "train.max_steps": 10,
                                   "train.eval_every": 5, "checkpoint.every": 0, "log.peak_flops": 1e12,
                                   "log.sample_every": 5, "log.sample_tokens": 8})
     lr_at = mmscale.engines.lr_at
-    os.environ["MMSCALE_FAULT_NAN_STEPS"] = "3"
     try:
         _signal_self_at({"step": 8, "ranks": [0], "signal": "SIGTERM"})
-        assert train(load_config(None, ov)) == 75
+        assert train(load_config(None, ov), model_factory=with_nan_at_steps(default_model_factory, [3])) == 75
     finally:
         mmscale.engines.lr_at = lr_at
-        os.environ.pop("MMSCALE_FAULT_NAN_STEPS")
     with (tf / "metrics.jsonl").open("a") as f:
         f.write('{"step": 10, "loss"')
     return {"mixer": mixer, "transformer": tf, "data": data}

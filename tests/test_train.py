@@ -41,7 +41,7 @@ def test_sigterm_checkpoint_resume_identical_and_nan_skip_two_ranks(tmp_path):
     # a NaN loss at step 3 under ZeRO-2 bf16 is skipped and training goes on with finite losses
     runs.append({"config": tiny_config(tmp_path / "nan", **{**cases["zero2_bf16"], "train.max_steps": 5,
                                                             "train.max_bad_steps": 1}),
-                 "env": {"MMSCALE_FAULT_NAN_STEPS": "3"}})
+                 "nan_steps": [3]})
     statuses = run_distributed("tests._dist:train_runs", {"runs": runs})
     assert statuses[0] == statuses[1] == [0, 75, 0, 0, 75, 0, 0]
     for name in cases:
@@ -58,8 +58,8 @@ def test_nan_step_is_skipped_exactly_and_too_many_stop_with_status_3(tmp_path, c
     one = tiny_config(tmp_path / "one", **{"train.max_steps": 4, "checkpoint.every": 1, "checkpoint.keep": 9})
     many = tiny_config(tmp_path / "many", **{"train.max_steps": 8, "checkpoint.every": 1, "checkpoint.keep": 9,
                                              "train.max_bad_steps": 2})
-    assert train_runs({"runs": [{"config": one, "env": {"MMSCALE_FAULT_NAN_STEPS": "3"}},
-                                {"config": many, "env": {"MMSCALE_FAULT_NAN_STEPS": "3,4,5,6"}}]}) == [0, 3]
+    assert train_runs({"runs": [{"config": one, "nan_steps": [3]},
+                                {"config": many, "nan_steps": [3, 4, 5, 6]}]}) == [0, 3]
     # the skipped step changed nothing: weights and optimizer state after step 3 == after step 2
     root = tmp_path / "one" / "checkpoints"
     for name in ("model.pt", "optimizer.pt"):

@@ -56,17 +56,18 @@ def worker(args) -> None:
 
     from mmscale import distributed as dist_
     from mmscale.config import load_config
-    from mmscale.engines import build_engine
+    from mmscale.engines import build_engine, engine_class
     from mmscale.models import build_model
 
     cfg = load_config(None, args.set + [f"engine.kind={args.engine}", f"engine.precision={args.precision}",
                                         "engine.zero_stage=3", "train.micro_batch_size=1"])
     info = dist_.detect()
-    dist_.init(info, deepspeed=args.engine == "deepspeed")
+    device = dist_.device_for(info)
+    engine_class(args.engine).start_process_group(info, device, timeout_min=10)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(cfg, model, info, torch.device("cpu"))
+    engine = build_engine(cfg, model, info, device)
     ids = torch.randint(cfg.model.vocab_size, (1, cfg.model.n_ctx + 1))
     engine.forward_backward({"input_ids": ids[:, :-1], "labels": ids}, last=True)
     engine.step(1e-4)

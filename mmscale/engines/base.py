@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from mmscale.errors import UserError
+
 
 def lr_at(step: int, train_cfg) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr_ratio * lr.
@@ -79,10 +81,76 @@ def prepare_model(model: nn.Module, engine_cfg) -> nn.Module:
 
 
 class Engine:
-    """What the training loop sees. Subclasses set `kind` and `model_format` (see checkpoint.py)."""
+    """What the training loop sees: one class per engine, owning everything engine-specific.
+
+    Class-level (no instance needed; `engines.engine_class(kind)` gives the class):
+      check_layout        whether this engine can run on a world of ranks (one-line UserError)
+      needs_process_group / start_process_group / stop_process_group
+      check_resume        whether it resumes a checkpoint's meta (family, precision, engine-specific keys)
+      read_state          the offline reader: the full fp32 model state from a step folder, no process group
+      finish_process      the exit policy of a process that ran this engine
+    Instance: forward_backward / step / skip_step / eval_loss (training), save / load (its checkpoint files,
+    next to read_state), module(), autocast(), close().
+    `model_format` names the checkpoint layout (checkpoint.py); engines sharing it resume each other.
+    """
 
     kind = "base"
     model_format = "torch"
+    max_ranks: int | None = None        # single: 1
+    always_needs_group = False          # DeepSpeed and FSDP need a process group even on one rank
+    same_precision_to_resume = False    # sharded engines store precision-dependent layouts
+
+    # --- world layout and process group
+    @classmethod
+    def check_layout(cls, cfg, world_size: int, layout: str, exit_code: int = 2) -> None:
+        """Refuse (UserError) a world this engine cannot run on; `layout` describes it for the message."""
+        if cls.max_ranks is not None and world_size > cls.max_ranks:
+            raise UserError(f"engine.kind={cls.kind} cannot run on {world_size} ranks ({layout}); "
+                            "use engine.kind=ddp, fsdp or deepspeed, or one rank", exit_code)
+
+    @classmethod
+    def needs_process_group(cls, world_size: int) -> bool:
+        return world_size > 1 or cls.always_needs_group
+
+    @classmethod
+    def start_process_group(cls, info, device, timeout_min: float) -> None:
+        from mmscale import distributed
+
+        distributed.init(info, device, timeout_min=timeout_min)
+
+    @classmethod
+    def stop_process_group(cls) -> None:
+        from mmscale import distributed
+
+        distributed.shutdown()
+
+    @classmethod
+    def finish_process(cls, status: int) -> int:
+        """What the command does with the process after a run: return the status (the interpreter exits as usual)."""
+        return status
+
+    # --- checkpoints without an instance
+    @classmethod
+    def check_resume(cls, meta: dict, cfg, world_size: int, where: str) -> None:
+        """Refuse (one-line UserError naming the fix) a checkpoint this engine cannot resume here."""
+        if meta.get("engine") != cls.kind and meta.get("model_format") != cls.model_format:
+            raise UserError(f"{where} was written by engine.kind={meta.get('engine')}, this run uses "
+                            f"engine.kind={cls.kind}; resume with the same engine, or convert it "
+                            "with `mmscale convert` and start from the export (train.init_from)")
+        if cls.same_precision_to_resume and meta.get("precision") != cfg.engine.precision:
+            raise UserError(f"{where} was written with engine.precision={meta.get('precision')}, this run uses "
+                            f"{cfg.engine.precision}; resume with the same precision")
+
+    @classmethod
+    def read_state(cls, step_dir: Path, meta: dict, model_cfg):
+        """Yield (name, fp32 tensor) for every model tensor of a step folder this engine wrote, one at a time,
+        without a process group or GPU (`mmscale convert`). ("shared", source) marks an alias."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, meta: dict) -> dict:
+        """The engine-specific facts of a checkpoint's meta worth carrying into an export's provenance."""
+        return {}
 
     def __init__(self, cfg, model: nn.Module, info, device: torch.device):
         self.cfg = cfg
@@ -118,7 +186,8 @@ class Engine:
 
     # --- checkpoints: write/read engine files into/from a step folder; every rank calls these
     def save(self, step_dir: Path) -> dict:
-        """Returns {"model_files": [...], "optimizer_files": [...]} relative to step_dir."""
+        """Returns {"model_files": [...], "optimizer_files": [...]} relative to step_dir, plus the engine's own
+        meta keys (only the engine that reads them back writes them)."""
         raise NotImplementedError
 
     def load(self, step_dir: Path) -> None:

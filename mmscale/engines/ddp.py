@@ -10,7 +10,8 @@ from mmscale.engines.single import SingleEngine
 
 class DDPEngine(SingleEngine):
     kind = "ddp"
-    model_format = "torch"
+    model_format = "torch"  # the single engine's files: each resumes the other's checkpoints
+    max_ranks = None
 
     def wrap(self, model):
         ids = [self.device.index] if self.device.type == "cuda" else None

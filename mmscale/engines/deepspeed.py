@@ -7,11 +7,15 @@ on resume); the learning rate is set by the loop every step, so DeepSpeed gets n
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import sys
 from pathlib import Path
 
 import torch
 
-from mmscale.engines.base import Engine, build_optimizer, prepare_model, set_lr
+from mmscale.engines.base import Engine, build_optimizer, param_groups, prepare_model, set_lr
 from mmscale.errors import UserError
 
 TAG = "ds"
@@ -62,12 +66,69 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
     model_format = "deepspeed"
+    always_needs_group = True
+    same_precision_to_resume = True
+
+    # --- process group and exit
+    @classmethod
+    def start_process_group(cls, info, device, timeout_min):
+        import datetime
+
+        import deepspeed as ds
+        import deepspeed.ops
+
+        from mmscale import distributed
+
+        distributed.init(info, device, timeout_min=timeout_min)
+        # the shared-memory comm op JIT-compiles for ~30 s (needs g++) and gives identical results
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # DeepSpeed adopts the torch group started above (its backend string, device and timeout)
+        ds.init_distributed(dist_backend=distributed.backend_for(device),
+                            timeout=datetime.timedelta(minutes=timeout_min))
+
+    @classmethod
+    def stop_process_group(cls):
+        from mmscale import distributed
+
+        if distributed.is_initialized():
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+        distributed.shutdown()
+
+    @classmethod
+    def finish_process(cls, status):
+        # very short DeepSpeed processes sometimes abort at interpreter exit; leave without teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    # --- which checkpoints it resumes, and reading them offline
+    @classmethod
+    def check_resume(cls, meta, cfg, world_size, where):
+        super().check_resume(meta, cfg, world_size, where)
+        if meta.get("zero_stage") != cfg.engine.zero_stage:
+            raise UserError(f"{where} was written with engine.zero_stage={meta.get('zero_stage')}, this run uses "
+                            f"{cfg.engine.zero_stage}; resume with the same ZeRO stage")
+        if meta.get("world_size") != world_size:
+            raise UserError(f"{where} was written by {meta.get('world_size')} DeepSpeed ranks, this run has "
+                            f"{world_size}; resume with the same number of ranks")
+
+    @classmethod
+    def describe(cls, meta):
+        return {"zero_stage": meta.get("zero_stage")}
+
+    @classmethod
+    def read_state(cls, step_dir, meta, model_cfg):
+        return read_zero_checkpoint(step_dir, meta, model_cfg)
 
     def __init__(self, cfg, model, info, device):
         super().__init__(cfg, model, info, device)
         import deepspeed
 
         model = prepare_model(model, cfg.engine)
+        if cfg.engine.zero_stage == 3 and hasattr(model, "loss_through_head"):
+            model.loss_through_head = True  # ZeRO-3 gathers lm_head's weight only inside its forward
         # with optimizer offload the update runs on CPU partitions: the CPU choice of AdamW
         optimizer = build_optimizer(model, cfg.train, None if cfg.engine.offload_optimizer else device)
         self.ds_config = deepspeed_config(cfg, info.world_size)
@@ -108,9 +169,10 @@ class DeepSpeedEngine(Engine):
 
     def save(self, step_dir: Path):
         self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
-        # the file layout depends on DeepSpeed's own bf16 mode (bf16_zero_pp_rank_* files, bf16 module
-        # states); mmscale >= 0.2 never enables it: `mmscale convert` reads this key
-        return {"model_files": [TAG], "optimizer_files": [], "ds_bf16": False}
+        # the file layout depends on the ZeRO stage and on DeepSpeed's own bf16 mode (bf16_zero_pp_rank_*
+        # files, bf16 module states); mmscale >= 0.2 never enables that mode: read_state reads both keys
+        return {"model_files": [TAG], "optimizer_files": [], "zero_stage": self.cfg.engine.zero_stage,
+                "ds_bf16": False}
 
     def load(self, step_dir: Path):
         from mmscale.checkpoint import read_meta
@@ -132,3 +194,123 @@ class DeepSpeedEngine(Engine):
     def close(self):
         if hasattr(self.engine, "destroy"):  # frees DeepSpeed's hooks and buffers (newer versions)
             self.engine.destroy()
+
+
+# ---------------------------------------------------------------------------------------------
+# the offline reader (`mmscale convert`): next to save(), which writes these files
+
+def _slice_virtual(parts: list, start: int, n: int, out=None):
+    """Elements [start, start + n) of the concatenation of 1-D `parts`, copied into `out` (fp32, new
+    when None) without materialising the concatenation."""
+    out = torch.empty(n, dtype=torch.float32) if out is None else out
+    offset, filled = 0, 0
+    for part in parts:
+        size = part.numel()
+        lo, hi = max(start, offset), min(start + n, offset + size)
+        if lo < hi:
+            out[filled:filled + hi - lo].copy_(part[lo - offset:hi - offset])
+            filled += hi - lo
+        offset += size
+        if offset >= start + n:
+            break
+    if filled != n:
+        raise ValueError(f"wanted {n} elements at {start}, the partitions hold {filled}")
+    return out
+
+
+def _ds_files(ds_dir: Path, pattern: str) -> list[Path]:
+    files = sorted(ds_dir.glob(pattern), key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)])
+    return files
+
+
+def read_zero_checkpoint(step_dir: Path, meta: dict, model_cfg):
+    """The fp32 weights of a checkpoint this engine wrote (ZeRO 0-3, any number of ranks), one tensor at a time.
+
+    ZeRO 1-3 keep them flattened and partitioned in the *_optim_states.pt files next to Adam's moments; the
+    files are memory-mapped and only the slices holding weights are copied, so optimizer states are never read
+    into memory (DeepSpeed's zero_to_fp32 concatenates whole partitions and needs several times the model).
+    fp32 ZeRO 0-2 runs read the module's own fp32 weights.
+    """
+    from mmscale.checkpoint import load_file
+
+    ds_dir = step_dir / TAG
+    stage, world = int(meta.get("zero_stage", 0)), int(meta.get("world_size", 1))
+    model_files = _ds_files(ds_dir, "*model_states.pt")
+    if not model_files:
+        raise UserError(f"'{ds_dir}' holds no DeepSpeed *_model_states.pt; the checkpoint is incomplete")
+    states0 = load_file(model_files[0])
+    param_shapes = [dict(g) for g in (states0.get("param_shapes") or [])]
+    frozen_shapes = dict(states0.get("frozen_param_shapes") or {})
+    shared = dict(states0.get("shared_params") or {})
+
+    # DeepSpeed's bf16 mode (mmscale < 0.2 with engine.precision=bf16) keeps fp32 masters apart from the module
+    ds_bf16 = meta.get("ds_bf16", meta.get("precision") == "bf16")
+    if stage <= 2 and not ds_bf16:
+        yield from ((k, v.float()) for k, v in states0["module"].items())
+        return
+    if stage == 0:
+        yield from _ds_stage0_bf16(states0, model_cfg, ds_dir)
+        return
+
+    optim_files = _ds_files(ds_dir, "*optim_states.pt")
+    if len(optim_files) != world:
+        raise UserError(f"'{ds_dir}' holds {len(optim_files)} optimizer partition files but was written by "
+                        f"{world} ranks; the checkpoint is incomplete: convert an earlier step folder")
+    # memory-mapped: the Adam moments inside these files are never touched
+    optim = [load_file(f)["optimizer_state_dict"] for f in optim_files]
+    if stage in (1, 2):
+        groups = [o["single_partition_of_fp32_groups"] for o in optim]
+        paddings = optim[0].get("param_alignment_paddings")
+        for g, shapes in enumerate(param_shapes):
+            parts = [groups[r][g] for r in range(world)]
+            offset = 0
+            for i, (name, shape) in enumerate(shapes.items()):
+                n = math.prod(shape)
+                yield name, _slice_virtual(parts, offset, n).view(tuple(shape))
+                offset += n + (paddings[g][i] if paddings else 0)
+        for name in frozen_shapes:  # frozen parameters are stored whole in the module states
+            yield name, states0["frozen_param_fragments"][name].float().clone()
+    else:
+        flats = [o["fp32_flat_groups"] for o in optim]
+        offset = 0
+        for shapes in param_shapes:
+            for name, shape in shapes.items():
+                n = math.prod(shape)
+                per_rank = math.ceil(n / world)
+                full = torch.empty(n, dtype=torch.float32)
+                for r in range(world):  # rank r holds elements [r * per_rank, (r + 1) * per_rank), padded at the end
+                    take = min(per_rank, n - r * per_rank)
+                    if take > 0:
+                        _slice_virtual(flats[r], offset, take, full[r * per_rank:r * per_rank + take])
+                yield name, full.view(tuple(shape))
+                offset += per_rank
+        if frozen_shapes:
+            frags = [load_file(f)["frozen_param_fragments"] for f in model_files]
+            for name, shape in frozen_shapes.items():
+                n = math.prod(shape)
+                yield name, torch.cat([f[name].reshape(-1).float() for f in frags])[:n].view(tuple(shape)).clone()
+    for alias, source in shared.items():
+        yield alias, ("shared", source)
+
+
+def _ds_stage0_bf16(states0: dict, model_cfg, ds_dir: Path):
+    """ZeRO-0 in bf16 keeps per-parameter fp32 copies in the order of the optimizer's param groups."""
+    from mmscale.models import build_model
+
+    opt = states0.get("optimizer") or {}
+    fp32_groups = opt.get("fp32_groups")
+    if fp32_groups is None:
+        # no master copies (fp32 run): the module's own weights are exact
+        yield from ((k, v.float()) for k, v in states0["module"].items())
+        return
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    # the engine builds its optimizer with param_groups(model, ...): the same order here
+    order = [names[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
+    flat = [t for g in fp32_groups for t in g]
+    if len(flat) != len(order):
+        raise UserError(f"'{ds_dir}': {len(flat)} fp32 master weights for {len(order)} parameters; "
+                        "the checkpoint was written for another model")
+    for name, t in zip(order, flat):
+        yield name, t.float().clone()

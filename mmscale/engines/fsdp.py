@@ -20,10 +20,9 @@ from mmscale.errors import UserError
 
 
 def build_mesh(world_size: int, replicas: int, device_type: str):
+    """1-D (shard) or, for HSDP, 2-D (replicate, shard); FSDPEngine.check_layout has checked that replicas divide."""
     if replicas == 1:
         return init_device_mesh(device_type, (world_size,))
-    if world_size % replicas:
-        raise UserError(f"engine.hsdp_replicas ({replicas}) must divide the number of ranks ({world_size})")
     return init_device_mesh(device_type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
 
 
@@ -79,6 +78,15 @@ def shard_with_fsdp(model, mesh, precision: str):
 class FSDPEngine(Engine):
     kind = "fsdp"
     model_format = "dcp"
+    always_needs_group = True
+    same_precision_to_resume = True
+
+    @classmethod
+    def check_layout(cls, cfg, world_size, layout, exit_code=2):
+        super().check_layout(cfg, world_size, layout, exit_code)
+        if world_size % cfg.engine.hsdp_replicas:
+            raise UserError(f"engine.hsdp_replicas={cfg.engine.hsdp_replicas} does not divide {layout}; "
+                            "pick a replica count that divides the number of ranks", exit_code)
 
     def __init__(self, cfg, model, info, device):
         super().__init__(cfg, model, info, device)
@@ -86,6 +94,42 @@ class FSDPEngine(Engine):
         model = prepare_model(model.to(device), cfg.engine)
         self.model = shard_with_fsdp(model, mesh, cfg.engine.precision)
         self.optimizer = build_optimizer(self.model, cfg.train, device)
+
+    @classmethod
+    def read_state(cls, step_dir: Path, meta: dict, model_cfg):
+        """Only the tensors the DCP metadata of model/ lists, one at a time (the peak stays at the output plus
+        one tensor), without a process group; DCP's pickled metadata is read under safe_unpickling."""
+        import pickle
+
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from mmscale import checkpoint as ckpt
+
+        path = step_dir / "model"
+        reader = dcp.FileSystemReader(str(path))
+        try:
+            with ckpt.safe_unpickling():  # DCP pickles its metadata: only its own classes are allowed
+                md = reader.read_metadata().state_dict_metadata
+        except pickle.UnpicklingError as e:
+            raise ckpt.unsafe_payload_error(path / ".metadata", e) from None
+        except Exception as e:
+            raise UserError(f"cannot read the DCP metadata in '{path}' ({type(e).__name__}); the checkpoint is "
+                            "damaged or incomplete: convert an earlier step folder") from None
+        for name in [k for k, v in md.items() if isinstance(v, TensorStorageMetadata)]:
+            t = md[name]
+            buf = {name: torch.empty(tuple(t.size), dtype=t.properties.dtype)}
+            try:
+                with ckpt.safe_unpickling():
+                    dcp.load(buf, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # DCP's CheckpointException is a BaseException
+                if isinstance(e, pickle.UnpicklingError) or "Unsupported global" in str(e):
+                    raise ckpt.unsafe_payload_error(path, e) from None
+                raise UserError(f"cannot read '{name}' from '{path}' ({type(e).__name__}); the checkpoint is "
+                                "damaged or incomplete: convert an earlier step folder") from None
+            v = buf[name]
+            yield name, v.float() if v.is_floating_point() else v
 
     def forward_backward(self, batch, last):
         batch = self.to_device(batch)

@@ -7,11 +7,24 @@ from pathlib import Path
 import torch
 
 from mmscale.engines.base import Engine, build_optimizer, prepare_model
+from mmscale.errors import UserError
 
 
 class SingleEngine(Engine):
     kind = "single"
     model_format = "torch"
+    max_ranks = 1
+
+    @classmethod
+    def read_state(cls, step_dir: Path, meta: dict, model_cfg):
+        """model.pt (the full fp32 state dict), memory-mapped."""
+        from mmscale.checkpoint import load_file
+
+        sd = load_file(step_dir / "model.pt")
+        if not isinstance(sd, dict):
+            raise UserError(f"'{step_dir / 'model.pt'}' does not hold a state dict; the checkpoint is damaged")
+        for k, v in sd.items():
+            yield k, v.float() if v.is_floating_point() else v
 
     def __init__(self, cfg, model, info, device):
         super().__init__(cfg, model, info, device)

@@ -3,17 +3,12 @@
     mmscale convert runs/tiny out/tiny-export                 # a run dir: its latest checkpoint
     mmscale convert runs/tiny/checkpoints/step_00000300 out/x --dtype bf16 --verify
 
-Reads the checkpoints of every engine (mmscale/checkpoint.py) written by any number of ranks,
-with no process group and no GPU:
-
-  torch      (single, ddp)   model.pt, memory-mapped
-  dcp        (fsdp)          model/ (DCP): only the model's tensors are read, by their metadata
-  deepspeed  (ZeRO 0-3)      ds/: the fp32 master weights. ZeRO 1-3 keep them flattened and
-                             partitioned in the *_optim_states.pt files next to Adam's moments;
-                             the files are memory-mapped and only the slices holding weights are
-                             copied, so optimizer states are never read into memory (DeepSpeed's
-                             zero_to_fp32 concatenates whole partitions and needs several times
-                             the model). fp32 ZeRO 0-2 runs read the module's own fp32 weights.
+Reads the checkpoints of every engine written by any number of ranks, with no process group and
+no GPU, through the offline reader of the engine that wrote them (Engine.read_state, next to its
+save/load: single/ddp read model.pt memory-mapped; fsdp reads only the model's tensors from DCP by
+their metadata; deepspeed slices the fp32 master weights out of memory-mapped ZeRO partitions, never
+reading the optimizer states). This module checks names and shapes against the model, casts,
+and writes and verifies the export.
 
 Memory stays within about twice the model: the output state dict, plus (for --verify) the model
 built once more to compute reference logits. `--verify` then loads the export in a fresh process
@@ -25,7 +20,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -79,206 +73,17 @@ def _model_config(meta: dict, where: Path):
 
 
 # ---------------------------------------------------------------------------------------------
-# readers: each yields (name, fp32 tensor) one parameter at a time
-
-def _slice_virtual(parts: list, start: int, n: int, out=None):
-    """Elements [start, start + n) of the concatenation of 1-D `parts`, copied into `out` (fp32, new
-    when None) without materialising the concatenation."""
-    import torch
-
-    out = torch.empty(n, dtype=torch.float32) if out is None else out
-    offset, filled = 0, 0
-    for part in parts:
-        size = part.numel()
-        lo, hi = max(start, offset), min(start + n, offset + size)
-        if lo < hi:
-            out[filled:filled + hi - lo].copy_(part[lo - offset:hi - offset])
-            filled += hi - lo
-        offset += size
-        if offset >= start + n:
-            break
-    if filled != n:
-        raise ValueError(f"wanted {n} elements at {start}, the partitions hold {filled}")
-    return out
-
-
-def _load(path: Path, weights_only: bool = True):
-    """torch.load under mmscale's allow-list (checkpoint.safe_unpickling): DeepSpeed's files pickle a few of
-    its classes; anything else is refused unread. `weights_only` is kept for callers; loading is always safe."""
-    import pickle
-
-    import torch
-
-    from mmscale import checkpoint as ckpt
-
-    try:
-        with ckpt.safe_unpickling():
-            return torch.load(path, map_location="cpu", mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ckpt.unsafe_payload_error(path, e) from None
-    except Exception as e:  # truncated or foreign files: one clear line
-        raise UserError(f"cannot read '{path}' ({type(e).__name__}); the checkpoint is damaged or incomplete: "
-                        "convert an earlier step folder") from None
-
-
-def read_torch(step_dir: Path, meta: dict):
-    sd = _load(step_dir / "model.pt")
-    if not isinstance(sd, dict):
-        raise UserError(f"'{step_dir / 'model.pt'}' does not hold a state dict; the checkpoint is damaged")
-    for k, v in sd.items():
-        yield k, v.float() if v.is_floating_point() else v
-
-
-def read_dcp(step_dir: Path, meta: dict):
-    """Only the tensors the DCP metadata lists under model/, loaded without a process group."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    import pickle
-
-    from mmscale import checkpoint as ckpt
-
-    path = step_dir / "model"
-    reader = dcp.FileSystemReader(str(path))
-    try:
-        with ckpt.safe_unpickling():  # DCP pickles its metadata: only its own classes are allowed
-            md = reader.read_metadata().state_dict_metadata
-    except pickle.UnpicklingError as e:
-        raise ckpt.unsafe_payload_error(path / ".metadata", e) from None
-    except Exception as e:
-        raise UserError(f"cannot read the DCP metadata in '{path}' ({type(e).__name__}); the checkpoint is "
-                        "damaged or incomplete: convert an earlier step folder") from None
-    names = [k for k, v in md.items() if isinstance(v, TensorStorageMetadata)]
-    # one tensor at a time keeps the peak at the output plus one tensor
-    for name in names:
-        t = md[name]
-        buf = {name: torch.empty(tuple(t.size), dtype=t.properties.dtype)}
-        try:
-            with ckpt.safe_unpickling():
-                dcp.load(buf, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
-            if isinstance(e, pickle.UnpicklingError) or "Unsupported global" in str(e):
-                raise ckpt.unsafe_payload_error(path, e) from None
-            raise UserError(f"cannot read '{name}' from '{path}' ({type(e).__name__}); the checkpoint is damaged "
-                            "or incomplete: convert an earlier step folder") from None
-        v = buf[name]
-        yield name, v.float() if v.is_floating_point() else v
-
-
-def _ds_files(ds_dir: Path, pattern: str) -> list[Path]:
-    import re
-
-    files = sorted(ds_dir.glob(pattern), key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)])
-    return files
-
-
-def read_deepspeed(step_dir: Path, meta: dict, model_cfg):
-    """fp32 weights of a DeepSpeed ZeRO 0-3 checkpoint (see the module docstring)."""
-    ds_dir = step_dir / "ds"
-    stage, world = int(meta.get("zero_stage", 0)), int(meta.get("world_size", 1))
-    model_files = _ds_files(ds_dir, "*model_states.pt")
-    if not model_files:
-        raise UserError(f"'{ds_dir}' holds no DeepSpeed *_model_states.pt; the checkpoint is incomplete")
-    states0 = _load(model_files[0], weights_only=False)
-    param_shapes = [dict(g) for g in (states0.get("param_shapes") or [])]
-    frozen_shapes = dict(states0.get("frozen_param_shapes") or {})
-    shared = dict(states0.get("shared_params") or {})
-
-    # DeepSpeed's bf16 mode (mmscale < 0.2 with engine.precision=bf16) keeps fp32 masters apart from the module
-    ds_bf16 = meta.get("ds_bf16", meta.get("precision") == "bf16")
-    if stage <= 2 and not ds_bf16:
-        yield from ((k, v.float()) for k, v in states0["module"].items())
-        return
-    if stage == 0:
-        yield from _ds_stage0_bf16(states0, model_cfg, ds_dir)
-        return
-
-    optim_files = _ds_files(ds_dir, "*optim_states.pt")
-    if len(optim_files) != world:
-        raise UserError(f"'{ds_dir}' holds {len(optim_files)} optimizer partition files but was written by "
-                        f"{world} ranks; the checkpoint is incomplete: convert an earlier step folder")
-    # memory-mapped: the Adam moments inside these files are never touched
-    optim = [_load(f, weights_only=False)["optimizer_state_dict"] for f in optim_files]
-    if stage in (1, 2):
-        groups = [o["single_partition_of_fp32_groups"] for o in optim]
-        paddings = optim[0].get("param_alignment_paddings")
-        for g, shapes in enumerate(param_shapes):
-            parts = [groups[r][g] for r in range(world)]
-            offset = 0
-            for i, (name, shape) in enumerate(shapes.items()):
-                n = math.prod(shape)
-                yield name, _slice_virtual(parts, offset, n).view(tuple(shape))
-                offset += n + (paddings[g][i] if paddings else 0)
-        for name in frozen_shapes:  # frozen parameters are stored whole in the module states
-            yield name, states0["frozen_param_fragments"][name].float().clone()
-    else:
-        import torch
-
-        flats = [o["fp32_flat_groups"] for o in optim]
-        offset = 0
-        for shapes in param_shapes:
-            for name, shape in shapes.items():
-                n = math.prod(shape)
-                per_rank = math.ceil(n / world)
-                full = torch.empty(n, dtype=torch.float32)
-                for r in range(world):  # rank r holds elements [r * per_rank, (r + 1) * per_rank), padded at the end
-                    take = min(per_rank, n - r * per_rank)
-                    if take > 0:
-                        _slice_virtual(flats[r], offset, take, full[r * per_rank:r * per_rank + take])
-                yield name, full.view(tuple(shape))
-                offset += per_rank
-        if frozen_shapes:
-            frags = [_load(f, weights_only=False)["frozen_param_fragments"] for f in model_files]
-            for name, shape in frozen_shapes.items():
-                n = math.prod(shape)
-                yield name, torch.cat([f[name].reshape(-1).float() for f in frags])[:n].view(tuple(shape)).clone()
-    for alias, source in shared.items():
-        yield alias, ("shared", source)
-
-
-def _ds_stage0_bf16(states0: dict, model_cfg, ds_dir: Path):
-    """ZeRO-0 in bf16 keeps per-parameter fp32 copies in the order of the optimizer's param groups."""
-    import torch
-
-    from mmscale.engines.base import param_groups
-    from mmscale.models import build_model
-
-    opt = states0.get("optimizer") or {}
-    fp32_groups = opt.get("fp32_groups")
-    if fp32_groups is None:
-        # no master copies (fp32 run): the module's own weights are exact
-        yield from ((k, v.float()) for k, v in states0["module"].items())
-        return
-    with torch.device("meta"):
-        model = build_model(model_cfg)
-    names = {id(p): n for n, p in model.named_parameters()}
-    # the engine builds its optimizer with param_groups(model, ...): the same order here
-    order = [names[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
-    flat = [t for g in fp32_groups for t in g]
-    if len(flat) != len(order):
-        raise UserError(f"'{ds_dir}': {len(flat)} fp32 master weights for {len(order)} parameters; "
-                        "the checkpoint was written for another model")
-    for name, t in zip(order, flat):
-        yield name, t.float().clone()
-
+# reading: each engine owns the offline reader of the files it writes (Engine.read_state)
 
 def read_checkpoint(step_dir: Path, meta: dict, model_cfg):
-    fmt = meta.get("model_format")
-    if fmt == "torch":
-        return read_torch(step_dir, meta)
-    if fmt == "dcp":
-        return read_dcp(step_dir, meta)
-    if fmt == "deepspeed":
-        return read_deepspeed(step_dir, meta, model_cfg)
-    raise UserError(f"checkpoint '{step_dir}' has model_format {fmt!r}; expected torch, dcp or deepspeed")
+    """(name, fp32 tensor) pairs, one at a time, from the reader of the engine that wrote the checkpoint."""
+    from mmscale.engines import engine_for_checkpoint
+
+    return engine_for_checkpoint(meta, step_dir).read_state(step_dir, meta, model_cfg)
 
 
 def load_checkpoint_state(step_dir: Path, meta: dict, model_cfg, dtype=None, progress: bool = False) -> dict:
     """The model's full state dict from a checkpoint, checked name by name and shape by shape."""
-    import torch
     from tqdm import tqdm
 
     expected = expected_shapes(model_cfg)
@@ -426,6 +231,7 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     import torch
 
     from mmscale import checkpoint as ckpt
+    from mmscale.engines import engine_for_checkpoint
     from mmscale.export.format import save_export
 
     if dtype not in DTYPES:
@@ -455,7 +261,8 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = 
             "init_from": (run_cfg.get("train", {}) or {}).get("init_from") or None,
             "val_loss": (val_at := last_val_loss_at(run_dir, meta.get("step", 0)))[0],
             "val_loss_step": val_at[1], "source": str(step_dir),
-            "engine": meta.get("engine"), "zero_stage": meta.get("zero_stage"), "world_size": meta.get("world_size")}
+            "engine": meta.get("engine"), "world_size": meta.get("world_size"),
+            **engine_for_checkpoint(meta, step_dir).describe(meta)}
     save_export(out, state, dataclasses.asdict(model_cfg), tok, info=info, overwrite=overwrite)
     summary = {"export": str(out), "checkpoint": str(step_dir), "dtype": dtype, "tensors": len(state), **info}
     del state

@@ -30,15 +30,17 @@ class RMSNorm(nn.Module):
         return x32.type_as(x) * self.weight
 
 
-def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, through_head: bool = False
+            ) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) of `lm_head(hidden)` against `labels`, ignoring -100.
 
     hidden [B, L, d], labels [B, M] with 2 <= M <= L + 1: position t (< M - 1) predicts labels[:, t + 1].
-    Kept as one small function so that a chunked cross-entropy (mmscale/ops) can replace its body
-    without materialising the full [B, L, V] logits.
+    The chunked cross-entropy (mmscale/ops) reads the head's weight directly and never materialises the
+    full [B, L, V] logits; `through_head` calls lm_head's own forward instead (for a wrapper that makes the
+    weight whole only inside that forward, as ZeRO-3 partitioning does).
     """
     n_pred = labels.shape[1] - 1
-    if getattr(lm_head.weight, "ds_id", None) is None:  # ZeRO-3 gathers it only inside lm_head's forward
+    if not through_head:
         return lm_head_cross_entropy(hidden[:, :n_pred], lm_head.weight, labels[:, 1:], bias=lm_head.bias,
                                      ignore_index=IGNORE_INDEX)
     logits = lm_head(hidden[:, :n_pred])
@@ -47,7 +49,13 @@ def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> t
 
 
 class CausalLM(nn.Module):
-    """Base class: subclasses define .config .embed .blocks .norm .lm_head and `_run_blocks`."""
+    """Base class: subclasses define .config .embed .blocks .norm .lm_head and `_run_blocks`.
+
+    `loss_through_head` (default False): compute the loss through lm_head's forward rather than the chunked
+    cross-entropy on its weight; set by an engine whose partitioning gathers weights only inside forwards.
+    """
+
+    loss_through_head = False
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
@@ -83,7 +91,7 @@ class CausalLM(nn.Module):
         if labels.dim() != 2 or labels.shape[0] != input_ids.shape[0] or not 2 <= labels.shape[1] <= h.shape[1] + 1:
             raise ValueError(f"labels must be [batch, M] with 2 <= M <= input length + 1 = {h.shape[1] + 1}, "
                              f"got {tuple(labels.shape)}")
-        return lm_loss(h, self.lm_head, labels)
+        return lm_loss(h, self.lm_head, labels, self.loss_through_head)
 
     # -- sizes ---------------------------------------------------------------------------------
 
