@@ -9,7 +9,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "model-info": ("mmscale.models.info", "parameters, FLOPs per token and memory of a model config"),
+    "model-info": ("mmscale.model_info", "parameters, FLOPs per token and memory of a model config"),
     "tokenizer": ("mmscale.data.tokenizer", "train a lossless sentencepiece tokenizer (`tokenizer train`)"),
     "prepare": ("mmscale.data.prepare", "tokenize text/JSONL/Parquet into MDS shards + a manifest"),
     "data": ("mmscale.data.synth", "built-in story corpus with summaries (`data synth`)"),
@@ -40,7 +40,7 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from mmscale.errors import UserError
+    from mmscale.errors import exit_status
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     conv = cli_conventions.apply(name, parser)  # help with defaults, --data/--out/--json/--no-progress
     args = parser.parse_args(conv.rewrite_argv(argv[1:]))
-    try:
+
+    def run() -> int:
         with conv.outputs(args):
             conv.status = int(module.run(args) or 0)  # deprecation notes only after a success
         return conv.status
-    except UserError as e:
-        print(f"mmscale {name}: error: {e}", file=sys.stderr)
-        return e.exit_code
+
+    try:
+        return exit_status(f"mmscale {name}", run)
     except KeyboardInterrupt:
         print(f"mmscale {name}: interrupted", file=sys.stderr)
         return 130

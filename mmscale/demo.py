@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from mmscale.distributed import free_port
-from mmscale.errors import UserError
+from mmscale.errors import UserError, exit_status
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stories", type=int, default=6000, help="size of the built-in corpus")
     parser.add_argument("--vocab-size", type=int, default=1024)
     args = parser.parse_args(argv)
-    try:
-        return _demo(args)
-    except UserError as e:
-        print(f"mmscale demo: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return exit_status("mmscale demo", _demo, args)
 
 
 def _demo(args) -> int:

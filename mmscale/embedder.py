@@ -113,11 +113,10 @@ class Embedder:
     def from_export(cls, path: str | os.PathLike, position: int | str = "last", device="cpu", dtype=None) -> "Embedder":
         from pathlib import Path
 
-        from mmscale.export.format import load_export, load_export_tokenizer
+        from mmscale.export.format import load_export_with_tokenizer
 
-        model, meta = load_export(path, dtype=dtype, device=device, require_tokenizer=True)
         # refuses a tokenizer with more pieces than the model's vocab (one line, not an IndexError later)
-        sp = load_export_tokenizer(Path(path), meta, model.config.vocab_size)
+        model, _, sp = load_export_with_tokenizer(Path(path), dtype=dtype, device=device)
         return cls(model, sp, position=position, device=device)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

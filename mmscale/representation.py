@@ -109,12 +109,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mmscale.export.evaluate import iter_batches
-    from mmscale.export.format import load_export, load_export_tokenizer
+    from mmscale.export.format import load_export_with_tokenizer
 
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
-    model, meta = load_export(args.export, require_tokenizer=True)
-    sp = load_export_tokenizer(args.export, meta, model.config.vocab_size)
+    model, _, sp = load_export_with_tokenizer(args.export)
     n_ctx = model.config.n_ctx
     rows = [b["input_ids"] for b in iter_batches(args.data, sp, n_ctx, args.samples, max_batches=1)]
     if not rows:

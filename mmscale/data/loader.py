@@ -33,7 +33,8 @@ uneven epoch end repeats a few samples on some ranks; the train loader drops the
 batch so every batch has B samples).
 
 mosaicml-streaming reads the world from RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; this
-module sets them from its arguments (and refuses values that contradict ones already set).
+module sets them from its arguments through mmscale.distributed.enter_world_env (and refuses values that
+contradict ones already set), and the last loader to close gives the caller's environment back.
 Streaming's lock files go to `.streaming-locks/` in the local directory (removed by `close()`), its
 shared memory is freed by `close()`: call it on every rank at shutdown. Each loader also writes
 `<prefix>.owner` (host and pid) there; a later loader removes the lock files of owners on this host whose
@@ -60,6 +61,7 @@ import numpy as np
 import torch
 
 from mmscale.data.prepare import MANIFEST
+from mmscale.distributed import enter_world_env, leave_world_env
 from mmscale.errors import UserError
 
 IGNORE_INDEX = -100
@@ -149,6 +151,34 @@ def tokenizer_sha(manifest: dict) -> str | None:
     return sha if isinstance(sha, str) else None
 
 
+def check_fits_model(manifest: dict, path: str, n_ctx: int, vocab_size: int | None = None, *,
+                     model_keys: bool = True, settable: bool = True, exit_code: int = 2) -> dict:
+    """Refuse a dataset whose n_ctx (and vocab size, when `vocab_size` is given) is not the model's; returns
+    the manifest. The one dataset-vs-model check of training (check_dataset), the loader and `mmscale eval`.
+
+    `n_ctx` / `vocab_size` are the model config's numbers (data does not import the models). The message
+    names them as config keys (`model.n_ctx`) when `model_keys`, else as "the model's n_ctx"; when
+    `settable` its fix offers setting the key to the dataset's value, else only preparing the data again
+    (a finished model: an export). Raises UserError with `exit_code`.
+    """
+    def name(key: str) -> str:
+        return f"model.{key}" if model_keys else f"the model's {key}"
+
+    have = manifest.get("n_ctx")
+    if have != n_ctx:
+        fix = (f"prepare it with --n-ctx {n_ctx} or set model.n_ctx={have}" if settable
+               else f"prepare it again with --n-ctx {n_ctx}")
+        raise UserError(f"dataset '{path}' was prepared with n_ctx {have} but {name('n_ctx')} is {n_ctx}; {fix}",
+                        exit_code)
+    have = manifest.get("vocab_size")
+    if vocab_size is not None and have != vocab_size:
+        fix = (f"set model.vocab_size={have} or prepare it with a {vocab_size}-piece tokenizer" if settable
+               else f"prepare it with a {vocab_size}-piece tokenizer")
+        raise UserError(f"dataset '{path}' has a tokenizer of vocab size {have} but {name('vocab_size')} is "
+                        f"{vocab_size}; {fix}", exit_code)
+    return manifest
+
+
 def check_shards(local: str | os.PathLike, split: str) -> dict:
     """Every shard of `split` that index.json lists is present with its size (stat only, no read); returns
     the index. One line naming the file otherwise."""
@@ -221,15 +251,7 @@ def check_dataset(path: str, model_cfg, *, tokenizer: str | None = None, cache_d
     (a .model path or a sha256 hex digest), the tokenizer file hash. Raises UserError naming both
     values.
     """
-    m = read_manifest(path, cache_dir)
-    if m.get("n_ctx") != model_cfg.n_ctx:
-        raise UserError(f"dataset '{path}' was prepared with n_ctx {m.get('n_ctx')} but model.n_ctx is "
-                        f"{model_cfg.n_ctx}; prepare it with --n-ctx {model_cfg.n_ctx} or set "
-                        f"model.n_ctx={m.get('n_ctx')}", 2)
-    if m.get("vocab_size") != model_cfg.vocab_size:
-        raise UserError(f"dataset '{path}' has a tokenizer of vocab size {m.get('vocab_size')} but "
-                        f"model.vocab_size is {model_cfg.vocab_size}; set model.vocab_size="
-                        f"{m.get('vocab_size')} or prepare it with a {model_cfg.vocab_size}-piece tokenizer", 2)
+    m = check_fits_model(read_manifest(path, cache_dir), path, model_cfg.n_ctx, model_cfg.vocab_size)
     if tokenizer:
         from mmscale.data.tokenizer import file_sha256
 
@@ -272,32 +294,6 @@ def _check_world_env(rank: int, world_size: int, local_rank: int | None, local_w
             raise UserError(f"environment {key}={have} contradicts the {key.lower()} {value} passed to "
                             "build_dataloader; pass the launcher's values")
     return want
-
-
-def _enter_world_env(want: dict) -> None:
-    if not _WORLD_ENV["open"]:  # the first open loader remembers what the caller had
-        _WORLD_ENV["saved"] = {key: os.environ.get(key) for key in want}
-    _WORLD_ENV["open"] += 1
-    for key, value in want.items():
-        os.environ[key] = str(value)
-
-
-# mosaicml-streaming reads the world from the environment while a loader lives (construction and
-# iteration); when the last loader of this process closes, the caller's environment comes back, so a
-# later launcher or library in the same process (lm-eval, submitit) does not inherit RANK/WORLD_SIZE
-_WORLD_ENV: dict = {"open": 0, "saved": {}}
-
-
-def _release_world_env() -> None:
-    _WORLD_ENV["open"] = max(0, _WORLD_ENV["open"] - 1)
-    if _WORLD_ENV["open"]:
-        return
-    for key, old in _WORLD_ENV["saved"].items():
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-    _WORLD_ENV["saved"] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +433,7 @@ class StreamingLoader:
         if distributed:
             # the next dataset's ranks must all see the freed prefix, or they pick different ones
             torch.distributed.barrier()
-        _release_world_env()
+        leave_world_env()
 
     def __enter__(self):
         return self
@@ -534,10 +530,7 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
     if micro_batch_size < 1:
         raise UserError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     root, split = _split_location(data_cfg, split)
-    manifest = read_manifest(root, data_cfg.cache_dir)
-    if manifest.get("n_ctx") != n_ctx:
-        raise UserError(f"dataset '{root}' was prepared with n_ctx {manifest.get('n_ctx')} but the model's "
-                        f"n_ctx is {n_ctx}; prepare it with --n-ctx {n_ctx} or set model.n_ctx={manifest.get('n_ctx')}")
+    manifest = check_fits_model(read_manifest(root, data_cfg.cache_dir), root, n_ctx, model_keys=False, exit_code=1)
     if manifest["splits"][split]["samples"] == 0:
         raise UserError(f"dataset '{root}' has no {split} samples; prepare it with --val-fraction > 0")
     index = None
@@ -571,7 +564,7 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
                         "them); set data.cache_dir to a writable directory to read it as a remote") from None
     saved_tempdir = tempfile.tempdir
     tempfile.tempdir = str(lock_dir)  # streaming puts its lock files in gettempdir()
-    _enter_world_env(world_env)  # left as the caller had it when the last loader closes
+    enter_world_env(world_env)  # left as the caller had it when the last loader closes
     try:
         dataset = streaming.StreamingDataset(
             **stream_args, split=split, shuffle=data_cfg.shuffle if split == "train" else False,
@@ -581,10 +574,10 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
             validate_hash=_hash_algo(index) if index is not None else ("xxh64" if manifest.get("shard_hash") == "xxh64" else None),
         )
     except UserError:
-        _release_world_env()
+        leave_world_env()
         raise
     except Exception as e:
-        _release_world_env()
+        leave_world_env()
         text = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise UserError(f"cannot open the {split} split of dataset '{root}' ({type(e).__name__}: "
                         f"{(text[-1] if text else '')[:200]}); check it with `mmscale data verify {root}` "

@@ -96,12 +96,10 @@ def iter_batches(data: list[str], sp, n_ctx: int, batch_size: int, split: str = 
     reported here, before the first batch is asked for.
     """
     if len(data) == 1 and Path(data[0]).is_dir():
-        from mmscale.data.loader import read_manifest
+        from mmscale.data.loader import check_fits_model, read_manifest
 
-        manifest = read_manifest(data[0])  # a clear error for a folder that is not a dataset
-        if manifest.get("n_ctx") != n_ctx:
-            raise UserError(f"dataset '{data[0]}' was prepared with n_ctx {manifest.get('n_ctx')} but the model's "
-                            f"n_ctx is {n_ctx}; prepare it again with --n-ctx {n_ctx}", 2)
+        # read_manifest: a clear error for a folder that is not a dataset
+        check_fits_model(read_manifest(data[0]), data[0], n_ctx, model_keys=False, settable=False)
         return _dataset_batches(data[0], n_ctx, batch_size, split, max_batches)
     windows = text_windows(data, sp, n_ctx, None if max_batches is None else max_batches * batch_size)
     # padding of the last window: any valid id as input, its label is ignored
@@ -186,14 +184,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmscale.export.format import load_export, load_export_tokenizer
+    from mmscale.export.format import load_export_with_tokenizer
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.json:  # outputs are checked before the work, as every command does
         check_json_target(args.json, getattr(args, "overwrite", False))
-    model, meta = load_export(args.export, require_tokenizer=True)
-    sp = load_export_tokenizer(args.export, meta, model.config.vocab_size)
+    model, meta, sp = load_export_with_tokenizer(args.export)
     check_data_tokenizer(args.data, args.export, meta)
     batches = iter_batches(args.data, sp, model.config.n_ctx, args.batch_size, args.split,
                            args.max_batches if args.max_batches > 0 else None)

@@ -161,6 +161,17 @@ def load_export(path: str | os.PathLike, dtype=None, device="cpu", require_token
     return model, meta
 
 
+def load_export_with_tokenizer(path: str | os.PathLike, dtype=None, device="cpu"):
+    """An export's model and its tokenizer, for the commands that read or write text. Returns (model, meta, sp).
+
+    Refuses (UserError) an export without its tokenizer.model and a tokenizer with more pieces than the
+    model has embeddings (see load_export, load_export_tokenizer).
+    """
+    model, meta = load_export(path, dtype=dtype, device=device, require_tokenizer=True)
+    sp = load_export_tokenizer(path, meta, model.config.vocab_size)
+    return model, meta, sp
+
+
 def load_export_state(path: str | os.PathLike, model_cfg: Any) -> dict:
     """The state dict of an export, checked against `model_cfg` (a ModelConfig or its dict).
 

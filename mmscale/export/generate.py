@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 from mmscale.errors import UserError
 
@@ -96,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmscale.export.format import load_export, load_export_tokenizer
+    from mmscale.export.format import load_export_with_tokenizer
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -107,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
                         f"use 0 for greedy decoding or a value >= {MIN_TEMPERATURE}", 2)
     if args.top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
-    model, meta = load_export(args.export, require_tokenizer=True)
-    sp = load_export_tokenizer(args.export, meta, model.config.vocab_size)
+    model, _, sp = load_export_with_tokenizer(args.export)
     # training data is documents each followed by EOS (no BOS): an EOS first starts a new document
     eos = sp.eos_id()
     prompt_ids = ([eos] if eos >= 0 else []) + sp.encode(args.prompt)
