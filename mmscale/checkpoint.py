@@ -393,20 +393,14 @@ class Checkpointer:
         """Every rank learns whether any rank failed to write its part: the failing rank raises its error (a full
         disk becomes one line in save), the others stop with one line too, rather than waiting in the next
         collective."""
-        import torch
-
         from mmscale import distributed
 
-        # not distributed.all_reduce_sum: that is the loop's one host sync per step (and profiled as such)
-        flag = torch.tensor([float(failure is not None)], dtype=torch.float64, device=engine.device)
-        if distributed.is_initialized():
-            torch.distributed.all_reduce(flag)
-        (n_failed,) = flag.tolist()
+        n_failed = distributed.ranks_flagging(failure is not None, engine.device)
         if failure is not None:
             raise failure
         if n_failed:
             last = self.latest()
-            raise UserError(f"saving the checkpoint failed on {int(n_failed)} other rank(s) (see rank 0's message); "
+            raise UserError(f"saving the checkpoint failed on {n_failed} other rank(s) (see rank 0's message); "
                             f"{f'the previous checkpoint {last} is intact' if last else 'no checkpoint was saved'}")
 
     def _no_space(self, e: BaseException) -> bool:

@@ -187,6 +187,18 @@ def all_reduce_sum(values, device) -> list[float]:
         return t.tolist()
 
 
+def ranks_flagging(flag: bool, device) -> int:
+    """How many ranks pass flag=True (a barrier that also tells every rank whether one of them failed)."""
+    import torch
+    import torch.distributed as dist
+
+    # not all_reduce_sum: that is the loop's one host sync per step (and profiled as such)
+    t = torch.tensor([float(bool(flag))], dtype=torch.float64, device=device)
+    if is_initialized():
+        dist.all_reduce(t)
+    return int(t.item())
+
+
 def shutdown() -> None:
     """Destroy the torch process group (if one is up) and give the environment back as init found it."""
     if is_initialized():

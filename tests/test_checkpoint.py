@@ -168,13 +168,12 @@ def test_resume_refusals(tmp_path):
     assert sorted(read_losses(run_dir)) == [1, 2, 3, 4]
 
 
-def test_check_compatible_deepspeed_world_size_and_stage(tmp_path):
+def test_check_compatible_deepspeed_stage_and_precision(tmp_path):
     cfg = config_from_dict(tiny_config(tmp_path, **{"engine.kind": "deepspeed", "engine.zero_stage": 2}))
     meta = {"engine": "deepspeed", "zero_stage": 2, "world_size": 2, "precision": "fp32",
             "model": cfg.to_dict()["model"]}
     ckpt.check_compatible(meta, cfg, 2, "here")
-    with pytest.raises(UserError, match="same number of ranks"):
-        ckpt.check_compatible(meta, cfg, 4, "here")
+    ckpt.check_compatible(meta, cfg, 4, "here")  # another world size: resharded on load (tests/test_elastic.py)
     with pytest.raises(UserError, match="same ZeRO stage"):
         ckpt.check_compatible({**meta, "zero_stage": 3}, cfg, 2, "here")
     with pytest.raises(UserError, match="same precision"):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -110,9 +111,7 @@ class DeepSpeedEngine(Engine):
         if meta.get("zero_stage") != cfg.engine.zero_stage:
             raise UserError(f"{where} was written with engine.zero_stage={meta.get('zero_stage')}, this run uses "
                             f"{cfg.engine.zero_stage}; resume with the same ZeRO stage")
-        if meta.get("world_size") != world_size:
-            raise UserError(f"{where} was written by {meta.get('world_size')} DeepSpeed ranks, this run has "
-                            f"{world_size}; resume with the same number of ranks")
+        # another world size is fine: load() reshards (see _load_resharded)
 
     @classmethod
     def describe(cls, meta):
@@ -182,11 +181,58 @@ class DeepSpeedEngine(Engine):
             raise UserError(f"'{step_dir}' was written in DeepSpeed's bf16 mode by an older mmscale and cannot be "
                             "resumed; convert it (mmscale convert STEP_DIR OUT) and start from the export with "
                             "train.init_from=OUT")
+        if meta.get("world_size") != self.info.world_size and meta.get("zero_stage", 0) >= 1:
+            return self._load_resharded(step_dir, meta)
+        # (ZeRO-0 keeps the whole optimizer state in the model-states file: any world size loads it)
         path, _ = self.engine.load_checkpoint(str(step_dir), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint in '{step_dir}/{TAG}'; it is damaged: "
                             "resume from an earlier step folder (run.resume=PATH)")
+
+    def _load_resharded(self, step_dir: Path, meta: dict) -> None:
+        """Resume a ZeRO 1-3 checkpoint written by another number of ranks (SLURM requeued the job onto other
+        nodes): rank 0 turns it into DeepSpeed's universal checkpoint (one file per parameter for the fp32
+        weights and each Adam moment, deepspeed.checkpoint.ds_to_universal) in a work folder beside the step
+        folder; every rank loads its new partitions from there; the work folder is removed. The step folder
+        itself is never modified."""
+        from mmscale import distributed
+
+        work = step_dir.parent / f".reshard_{step_dir.name}"
+        failure = None
+        if self.info.rank == 0:
+            print(f"mmscale train: resharding '{step_dir}' from {meta.get('world_size')} to {self.info.world_size} "
+                  "DeepSpeed ranks (universal checkpoint)", file=sys.stderr, flush=True)
+            try:
+                to_universal(step_dir / TAG, work / TAG)
+            except UserError as e:
+                failure = e
+        if distributed.ranks_flagging(failure is not None, self.device):
+            if failure is not None:
+                raise failure
+            raise UserError(f"resharding '{step_dir}' failed on rank 0 (see its message)")
+        # ZeRO-3's universal loader (DeepSpeed 0.19) gives every parameter group the first group's hyperparameters
+        # (weight decay on norms and biases too): this run's groups keep their own (they come from the config)
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+        self.engine._config.load_universal_checkpoint = True  # read per load_checkpoint call
+        try:
+            path, _ = self.engine.load_checkpoint(str(work), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        for group, hyper in zip(base.param_groups, groups):
+            group.update(hyper)
+        # ...and hands every group the same `step` tensor, which AdamW then advances once per group and step
+        for state in base.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        distributed.barrier(self.device)
+        if self.info.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        if path is None:
+            raise UserError(f"DeepSpeed could not load the resharded checkpoint of '{step_dir}'; resume it on "
+                            f"{meta.get('world_size')} ranks, or convert it (mmscale convert) and start from the export")
 
     def module(self):
         return self.engine.module
@@ -194,6 +240,24 @@ class DeepSpeedEngine(Engine):
     def close(self):
         if hasattr(self.engine, "destroy"):  # frees DeepSpeed's hooks and buffers (newer versions)
             self.engine.destroy()
+
+
+def to_universal(ds_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's universal checkpoint of the ZeRO checkpoint in `ds_dir`, written to `out_dir` (replaced), by
+    its own converter in a child process (it starts worker processes and prints; neither belongs in a rank)."""
+    import subprocess
+
+    shutil.rmtree(out_dir.parent, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_dir),
+           "--output_folder", str(out_dir), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")  # it only moves tensors between files
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()] or ["?"]
+        raise UserError(f"DeepSpeed's universal-checkpoint converter failed on '{ds_dir}' ({lines[-1][:200]}); "
+                        "resume on the number of ranks that wrote it")
 
 
 # ---------------------------------------------------------------------------------------------
