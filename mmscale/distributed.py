@@ -79,11 +79,17 @@ _ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADD
 _exported: dict[str, str | None] = {}  # what export_env replaced, restored by shutdown()
 
 
+def rendezvous_env(info: DistInfo) -> dict[str, str]:
+    """The env:// rendezvous variables of `info` (RANK, LOCAL_RANK, WORLD_SIZE, ...): what this process exports
+    in export_env, and what a launcher puts into a trainer child's environment."""
+    return {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size),
+            "LOCAL_WORLD_SIZE": str(info.local_world_size),
+            "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port)}
+
+
 def export_env(info: DistInfo) -> None:
     """Make the env:// rendezvous (torch and DeepSpeed) see what was detected (SLURM sets none of it)."""
-    values = {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size),
-              "LOCAL_WORLD_SIZE": str(info.local_world_size),
-              "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port)}
+    values = rendezvous_env(info)
     for key in _ENV_KEYS:
         _exported.setdefault(key, os.environ.get(key))
     os.environ.update(values)

@@ -31,7 +31,7 @@ from pathlib import Path
 from submitit.helpers import Checkpointable
 
 from mmscale.config import Config, load_config
-from mmscale.distributed import free_port
+from mmscale.distributed import DistInfo, free_port, rendezvous_env
 from mmscale.errors import UserError
 
 EXIT_REQUEUE = 75  # the trainer's "stopped by a signal after saving a checkpoint" (ARCHITECTURE.md)
@@ -157,13 +157,10 @@ class TrainJob(ChildTask):
 
         env = submitit.JobEnvironment()
         job_id = str(env.job_id).split("_")[0]
-        child_env = dict(os.environ)
-        child_env.update({
-            "RANK": str(env.global_rank), "LOCAL_RANK": str(env.local_rank),
-            "WORLD_SIZE": str(env.num_tasks), "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // env.num_nodes)),
-            "MASTER_ADDR": rendezvous_host(env.hostnames[0]),
-            "MASTER_PORT": str(self.master_port or rendezvous_port(job_id)),
-        })
+        child_env = {**os.environ, **rendezvous_env(DistInfo(
+            rank=env.global_rank, local_rank=env.local_rank, world_size=env.num_tasks,
+            local_world_size=max(1, env.num_tasks // env.num_nodes), master_addr=rendezvous_host(env.hostnames[0]),
+            master_port=self.master_port or rendezvous_port(job_id)))}
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
             child_env.setdefault("OMP_NUM_THREADS", cpus)
@@ -458,29 +455,31 @@ def _gpus_per_node_from_env(env) -> int:
 
 def sbatch_plan(argv: list[str]) -> int:
     """`python -m mmscale.launch sbatch-plan CONFIG [overrides]`: prints VAR=value lines for bash."""
+    from mmscale.errors import exit_status
+
+    return exit_status("pretrain.sh", _sbatch_plan, argv)
+
+
+def _sbatch_plan(argv: list[str]) -> int:
     env = os.environ
-    try:
-        if not argv:
-            raise UserError("usage: sbatch slurm/pretrain.sh CONFIG [section.key=value ...]", 2)
-        config_path, overrides = argv[0], list(argv[1:])
-        cfg = load_config(config_path, overrides)
-        nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-        tasks_per_node = _tasks_per_node_from_env(env)
-        check_layout(cfg, nodes, tasks_per_node)
-        gpus = _gpus_per_node_from_env(env)
-        if gpus and gpus != tasks_per_node:
-            raise UserError(f"the job has {gpus} GPU(s) per node but {tasks_per_node} task(s) per node; one task "
-                            f"per GPU: submit with --ntasks-per-node={gpus} (or --gpus-per-node={tasks_per_node})", 2)
-        extra = []
-        cpus = int(env.get("SLURM_CPUS_PER_TASK") or 0)
-        # data-loader workers share the task's cores with the trainer itself
-        if cpus and cfg.data.num_workers > cpus - 1:
-            extra.append(f"data.num_workers={cpus - 1}")
-            print(f"pretrain.sh: data.num_workers {cfg.data.num_workers} -> {cpus - 1} "
-                  f"(--cpus-per-task={cpus})", file=sys.stderr)
-    except UserError as e:
-        print(f"pretrain.sh: error: {e}", file=sys.stderr)
-        return e.exit_code
+    if not argv:
+        raise UserError("usage: sbatch slurm/pretrain.sh CONFIG [section.key=value ...]", 2)
+    config_path, overrides = argv[0], list(argv[1:])
+    cfg = load_config(config_path, overrides)
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    tasks_per_node = _tasks_per_node_from_env(env)
+    check_layout(cfg, nodes, tasks_per_node)
+    gpus = _gpus_per_node_from_env(env)
+    if gpus and gpus != tasks_per_node:
+        raise UserError(f"the job has {gpus} GPU(s) per node but {tasks_per_node} task(s) per node; one task "
+                        f"per GPU: submit with --ntasks-per-node={gpus} (or --gpus-per-node={tasks_per_node})", 2)
+    extra = []
+    cpus = int(env.get("SLURM_CPUS_PER_TASK") or 0)
+    # data-loader workers share the task's cores with the trainer itself
+    if cpus and cfg.data.num_workers > cpus - 1:
+        extra.append(f"data.num_workers={cpus - 1}")
+        print(f"pretrain.sh: data.num_workers {cfg.data.num_workers} -> {cpus - 1} "
+              f"(--cpus-per-task={cpus})", file=sys.stderr)
     print(f"RUN_DIR={shlex.quote(str(Path(cfg.run.dir).resolve()))}")
     print(f"CONFIG={shlex.quote(str(Path(config_path).resolve()))}")
     print(f"EXTRA_OVERRIDES=({' '.join(shlex.quote(x) for x in extra)})")

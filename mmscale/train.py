@@ -28,7 +28,7 @@ import torch
 from mmscale import checkpoint as ckpt
 from mmscale import distributed as dist_
 from mmscale.config import Config, load_config
-from mmscale.errors import UserError
+from mmscale.errors import UserError, exit_status
 
 EXIT_OK, EXIT_SIGNAL, EXIT_NONFINITE = 0, 75, 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
@@ -461,11 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmscale.train", description="pre-train a model with any engine")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"mmscale train: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return exit_status("mmscale train", run, args)
 
 
 if __name__ == "__main__":

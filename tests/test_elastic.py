@@ -1,5 +1,5 @@
 """Elastic resume: a checkpoint written by 2 ranks resumes on 1, and one written by 1 resumes on 2 (SLURM requeues
-onto other node counts), for DeepSpeed ZeRO-1/2/3 and FSDP2. The global batch is fixed, so the resumed run sees
+onto other node counts), for DeepSpeed ZeRO-0/1/2/3 and FSDP2. The global batch is fixed, so the resumed run sees
 exactly the samples the uninterrupted run saw, and its losses continue the uninterrupted run's within fp32
 reduction-order noise (the reference is the uninterrupted run on the *checkpoint's* world size)."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ from tests._dist import read_losses, run_distributed, tiny_config
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 STEPS, CUT = 6, 3
-ENGINES = {"zero1": {"engine.kind": "deepspeed", "engine.zero_stage": 1},
+ENGINES = {"zero0": {"engine.kind": "deepspeed", "engine.zero_stage": 0},
+           "zero1": {"engine.kind": "deepspeed", "engine.zero_stage": 1},
            "zero2": {"engine.kind": "deepspeed", "engine.zero_stage": 2},
            "zero3": {"engine.kind": "deepspeed", "engine.zero_stage": 3},
            "fsdp": {"engine.kind": "fsdp"}}
