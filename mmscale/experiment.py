@@ -29,7 +29,6 @@ the nearest whole step, so arms differ by less than one step's worth. The other 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import hashlib
 import json
@@ -170,12 +169,35 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Sp
 
 
 def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
-    from mmscale.config import ConfigError, config_from_dict
-
     _need(isinstance(raw, dict), "a spec must be a mapping with keys such as data, arms, budget")
     for k in raw:
         _need(k in TOP_KEYS, f"unknown spec key '{k}'; valid keys: {', '.join(sorted(TOP_KEYS))}")
     name = str(raw.get("name") or "experiment")
+    data = _parse_data(raw)
+    base = _flat_overrides(raw.get("base") or {}, "base")
+    arms, resources = _parse_arms(raw)
+    seeds, n_ctx, shapes = _parse_axes(raw)
+    budget = _parse_budget(raw, arms)
+    sweep = _parse_sweep(raw, budget["rule"])
+    ev = _parse_eval(raw)
+    ret = _parse_retrieval(raw, data)
+    rep = _parse_representation(raw)
+    la = _parse_launcher(raw)
+    for an, res in resources.items():
+        _need(isinstance(res, dict) and set(res) <= SLURM_KEYS - {"arms"},
+              f"spec key 'arms.{an}.resources' may hold {', '.join(sorted(SLURM_KEYS - {'arms'}))}")
+    baseline = _pick_baseline(raw, base, arms)
+    for k in base:
+        _need(not k.startswith("run.") and k != "data.train",
+              f"spec key 'base.{k}' is set by the experiment (run dirs, seeds, data); remove it")
+    spec = Spec(name=name, raw=raw, data=data, base=base, arms=arms, arm_resources=resources, baseline=baseline,
+                seeds=seeds, n_ctx=n_ctx, shapes=shapes, budget=budget, sweep=sweep, eval=ev, retrieval=ret,
+                representation=rep, launcher=la, base_dir=base_dir)
+    _check_arm_configs(spec)
+    return spec
+
+
+def _parse_data(raw: dict) -> dict:
     data = _section(raw, "data", DATA_KEYS)
     _need(bool(data.get("train")) != bool(data.get("text")),
           "spec key 'data': give exactly one of data.train (a prepared dataset) or data.text (a text file, "
@@ -187,7 +209,10 @@ def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
     if data.get("other_text") and data.get("train"):
         raise SpecError("spec key 'data.other_text' needs data.text (it is prepared with the experiment's "
                         "tokenizer); with data.train give data.other, a dataset prepared with the same tokenizer")
-    base = _flat_overrides(raw.get("base") or {}, "base")
+    return data
+
+
+def _parse_arms(raw: dict) -> tuple[dict, dict]:
     arms_raw = raw.get("arms")
     _need(isinstance(arms_raw, dict) and len(arms_raw) >= 2,
           "spec key 'arms' must map at least two arm names to model overrides, e.g. "
@@ -200,6 +225,10 @@ def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
         _need(isinstance(ov, dict), f"spec key 'arms.{an}' must be a mapping of config overrides")
         resources[an] = ov.pop("resources", {}) or {}
         arms[an] = _flat_overrides(ov, f"arms.{an}")
+    return arms, resources
+
+
+def _parse_axes(raw: dict) -> tuple[list, list, list]:
     axes = _section(raw, "axes", AXES_KEYS)
     seeds = axes.get("seeds", [0, 1, 2])
     _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
@@ -213,6 +242,10 @@ def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
     for s in shapes:
         _need(isinstance(s, dict) and set(s) <= {"d_model", "n_layers"},
               f"spec key 'axes.shape' must be a list of {{d_model: D, n_layers: L}}, got {s!r}")
+    return seeds, n_ctx, shapes
+
+
+def _parse_budget(raw: dict, arms: dict) -> dict:
     budget = _section(raw, "budget", BUDGET_KEYS)
     rule = budget.get("rule", "flops")
     _need(rule in RULES, f"spec key 'budget.rule' must be one of {', '.join(RULES)}, got {rule!r}")
@@ -234,6 +267,10 @@ def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
                                               f"(or budget.reference_arm + budget.reference_steps)")
         budget[amount] = _num(budget, amount, "budget", None, float, 1e-9)
     budget["params_tolerance"] = _num(budget, "params_tolerance", "budget", 0.1, float, 0)
+    return budget
+
+
+def _parse_sweep(raw: dict, rule: str) -> dict:
     sweep = _section(raw, "sweep", SWEEP_KEYS)
     lrs = sweep.get("lr", [])
     lrs = lrs if isinstance(lrs, list) else [lrs]
@@ -249,10 +286,18 @@ def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
     sweep["min_steps"] = _num(sweep, "min_steps", "sweep", 5, int, 1)
     _need(rule != "wall_clock" or sweep["steps"] is not None,
           "spec key 'sweep.steps' is needed with budget.rule wall_clock (the sweep measures each arm's throughput)")
+    return sweep
+
+
+def _parse_eval(raw: dict) -> dict:
     ev = _section(raw, "eval", EVAL_KEYS)
     ev["batches"] = _num(ev, "batches", "eval", 8, int, 1)
     ev["batch_size"] = _num(ev, "batch_size", "eval", 8, int, 1)
     ev["points"] = _num(ev, "points", "eval", 8, int, 1)
+    return ev
+
+
+def _parse_retrieval(raw: dict, data: dict) -> dict:
     ret = _section(raw, "retrieval", RETRIEVAL_KEYS)
     ret["enabled"] = bool(ret.get("enabled", bool(data.get("retrieval"))))
     _need(not ret["enabled"] or data.get("retrieval"),
@@ -272,10 +317,18 @@ def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
     _need(all(isinstance(c, int) and c >= 2 for c in cands),
           f"spec key 'retrieval.candidates' must be a list of integers >= 2, got {cands!r}")
     ret["candidates"] = sorted(set(cands))
+    return ret
+
+
+def _parse_representation(raw: dict) -> dict:
     rep = _section(raw, "representation", REPR_KEYS)
     rep["enabled"] = bool(rep.get("enabled", True))
     rep["samples"] = _num(rep, "samples", "representation", 4, int, 1)
     rep["steps"] = _num(rep, "steps", "representation", 200, int, 1)
+    return rep
+
+
+def _parse_launcher(raw: dict) -> dict:
     la = _section(raw, "launcher", LAUNCHER_KEYS)
     la["jobs"] = _num(la, "jobs", "launcher", 1, int, 1)
     sl = la.get("slurm") or {}
@@ -283,29 +336,29 @@ def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
     for k in sl:
         _need(k in SLURM_KEYS, f"unknown spec key 'launcher.slurm.{k}'; valid keys: {', '.join(sorted(SLURM_KEYS))}")
     la["slurm"] = sl
-    for an, res in resources.items():
-        _need(isinstance(res, dict) and set(res) <= SLURM_KEYS - {"arms"},
-              f"spec key 'arms.{an}.resources' may hold {', '.join(sorted(SLURM_KEYS - {'arms'}))}")
+    return la
+
+
+def _pick_baseline(raw: dict, base: dict, arms: dict) -> str:
     baseline = raw.get("baseline")
     if baseline is None:
         kinds = {an: ov.get("model.kind", base.get("model.kind", "mixer")) for an, ov in arms.items()}
         baseline = next((an for an, k in kinds.items() if k == "transformer"), list(arms)[-1])
     _need(baseline in arms, f"spec key 'baseline' names {baseline!r}, which is not an arm ({', '.join(arms)})")
-    for k in base:
-        _need(not k.startswith("run.") and k != "data.train",
-              f"spec key 'base.{k}' is set by the experiment (run dirs, seeds, data); remove it")
-    spec = Spec(name=name, raw=raw, data=data, base=base, arms=arms, arm_resources=resources, baseline=baseline,
-                seeds=seeds, n_ctx=n_ctx, shapes=shapes, budget=budget, sweep=sweep, eval=ev, retrieval=ret,
-                representation=rep, launcher=la, base_dir=base_dir)
-    # every arm's config must load: a bad key is one line naming the arm and the key
-    for an in arms:
-        for nc in n_ctx:
-            for sh in shapes:
+    return baseline
+
+
+def _check_arm_configs(spec: Spec) -> None:
+    """Every arm's config must load: a bad key is one line naming the arm and the key."""
+    from mmscale.config import ConfigError, config_from_dict
+
+    for an in spec.arms:
+        for nc in spec.n_ctx:
+            for sh in spec.shapes:
                 try:
                     config_from_dict({}, _override_list(arm_overrides(spec, an, nc, sh)))
                 except ConfigError as e:
                     raise SpecError(f"spec key 'arms.{an}': {e}") from None
-    return spec
 
 
 def arm_overrides(spec: Spec, arm: str, n_ctx, shape: dict) -> dict:
@@ -330,99 +383,108 @@ def _resolve(spec: Spec, p: str) -> str:
 
 def prepare_data(spec: Spec, exp: Path, n_ctx_values: list[int], progress: bool = False) -> dict:
     """Prepared datasets for every n_ctx (keyed by n_ctx), the other source, the retrieval collection."""
+    out = {"train": {}, "other": {}, "retrieval": None, "tokenizer": None}
+    data_dir = exp / "data"
+    if spec.data.get("train"):
+        _use_prepared_datasets(spec, n_ctx_values, out)
+    else:
+        _prepare_from_text(spec, data_dir, n_ctx_values, progress, out)
+    if spec.retrieval["enabled"]:
+        out["retrieval"] = _retrieval_collection(spec, data_dir)
+    return out
+
+
+def _use_prepared_datasets(spec: Spec, n_ctx_values: list[int], out: dict) -> None:
     from mmscale.data.loader import read_manifest
 
     d = spec.data
-    out = {"train": {}, "other": {}, "retrieval": None, "tokenizer": None}
-    data_dir = exp / "data"
-    if d.get("train"):
-        train = _resolve(spec, d["train"])
-        _need(Path(train).is_dir(), f"spec key 'data.train': '{train}' is not a prepared dataset folder")
-        m = read_manifest(train)
+    train = _resolve(spec, d["train"])
+    _need(Path(train).is_dir(), f"spec key 'data.train': '{train}' is not a prepared dataset folder")
+    m = read_manifest(train)
+    for nc in n_ctx_values:
+        _need(nc is None or m.get("n_ctx") == nc,
+              f"spec key 'axes.n_ctx': {nc} differs from data.train's n_ctx {m.get('n_ctx')}; give data.text "
+              "so the experiment prepares each n_ctx, or one n_ctx")
+        out["train"][nc] = train
+    out["tokenizer"] = str(Path(train) / "tokenizer.model")
+    if d.get("other"):
+        other = _resolve(spec, d["other"])
+        _need(Path(other).is_dir(), f"spec key 'data.other': '{other}' is not a prepared dataset folder")
         for nc in n_ctx_values:
-            _need(nc is None or m.get("n_ctx") == nc,
-                  f"spec key 'axes.n_ctx': {nc} differs from data.train's n_ctx {m.get('n_ctx')}; give data.text "
-                  "so the experiment prepares each n_ctx, or one n_ctx")
-            out["train"][nc] = train
-        out["tokenizer"] = str(Path(train) / "tokenizer.model")
-        if d.get("other"):
-            other = _resolve(spec, d["other"])
-            _need(Path(other).is_dir(), f"spec key 'data.other': '{other}' is not a prepared dataset folder")
-            for nc in n_ctx_values:
-                out["other"][nc] = other
+            out["other"][nc] = other
+
+
+def _synth_corpus(d: dict, data_dir: Path) -> Path:
+    """The built-in corpus (stories.txt, pairs.jsonl) under data_dir/synth, written once."""
+    from mmscale.data.synth import write_corpus
+
+    corpus = data_dir / "synth"
+    if not (corpus / "pairs.jsonl").is_file():
+        write_corpus(corpus, int(d.get("synth_stories", 3000)), 0, overwrite=True)
+    return corpus
+
+
+def _prepare_from_text(spec: Spec, data_dir: Path, n_ctx_values: list[int], progress: bool, out: dict) -> None:
+    from mmscale.data.prepare import PrepareOptions, prepare
+    from mmscale.data.tokenizer import train_tokenizer
+
+    d = spec.data
+    text = d["text"]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if text == "synth":
+        text = str(_synth_corpus(d, data_dir) / "stories.txt")
     else:
-        from mmscale.data.prepare import PrepareOptions, prepare
-        from mmscale.data.tokenizer import train_tokenizer
-
-        text = d["text"]
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if text == "synth":
-            from mmscale.data.synth import write_corpus
-
-            corpus = data_dir / "synth"
-            if not (corpus / "pairs.jsonl").is_file():
-                write_corpus(corpus, int(d.get("synth_stories", 3000)), 0, overwrite=True)
-            text = str(corpus / "stories.txt")
-        else:
-            text = _resolve(spec, text)
-            _need(Path(text).exists(), f"spec key 'data.text': '{text}' does not exist; give a text file or 'synth'")
-        tok = data_dir / "tokenizer.model"
-        if not tok.is_file():
-            train_tokenizer([text] if Path(text).is_file() else [str(p) for p in sorted(Path(text).glob("*.txt"))],
-                            int(d.get("vocab_size", 1024)), tok)
-        out["tokenizer"] = str(tok)
-        other_text = d.get("other_text")
-        if other_text == "synth":
-            from mmscale.data.synth import write_corpus
-
-            corpus = data_dir / "synth"
-            if not (corpus / "pairs.jsonl").is_file():
-                write_corpus(corpus, int(d.get("synth_stories", 3000)), 0, overwrite=True)
-            other_text = str(corpus / "stories.txt")
-        elif other_text:
-            other_text = _resolve(spec, other_text)
-            _need(Path(other_text).exists(), f"spec key 'data.other_text': '{other_text}' does not exist")
-        for nc in n_ctx_values:
-            _need(nc is not None, "spec key 'axes.n_ctx' is needed with data.text (the windows to prepare)")
-            target = data_dir / f"train-{nc}"
+        text = _resolve(spec, text)
+        _need(Path(text).exists(), f"spec key 'data.text': '{text}' does not exist; give a text file or 'synth'")
+    tok = data_dir / "tokenizer.model"
+    if not tok.is_file():
+        train_tokenizer([text] if Path(text).is_file() else [str(p) for p in sorted(Path(text).glob("*.txt"))],
+                        int(d.get("vocab_size", 1024)), tok)
+    out["tokenizer"] = str(tok)
+    other_text = d.get("other_text")
+    if other_text == "synth":
+        other_text = str(_synth_corpus(d, data_dir) / "stories.txt")
+    elif other_text:
+        other_text = _resolve(spec, other_text)
+        _need(Path(other_text).exists(), f"spec key 'data.other_text': '{other_text}' does not exist")
+    for nc in n_ctx_values:
+        _need(nc is not None, "spec key 'axes.n_ctx' is needed with data.text (the windows to prepare)")
+        target = data_dir / f"train-{nc}"
+        if not (target / "manifest.json").is_file():
+            prepare(PrepareOptions(inputs=[text], tokenizer=str(tok), n_ctx=nc, out=str(target),
+                                   val_fraction=float(d.get("val_fraction", 0.05)), workers=1,
+                                   progress=progress, overwrite=target.exists()))
+        out["train"][nc] = str(target)
+        if other_text:
+            target = data_dir / f"other-{nc}"
             if not (target / "manifest.json").is_file():
-                prepare(PrepareOptions(inputs=[text], tokenizer=str(tok), n_ctx=nc, out=str(target),
-                                       val_fraction=float(d.get("val_fraction", 0.05)), workers=1,
-                                       progress=progress, overwrite=target.exists()))
-            out["train"][nc] = str(target)
-            if other_text:
-                target = data_dir / f"other-{nc}"
-                if not (target / "manifest.json").is_file():
-                    prepare(PrepareOptions(inputs=[other_text], tokenizer=str(tok), n_ctx=nc, out=str(target),
-                                           val_fraction=0.5, workers=1, progress=progress, overwrite=target.exists()))
-                out["other"][nc] = str(target)
-        if d.get("other"):
-            for nc in n_ctx_values:
-                out["other"][nc] = _resolve(spec, d["other"])
-    if spec.retrieval["enabled"]:
-        r = d["retrieval"]
-        if r == "synth":
-            from mmscale.data.synth import write_corpus
+                prepare(PrepareOptions(inputs=[other_text], tokenizer=str(tok), n_ctx=nc, out=str(target),
+                                       val_fraction=0.5, workers=1, progress=progress, overwrite=target.exists()))
+            out["other"][nc] = str(target)
+    if d.get("other"):
+        for nc in n_ctx_values:
+            out["other"][nc] = _resolve(spec, d["other"])
 
-            corpus = data_dir / "synth"
-            if not (corpus / "pairs.jsonl").is_file():
-                write_corpus(corpus, int(d.get("synth_stories", 3000)), 0, overwrite=True)
-            r = str(corpus / "pairs.jsonl")
-        else:
-            r = _resolve(spec, r)
-            _need(Path(r).exists(), f"spec key 'data.retrieval': '{r}' does not exist; give a BEIR folder, a pairs "
-                                    "JSONL or 'synth'")
-        if Path(r).is_file():  # a pairs JSONL: held-out queries, as `retrieval import --test-fraction` writes
-            coll = data_dir / "retrieval"
-            if not (coll / "corpus.jsonl").is_file():
-                from mmscale.retrieval_data import import_collection
 
-                import_collection(argparse.Namespace(
-                    format="pairs", pairs=r, out=str(coll), split="test", seed=0, overwrite=True,
-                    test_fraction=float(d.get("retrieval_test_fraction", 0.2))))
-            r = str(coll)
-        out["retrieval"] = r
-    return out
+def _retrieval_collection(spec: Spec, data_dir: Path) -> str:
+    d = spec.data
+    r = d["retrieval"]
+    if r == "synth":
+        r = str(_synth_corpus(d, data_dir) / "pairs.jsonl")
+    else:
+        r = _resolve(spec, r)
+        _need(Path(r).exists(), f"spec key 'data.retrieval': '{r}' does not exist; give a BEIR folder, a pairs "
+                                "JSONL or 'synth'")
+    if Path(r).is_file():  # a pairs JSONL: held-out queries, as `retrieval import --test-fraction` writes
+        coll = data_dir / "retrieval"
+        if not (coll / "corpus.jsonl").is_file():
+            from mmscale.retrieval_data import import_collection
+
+            import_collection(argparse.Namespace(
+                format="pairs", pairs=r, out=str(coll), split="test", seed=0, overwrite=True,
+                test_fraction=float(d.get("retrieval_test_fraction", 0.2))))
+        r = str(coll)
+    return r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1213,9 +1275,19 @@ def _plots(data: dict, out: Path) -> list[tuple[str, str]]:
 
 def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
     exp, plan = data["exp"], data["plan"]
+    L = _md_intro(exp)
+    for pk in sorted({r["point"] for r in data["runs"]}):
+        L += _md_budget_table(data, pk, plan["numbers"][pk])
+        L += _md_sweep_table(data, pk)
+        L += _md_claims(data, pk)
+        L += _md_retrieval_claims(data, pk)
+        L += _md_representation_claims(data, pk)
+    L += _md_how_made(exp, pngs)
+    return "\n".join(L)
+
+
+def _md_intro(exp) -> list[str]:
     spec = exp.spec
-    base = spec.baseline
-    others = [a for a in spec.arms if a != base]
     b = spec.budget
     amount = ({"flops": f"{budget_target(spec, next(iter(exp.numbers.values()))):.4g} training FLOPs "
                         f"({b['count']} count)",
@@ -1225,96 +1297,131 @@ def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
     if spec.raw.get("description"):
         L += [str(spec.raw["description"]).strip(), ""]
     L += [f"Budget rule: **equal {b['rule'].replace('_', '-')}** ({amount} per run; steps rounded to the nearest "
-          f"whole step). Baseline arm: `{base}`. Seeds: {', '.join(map(str, spec.seeds))}. "
+          f"whole step). Baseline arm: `{spec.baseline}`. Seeds: {', '.join(map(str, spec.seeds))}. "
           f"Held-out sets: the first {spec.eval['batches']} x {spec.eval['batch_size']} windows of each val split, "
           "unshuffled, the same for every run. Spread: mean ± sample standard deviation over seeds; verdicts compare "
           "means with the standard error of their difference (within 2 SE: no difference within noise).", ""]
+    return L
+
+
+def _md_budget_table(data: dict, pk: str, nums: dict) -> list[str]:
+    spec, runs = data["exp"].spec, data["runs"]
+    base = spec.baseline
+    L = [f"## Point `{pk}`", "", "### Budget and parameters", "",
+         "| arm | parameters | vs baseline | FLOPs/token (causal / dense) | lr | steps | tokens | "
+         "training FLOPs causal | dense | wall-clock s (mean) | tokens/s (median) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    tol = spec.budget["params_tolerance"]
+    for an in spec.arms:
+        n = nums[an]
+        rs = [r for r in runs if r["point"] == pk and r["arm"] == an]
+        ratio = n["params"] / nums[base]["params"] - 1
+        match = "matched" if abs(ratio) <= tol else f"**MISMATCH** ({ratio:+.1%}, tolerance ±{tol:.0%})"
+        c = data["choice"].get(pk, {}).get(an, {})
+        wc = mean_sd([r["summary"]["wall_clock_s"] for r in rs])[0]
+        tp = [r["summary"]["median_tokens_per_s"] for r in rs if r["summary"]["median_tokens_per_s"]]
+        L.append(f"| {an} | {n['params']:,} | {ratio:+.1%} {match} | {n['flops_causal']:.4g} / "
+                 f"{n['flops_dense']:.4g} | {_fmt(c.get('lr')) if c.get('lr') else 'base'} | "
+                 f"{rs[0]['steps'] if rs else '–'} | {rs[0]['tokens'] if rs else '–'} | "
+                 f"{_fmt(rs[0]['flops_causal']) if rs else '–'} | {_fmt(rs[0]['flops_dense']) if rs else '–'} | "
+                 f"{_fmt(wc, 1)} | {_fmt(statistics.median(tp), 0) if tp else '–'} |")
+    L.append("")
+    return L
+
+
+def _md_sweep_table(data: dict, pk: str) -> list[str]:
+    spec = data["exp"].spec
+    sweep_rows = [(an, s) for an in spec.arms for s in data["choice"].get(pk, {}).get(an, {}).get("sweep", [])]
+    if not sweep_rows:
+        return []
+    L = ["### Learning-rate sweep (seed {}, short budget; best carried to the full budget)".format(
+        spec.seeds[0]), "", "| arm | lr | steps | final val loss | tokens/s | chosen |", "|---|---|---|---|---|---|"]
+    for an, s in sweep_rows:
+        chosen = "**yes**" if s["lr"] == data["choice"][pk][an]["lr"] else ""
+        L.append(f"| {an} | {_fmt(s['lr']) if s['lr'] else 'base'} | {s['steps']} | {_fmt(s['val_loss'])} | "
+                 f"{_fmt(s['tokens_per_s'], 0)} | {chosen} |")
+    L.append("")
+    grid = sorted(spec.sweep["lr"])
+    for an in spec.arms:
+        lr = data["choice"].get(pk, {}).get(an, {}).get("lr")
+        if lr is not None and len(grid) > 1 and lr in (grid[0], grid[-1]):
+            L += [f"Note: `{an}`'s best learning rate {_fmt(lr)} is at the {'top' if lr == grid[-1] else 'bottom'} "
+                  "of the grid; a wider grid may find a better one for this arm.", ""]
+    return L
+
+
+def _md_claim(data: dict, pk: str, title: str, getter, lower_better: bool, unit: str, note: str = "") -> list[str]:
+    """One measured quantity: a table of arms x seeds with mean ± sd, and a verdict per arm against the baseline."""
+    spec, runs = data["exp"].spec, data["runs"]
+    base = spec.baseline
+    rows = ["| arm | " + " | ".join(f"seed {s}" for s in spec.seeds) + " | mean ± sd |",
+            "|---|" + "---|" * (len(spec.seeds) + 1)]
+    vals = {}
+    for an in spec.arms:
+        per = {r["seed"]: getter(r) for r in runs if r["point"] == pk and r["arm"] == an}
+        vals[an] = [v for v in per.values() if v is not None]
+        rows.append(f"| {an} | " + " | ".join(_fmt(per.get(s)) for s in spec.seeds) + f" | {_ms(vals[an])} |")
+    if not any(vals.values()):
+        return []
+    out = [f"### {title}", ""] + ([note, ""] if note else []) + rows + [""]
+    for an in (a for a in spec.arms if a != base):
+        out.append(f"**Verdict ({an} vs {base}):** {verdict(vals[an], vals[base], an, base, lower_better, unit)}")
+    return out + [""]
+
+
+def _md_claims(data: dict, pk: str) -> list[str]:
     runs = data["runs"]
-    for pk in sorted({r["point"] for r in runs}):
-        nums = plan["numbers"][pk]
-        L += [f"## Point `{pk}`", "", "### Budget and parameters", "",
-              "| arm | parameters | vs baseline | FLOPs/token (causal / dense) | lr | steps | tokens | "
-              "training FLOPs causal | dense | wall-clock s (mean) | tokens/s (median) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-        tol = b["params_tolerance"]
-        for an in spec.arms:
-            n = nums[an]
-            rs = [r for r in runs if r["point"] == pk and r["arm"] == an]
-            ratio = n["params"] / nums[base]["params"] - 1
-            match = "matched" if abs(ratio) <= tol else f"**MISMATCH** ({ratio:+.1%}, tolerance ±{tol:.0%})"
-            c = data["choice"].get(pk, {}).get(an, {})
-            wc = mean_sd([r["summary"]["wall_clock_s"] for r in rs])[0]
-            tp = [r["summary"]["median_tokens_per_s"] for r in rs if r["summary"]["median_tokens_per_s"]]
-            L.append(f"| {an} | {n['params']:,} | {ratio:+.1%} {match} | {n['flops_causal']:.4g} / "
-                     f"{n['flops_dense']:.4g} | {_fmt(c.get('lr')) if c.get('lr') else 'base'} | "
-                     f"{rs[0]['steps'] if rs else '–'} | {rs[0]['tokens'] if rs else '–'} | "
-                     f"{_fmt(rs[0]['flops_causal']) if rs else '–'} | {_fmt(rs[0]['flops_dense']) if rs else '–'} | "
-                     f"{_fmt(wc, 1)} | {_fmt(statistics.median(tp), 0) if tp else '–'} |")
-        L.append("")
-        sweep_rows = [(an, s) for an in spec.arms for s in data["choice"].get(pk, {}).get(an, {}).get("sweep", [])]
-        if sweep_rows:
-            L += ["### Learning-rate sweep (seed {}, short budget; best carried to the full budget)".format(
-                spec.seeds[0]), "", "| arm | lr | steps | final val loss | tokens/s | chosen |", "|---|---|---|---|---|---|"]
-            for an, s in sweep_rows:
-                chosen = "**yes**" if s["lr"] == data["choice"][pk][an]["lr"] else ""
-                L.append(f"| {an} | {_fmt(s['lr']) if s['lr'] else 'base'} | {s['steps']} | {_fmt(s['val_loss'])} | "
-                         f"{_fmt(s['tokens_per_s'], 0)} | {chosen} |")
-            L.append("")
-            grid = sorted(spec.sweep["lr"])
-            for an in spec.arms:
-                lr = data["choice"].get(pk, {}).get(an, {}).get("lr")
-                if lr is not None and len(grid) > 1 and lr in (grid[0], grid[-1]):
-                    L += [f"Note: `{an}`'s best learning rate {_fmt(lr)} is at the {'top' if lr == grid[-1] else 'bottom'} "
-                          "of the grid; a wider grid may find a better one for this arm.", ""]
-
-        def claim(title, getter, lower_better, unit, note=""):
-            rows = ["| arm | " + " | ".join(f"seed {s}" for s in spec.seeds) + " | mean ± sd |",
-                    "|---|" + "---|" * (len(spec.seeds) + 1)]
-            vals = {}
-            for an in spec.arms:
-                per = {r["seed"]: getter(r) for r in runs if r["point"] == pk and r["arm"] == an}
-                vals[an] = [v for v in per.values() if v is not None]
-                rows.append(f"| {an} | " + " | ".join(_fmt(per.get(s)) for s in spec.seeds) + f" | {_ms(vals[an])} |")
-            if not any(vals.values()):
-                return []
-            out = [f"### {title}", ""] + ([note, ""] if note else []) + rows + [""]
-            for an in others:
-                out.append(f"**Verdict ({an} vs {base}):** {verdict(vals[an], vals[base], an, base, lower_better, unit)}")
-            return out + [""]
-
-        L += claim("Held-out loss of the training source (nats/token, fixed eval tokens)",
-                   lambda r: (r["eval"].get("heldout") or {}).get("loss"), True, " nats",
-                   note=_tokens_note(runs, pk, "heldout"))
-        L += claim("Trainer's last val loss (metrics.jsonl, nats/token)", lambda r: r["val_loss"], True, " nats")
-        L += claim("Loss on held-out text from another source (nats/token)",
+    L = _md_claim(data, pk, "Held-out loss of the training source (nats/token, fixed eval tokens)",
+                  lambda r: (r["eval"].get("heldout") or {}).get("loss"), True, " nats",
+                  note=_tokens_note(runs, pk, "heldout"))
+    L += _md_claim(data, pk, "Trainer's last val loss (metrics.jsonl, nats/token)", lambda r: r["val_loss"], True,
+                   " nats")
+    L += _md_claim(data, pk, "Loss on held-out text from another source (nats/token)",
                    lambda r: (r["eval"].get("other") or {}).get("loss"), True, " nats",
                    note=_tokens_note(runs, pk, "other"))
-        L += claim("Throughput (median tokens/s while training)",
+    L += _md_claim(data, pk, "Throughput (median tokens/s while training)",
                    lambda r: r["summary"]["median_tokens_per_s"], False, " tokens/s")
-        ret = [r for r in runs if r["point"] == pk and r["eval"].get("retrieval")]
-        if ret:
-            first = ret[0]["eval"]["retrieval"]
-            note = (f"After {spec.retrieval['steps']} InfoNCE steps from each pretrained model; "
-                    f"{first['n_queries']} held-out queries ranked against {first['n_corpus']} documents "
-                    f"(split {first['split']}), as `mmscale retrieval eval` measures. BM25 on the same queries: "
-                    + ", ".join(f"{k} {v:.4f}" for k, v in (first.get("baseline") or {}).get("metrics", {}).items())
-                    + "; " + ", ".join(f"top-1 among {x['candidates']} {x['top1']:.4f}"
-                                       for x in (first.get("baseline") or {}).get("results", [])) + ".")
-            L += claim("Retrieval nDCG@10 after fine-tuning",
-                       lambda r: ((r["eval"].get("retrieval") or {}).get("metrics") or {}).get("ndcg@10"), False, "",
-                       note=note)
-            for i, n in enumerate(spec.retrieval["candidates"]):
-                L += claim(f"Retrieval top-1 among {n} after fine-tuning",
-                           lambda r, i=i: (((r["eval"].get("retrieval") or {}).get("results") or [{}] * (i + 1))[i]
-                                           .get("top1")), False, "")
-        if any(r["eval"].get("representation") for r in runs if r["point"] == pk):
-            note = (f"Fraction of positions whose token is not recovered in the top 5 after {spec.representation['steps']} "
-                    f"gradient steps ({spec.representation['samples']} windows; 0 = fully recoverable, 1 = not at all).")
-            L += claim("Input-representation error before training (untrained, the run's initial weights)",
-                       lambda r: ((r["eval"].get("representation") or {}).get("before") or {}).get("error"), True, "",
-                       note=note)
-            L += claim("Input-representation error after training",
-                       lambda r: ((r["eval"].get("representation") or {}).get("after") or {}).get("error"), True, "")
+    return L
+
+
+def _md_retrieval_claims(data: dict, pk: str) -> list[str]:
+    spec = data["exp"].spec
+    ret = [r for r in data["runs"] if r["point"] == pk and r["eval"].get("retrieval")]
+    if not ret:
+        return []
+    first = ret[0]["eval"]["retrieval"]
+    note = (f"After {spec.retrieval['steps']} InfoNCE steps from each pretrained model; "
+            f"{first['n_queries']} held-out queries ranked against {first['n_corpus']} documents "
+            f"(split {first['split']}), as `mmscale retrieval eval` measures. BM25 on the same queries: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in (first.get("baseline") or {}).get("metrics", {}).items())
+            + "; " + ", ".join(f"top-1 among {x['candidates']} {x['top1']:.4f}"
+                               for x in (first.get("baseline") or {}).get("results", [])) + ".")
+    L = _md_claim(data, pk, "Retrieval nDCG@10 after fine-tuning",
+                  lambda r: ((r["eval"].get("retrieval") or {}).get("metrics") or {}).get("ndcg@10"), False, "",
+                  note=note)
+    for i, n in enumerate(spec.retrieval["candidates"]):
+        L += _md_claim(data, pk, f"Retrieval top-1 among {n} after fine-tuning",
+                       lambda r, i=i: (((r["eval"].get("retrieval") or {}).get("results") or [{}] * (i + 1))[i]
+                                       .get("top1")), False, "")
+    return L
+
+
+def _md_representation_claims(data: dict, pk: str) -> list[str]:
+    spec = data["exp"].spec
+    if not any(r["eval"].get("representation") for r in data["runs"] if r["point"] == pk):
+        return []
+    note = (f"Fraction of positions whose token is not recovered in the top 5 after {spec.representation['steps']} "
+            f"gradient steps ({spec.representation['samples']} windows; 0 = fully recoverable, 1 = not at all).")
+    L = _md_claim(data, pk, "Input-representation error before training (untrained, the run's initial weights)",
+                  lambda r: ((r["eval"].get("representation") or {}).get("before") or {}).get("error"), True, "",
+                  note=note)
+    L += _md_claim(data, pk, "Input-representation error after training",
+                   lambda r: ((r["eval"].get("representation") or {}).get("after") or {}).get("error"), True, "")
+    return L
+
+
+def _md_how_made(exp, pngs: list[tuple[str, str]]) -> list[str]:
+    L = []
     if pngs:
         L += ["## Loss against FLOPs and tokens", ""]
         L += [f"![{cap}]({name})" for name, cap in pngs] + [""]
@@ -1325,7 +1432,7 @@ def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
     m = machine()
     L += ["Machine: " + "; ".join(f"{k} {v}" for k, v in m.items()), "",
           "Per-run curves, configs and samples: [runs.html](runs.html) (`mmscale report` of the main runs).", ""]
-    return "\n".join(L)
+    return L
 
 
 def _tokens_note(runs, pk, key) -> str:

@@ -279,79 +279,22 @@ def _prepare_with(pool, opts, out, sources, sp, vocab_size, dtype, ids, pad_id) 
 
 
 def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype, ids, pad_id) -> dict:
-    from tqdm import tqdm
-
-    from mmscale.data._streaming import import_streaming
-
-    MDSWriter = import_streaming().MDSWriter
-    n_ctx = opts.n_ctx
-    if opts.layout == "packed":
-        columns = {"tokens": f"ndarray:{dtype}:{n_ctx + 1}"}
-    else:
-        columns = {"tokens": f"ndarray:{dtype}:{n_ctx}", "length": "int32"}
-    # xxh64 digests of every shard (raw and compressed): streaming checks them when it decompresses or
-    # downloads a shard, `mmscale data verify` checks them all
-    writers = {s: MDSWriter(out=str(tmp / s), columns=columns, compression="zstd", hashes=["xxh64"],
-                            size_limit=opts.shard_bytes, progress_bar=False) for s in ("train", "val")}
-    if opts.layout == "packed":
-        splits = {s: _PackedSplit(w, n_ctx, ids["eos"], dtype) for s, w in writers.items()}
-    else:
-        splits = {s: _PaddedSplit(w, n_ctx, ids["eos"], pad_id, opts.pad, dtype) for s, w in writers.items()}
-
-    n_docs = len(is_val)
+    writers, splits = _open_splits(opts, tmp, dtype, ids, pad_id)
     t0 = time.perf_counter()
-    total_tokens = 0
-
-    def all_batches():
-        for src in sources:
-            yield from _batched(src.documents(opts), DOCS_PER_TASK)
-
-    bar = tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=not opts.progress,
-               file=sys.stderr, dynamic_ncols=True)
-    doc_index = 0
-    encoded = map(_encode_batch, all_batches()) if pool is None else pool.imap(_encode_batch, all_batches())
-    for flat, lengths in encoded:
-        total_tokens += int(lengths.sum())
-        val = is_val[doc_index:doc_index + len(lengths)]
-        doc_index += len(lengths)
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        for split, sel in (("train", ~val), ("val", val)):
-            if sel.any():
-                part = np.concatenate([flat[a:b] for a, b in zip(starts[sel], ends[sel])]) \
-                    if not sel.all() else flat
-                splits[split].add(part, lengths[sel])
-        bar.update(len(lengths))
-        bar.set_postfix_str(f"{total_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s",
-                            refresh=False)
-    bar.close()
+    total_tokens = _tokenize_into(pool, opts, sources, is_val, splits, t0)
     for s in splits.values():
         s.finish()
     for w in writers.values():
         w.finish()
     elapsed = time.perf_counter() - t0
+    n_ctx = opts.n_ctx
     if splits["train"].samples == 0:
         raise UserError(f"the input makes no training sample of n_ctx + 1 = {n_ctx + 1} tokens "
                         f"({total_tokens} tokens in all); pass more text or a smaller --n-ctx")
     if opts.val_fraction > 0 and splits["val"].samples == 0:
         raise UserError(f"the validation documents make no sample of n_ctx + 1 = {n_ctx + 1} tokens; "
                         "pass a larger --val-fraction, more text or a smaller --n-ctx")
-    # the tokenizer goes along as tokenizer.model (where every mmscale reader looks): a sentencepiece model,
-    # or a Hugging Face tokenizer.json (copied as it is, or written from a folder) with the special tokens
-    # chosen here in tokenizer_config.json beside it
-    tok_kind = "sentencepiece"
-    if hasattr(sp, "to_json"):
-        tok_kind = "huggingface"
-        src = Path(opts.tokenizer)
-        if src.is_file():
-            shutil.copyfile(src, tmp / "tokenizer.model")
-        else:
-            (tmp / "tokenizer.model").write_text(sp.to_json())
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
-             **{f"{k}_token": v for k, v in sp.special_tokens().items()}}, indent=2) + "\n")
-    else:
-        shutil.copyfile(opts.tokenizer, tmp / "tokenizer.model")
+    tok_kind = _copy_tokenizer(opts, sp, tmp)
     manifest = {
         "format": "mmscale-mds",
         "version": FORMAT_VERSION,
@@ -372,7 +315,7 @@ def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype
                       else {"truncated_documents": s.truncated})}
             for name, s in splits.items()
         },
-        "documents": n_docs,
+        "documents": len(is_val),
         "source_tokens": total_tokens,
         "val_fraction": opts.val_fraction,
         "seed": opts.seed,
@@ -386,6 +329,80 @@ def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _open_splits(opts, tmp: Path, dtype, ids, pad_id) -> tuple[dict, dict]:
+    """An MDS writer per split (train, val) and the packed or padded splitter feeding it."""
+    from mmscale.data._streaming import import_streaming
+
+    MDSWriter = import_streaming().MDSWriter
+    n_ctx = opts.n_ctx
+    if opts.layout == "packed":
+        columns = {"tokens": f"ndarray:{dtype}:{n_ctx + 1}"}
+    else:
+        columns = {"tokens": f"ndarray:{dtype}:{n_ctx}", "length": "int32"}
+    # xxh64 digests of every shard (raw and compressed): streaming checks them when it decompresses or
+    # downloads a shard, `mmscale data verify` checks them all
+    writers = {s: MDSWriter(out=str(tmp / s), columns=columns, compression="zstd", hashes=["xxh64"],
+                            size_limit=opts.shard_bytes, progress_bar=False) for s in ("train", "val")}
+    if opts.layout == "packed":
+        splits = {s: _PackedSplit(w, n_ctx, ids["eos"], dtype) for s, w in writers.items()}
+    else:
+        splits = {s: _PaddedSplit(w, n_ctx, ids["eos"], pad_id, opts.pad, dtype) for s, w in writers.items()}
+    return writers, splits
+
+
+def _tokenize_into(pool, opts, sources, is_val, splits: dict, t0: float) -> int:
+    """Tokenize every document (in the pool, or here) into its split; return the number of tokens."""
+    from tqdm import tqdm
+
+    total_tokens = 0
+
+    def all_batches():
+        for src in sources:
+            yield from _batched(src.documents(opts), DOCS_PER_TASK)
+
+    bar = tqdm(total=len(is_val), unit="doc", desc="tokenizing", disable=not opts.progress,
+               file=sys.stderr, dynamic_ncols=True)
+    doc_index = 0
+    encoded = map(_encode_batch, all_batches()) if pool is None else pool.imap(_encode_batch, all_batches())
+    for flat, lengths in encoded:
+        total_tokens += int(lengths.sum())
+        val = is_val[doc_index:doc_index + len(lengths)]
+        doc_index += len(lengths)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        for split, sel in (("train", ~val), ("val", val)):
+            if sel.any():
+                part = np.concatenate([flat[a:b] for a, b in zip(starts[sel], ends[sel])]) \
+                    if not sel.all() else flat
+                splits[split].add(part, lengths[sel])
+        bar.update(len(lengths))
+        bar.set_postfix_str(f"{total_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s",
+                            refresh=False)
+    bar.close()
+    return total_tokens
+
+
+def _copy_tokenizer(opts, sp, tmp: Path) -> str:
+    """Copy the tokenizer into the dataset; return its kind (sentencepiece or huggingface).
+
+    It goes along as tokenizer.model (where every mmscale reader looks): a sentencepiece model, or a
+    Hugging Face tokenizer.json (copied as it is, or written from a folder) with the special tokens
+    chosen here in tokenizer_config.json beside it.
+    """
+    if not hasattr(sp, "to_json"):
+        shutil.copyfile(opts.tokenizer, tmp / "tokenizer.model")
+        return "sentencepiece"
+    src = Path(opts.tokenizer)
+    if src.is_file():
+        shutil.copyfile(src, tmp / "tokenizer.model")
+    else:
+        (tmp / "tokenizer.model").write_text(sp.to_json())
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+         **{f"{k}_token": v for k, v in sp.special_tokens().items()}}, indent=2) + "\n")
+    return "huggingface"
 
 
 # ---------------------------------------------------------------------------------------------
