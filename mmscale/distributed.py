@@ -198,11 +198,13 @@ def ranks_flagging(flag: bool, device) -> int:
     import torch
     import torch.distributed as dist
 
-    # not all_reduce_sum: that is the loop's one host sync per step (and profiled as such)
+    # not all_reduce_sum: that is the loop's one host sync per step (and profiled as such); this one runs
+    # around checkpoint saves and loads only
     t = torch.tensor([float(bool(flag))], dtype=torch.float64, device=device)
     if is_initialized():
         dist.all_reduce(t)
-    return int(t.item())
+    (count,) = t.tolist()
+    return int(count)
 
 
 def shutdown() -> None:

@@ -61,9 +61,10 @@ def check_world_layout(cfg, world_size: int, nodes: int = 1, layout: str | None 
     if t.global_batch_size:
         per_step = t.micro_batch_size * world_size
         if t.global_batch_size % per_step:
-            raise UserError(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
-                            f"ranks ({t.micro_batch_size} x {world_size}) in {layout}; change the node or task counts, "
-                            f"or pick a multiple of {per_step}", exit_code)
+            raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of {per_step}: not "
+                            f"divisible by micro_batch_size x ranks ({t.micro_batch_size} x {world_size}) in {layout}; "
+                            "change the node or task counts, or set train.global_batch_size to a multiple of "
+                            f"{per_step}", exit_code)
         grad_accum = t.global_batch_size // per_step
     ncn = cfg.data.num_canonical_nodes
     if ncn % nodes and nodes % ncn:
