@@ -5,7 +5,8 @@ as the paper wrote it, and mmscale's transformer (SDPA).
     python benchmarks/bench_train_step.py --device cuda --tokens 65536      # GPU
 
 Each step: forward with labels (mean shifted cross-entropy), backward, AdamW step, zero_grad; all
-models get the same batch, dims, precision (fp32, or bf16 autocast over fp32 weights) and optimizer.
+models get the same batch, dims, precision (fp32, or bf16 autocast over fp32 weights) and AdamW
+hyperparameters; the AdamW kernel is each trainer's own unless --optimizer says otherwise.
 The candidates are timed round by round, interleaved; the table gives median tokens/s and the
 median over rounds of the speed ratio to the paper-style mixer (see common.round_ratio). Memory:
 peak allocated on CUDA; on the CPU (no allocator statistics) the bytes saved for backward by one
@@ -117,13 +118,22 @@ def saved_activation_bytes(model, ids, amp_dtype, device):
     return total
 
 
+def make_optimizer(name: str, model, which: str):
+    """AdamW with the same hyperparameters for every model; the kernel per --optimizer: "each" = what each
+    trainer runs (the paper's code: torch's default, the per-parameter loop on CPU; mmscale: the fused kernel,
+    mmscale.engines.base.build_optimizer), "loop" or "fused" = that kernel for every model."""
+    fused = which == "fused" or (which == "each" and name.startswith("mmscale"))
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if fused else \
+        torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+
+
 def run(args, d, t, amp_dtype, names):
     device = args.device
     batch = max(1, args.tokens // t)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (batch, t), generator=gen).to(device)
     models = {n: build(n, d, t, args.layers, args.vocab, args.heads).to(device) for n in names}
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
+    opts = {n: make_optimizer(n, m, args.optimizer) for n, m in models.items()}
     dev = torch.device(device).type
 
     def step_fn(n):
@@ -168,6 +178,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", nargs="+",
                    default=["paper mixer", "mmscale mixer", "mmscale mixer (chunked CE)", "mmscale transformer"])
+    p.add_argument("--optimizer", default="each", choices=["each", "loop", "fused"],
+                   help="AdamW kernel: each trainer's own (default), or one for all models (see make_optimizer)")
     p.add_argument("--out", default=None)
     add_clock_args(p)
     a = p.parse_args()
@@ -187,7 +199,8 @@ def main():
         print("stopped by SIGTERM: writing the rows measured so far", flush=True)
     if not rows:
         return
-    emit(header(f"Training step ({a.layers} layers, vocab {a.vocab}, AdamW)", a.device) + "\n" + table(rows), a.out)
+    emit(header(f"Training step ({a.layers} layers, vocab {a.vocab}, AdamW: {a.optimizer})", a.device) + "\n"
+         + table(rows), a.out)
 
 
 if __name__ == "__main__":

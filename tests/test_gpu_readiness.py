@@ -97,16 +97,34 @@ def test_no_mask_buffer_and_the_init_is_still_causal():
                 assert (torch.tril(p) != 0).sum() > 0.9 * p.shape[0] * p.shape[1] * 12 * 13 / 2
 
 
-def test_adamw_is_fused_on_cuda_and_plain_on_cpu():
+def test_adamw_is_torchs_fused_kernel_on_every_device():
     model = torch.nn.Linear(4, 4)
     cfg = load_config(None, [])
-    cpu = build_optimizer(model, cfg.train, torch.device("cpu"))
-    assert cpu.defaults["foreach"] is False and not cpu.defaults.get("fused")
-    if not torch.cuda.is_available():
+    for device in (torch.device("cpu"), torch.device("cuda", 0), None):
         # fused AdamW checks its parameters' device when it steps, not when built
-        fused = build_optimizer(model, cfg.train, torch.device("cuda", 0))
-        assert fused.defaults["fused"] is True
-    assert build_optimizer(model, cfg.train).defaults["foreach"] is False  # no device: the CPU choice
+        assert build_optimizer(model, cfg.train, device).defaults["fused"] is True
+
+
+def test_fused_adamw_matches_the_per_parameter_loop_and_ignores_zero_state():
+    """The fused kernel computes the loop's update (to float rounding) also where exp_avg_sq is exactly 0 (the
+    masked half of a mixing matrix, whose gradient is exactly 0): those entries stay exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 64, generator=g).tril()
+    grads = [torch.randn(64, 64, generator=g).tril() for _ in range(5)]
+    cfg = load_config(None, ["train.weight_decay=0.1"])
+    out = {}
+    for name in ("fused", "loop"):
+        p = torch.nn.Parameter(w0.clone())
+        opt = (build_optimizer(torch.nn.ParameterList([p]), cfg.train) if name == "fused" else
+               torch.optim.AdamW([p], lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8,
+                                 weight_decay=0.1, foreach=False))
+        for gr in grads:
+            p.grad = gr.clone()
+            opt.step()
+        out[name] = p.detach()
+    assert torch.equal(out["fused"].triu(1), torch.zeros(64, 64))
+    assert torch.allclose(out["fused"], out["loop"], rtol=0, atol=1e-6)
+    assert not torch.equal(out["fused"], w0)
 
 
 def test_dist_timeout_and_tf32_are_config_keys():

@@ -78,6 +78,27 @@ def test_token_mix_matches_float64_reference(impl, shape, t, dtype):
     assert (mats[:, upper] == 0).all()
 
 
+@pytest.mark.parametrize("impl", ["dense", "blocked"])
+@pytest.mark.parametrize("shape", ["flat", "multihead"])
+def test_token_mix_bias_and_its_gradient_match_float64(impl, shape):
+    """The bias per output position (fused into the first GEMM of the blocked path, into the conv of the dense
+    one) and its gradient, against float64 autograd of tril(W) @ x + b."""
+    torch.manual_seed(5)
+    t = 70
+    w_shape, x_shape = SHAPES[shape]
+    weight, x = torch.randn(w_shape(t)) / t ** 0.5, torch.randn(x_shape(t))
+    bias, gout = torch.randn(t), torch.randn(x_shape(t))
+    ins = [v.clone().requires_grad_(True) for v in (weight, x, bias)]
+    out = token_mix(ins[0], ins[1], causal=True, impl=impl, block_rows=24, bias=ins[2])
+    got = torch.autograd.grad(out, ins, gout)
+    ref_ins = [v.double().requires_grad_(True) for v in (weight, x, bias)]
+    ref = reference_mix(ref_ins[0], ref_ins[1], True) + ref_ins[2][:, None]
+    want = torch.autograd.grad(ref, ref_ins, gout.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=2e-5)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, rtol=2e-5, atol=2e-5 * max(1.0, r.abs().max().item()))
+
+
 @pytest.mark.parametrize("impl", ["dense", "blocked", "auto"])
 def test_bidirectional_is_the_full_matmul(impl):
     torch.manual_seed(0)

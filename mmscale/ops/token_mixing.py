@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "dense", "blocked", "triton")
+# part of the key of the measured choice (measured_cpu_choice): raised when an implementation changes speed
+IMPL_VERSION = 2
 
 # Rows per block of the blocked path. Measured on a 2-core CPU (benchmarks/RESULTS.md): smaller
 # blocks skip more of the masked half but run smaller, less efficient GEMMs.
@@ -156,7 +158,8 @@ def _time_impl(impl: str, t: int, channels: int, slices: int, dtype, repeats: in
 
 def measured_cpu_choice(t: int, channels: int, slices: int, threads: int, dtype) -> str:
     """dense or blocked for this CPU shape, whichever ran faster here (measured once, then cached)."""
-    key = f"T{t}-C{channels}-S{slices}-threads{threads}-{str(dtype).replace('torch.', '')}-torch{torch.__version__}"
+    key = (f"T{t}-C{channels}-S{slices}-threads{threads}-{str(dtype).replace('torch.', '')}-torch{torch.__version__}"
+           f"-v{IMPL_VERSION}")
     if key in _CHOSEN:
         return _CHOSEN[key]
     path = _cache_file()
@@ -202,9 +205,8 @@ def _dispatch(weight, x, causal, impl, block_rows, bias=None):
     if impl == "triton":
         from mmscale.ops import triton_mixing
         out = triton_mixing.triton_mix(weight, x)
-    else:
-        out = BlockedMix.apply(weight, x, block_rows or _default_block_rows(t))
-    return out if bias is None else out + bias[:, None]
+        return out if bias is None else out + bias[:, None]
+    return BlockedMix.apply(weight, x, block_rows or _default_block_rows(t), bias)
 
 
 def _shift(x, offset):
@@ -288,60 +290,61 @@ class BlockedMix(torch.autograd.Function):
     diagonal, in the forward and in both gradients (the work drops to (k + 1) / 2k of dense for k
     blocks). Only the diagonal blocks are masked, so no full-size masked copy is ever made.
 
-    Every product is a plain 2-D GEMM writing into a contiguous row range of its output: per batch
-    element for the forward and the input gradient (a broadcast batched GEMM would copy the weight
-    block once per batch element), batch folded into the inner dimension for the weight gradient.
+    The batch is folded into the feature axis: per head, x is laid out [T, B*C] (one copy), so every
+    product is one plain 2-D GEMM per block (row) with a long inner or outer dimension, writing into a
+    contiguous row range of its output, whatever the batch size (per batch element, small batches of
+    long rows ran many small GEMMs that two threads could not keep busy).
 
-    weight [H, T, T] (raw), x [B, H, T, C].
+    weight [H, T, T] (raw), x [B, H, T, C], bias [T] or None (added per output position, in the first GEMM).
     """
 
     @staticmethod
-    def forward(ctx, weight, x, rows):
+    def forward(ctx, weight, x, rows, bias=None):
         b, h, t, c = x.shape
-        x = x.contiguous()
-        out = torch.empty_like(x)
+        xt = x.permute(1, 2, 0, 3).reshape(h, t, b * c)  # [H, T, B*C]: a copy
+        out = torch.empty_like(xt)
         for hd in range(h):
-            w = weight[hd]
+            w, xs, o = weight[hd], xt[hd], out[hd]
             for r0, r1 in _blocks(t, rows):
-                diag = w[r0:r1, r0:r1].tril()
-                for bi in range(b):
-                    dst = out[bi, hd, r0:r1]
-                    torch.mm(diag, x[bi, hd, r0:r1], out=dst)
-                    if r0 > 0:
-                        dst.addmm_(w[r0:r1, :r0], x[bi, hd, :r0])
-        ctx.save_for_backward(weight, x)
-        ctx.rows = rows
-        return out
+                dst = o[r0:r1]
+                if bias is None:
+                    torch.mm(w[r0:r1, r0:r1].tril(), xs[r0:r1], out=dst)
+                else:
+                    torch.addmm(bias[r0:r1, None], w[r0:r1, r0:r1].tril(), xs[r0:r1], out=dst)
+                if r0 > 0:
+                    dst.addmm_(w[r0:r1, :r0], xs[:r0])
+        ctx.save_for_backward(weight, xt)
+        ctx.rows, ctx.shape, ctx.has_bias = rows, (b, h, t, c), bias is not None
+        return out.view(h, t, b, c).permute(2, 0, 1, 3)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, x = ctx.saved_tensors
-        b, h, t, c = x.shape
+        weight, xt = ctx.saved_tensors
+        b, h, t, c = ctx.shape
         blocks = _blocks(t, ctx.rows)
-        g = grad_out.contiguous()
+        gt = grad_out.permute(1, 2, 0, 3).reshape(h, t, b * c)  # [H, T, B*C]
         need_w, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_x = torch.empty_like(x) if need_x else None
+        # every block on or below the diagonal is written below: only those above it need zeros
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_xt = torch.empty_like(xt) if need_x else None
         for hd in range(h):
-            w = weight[hd]
+            w, g, xs = weight[hd], gt[hd], xt[hd]
             if need_x:
-                # dx[:, j] = sum_{i >= j} W[i, j] g[:, i]: column block [c0, c1) reads rows c0..T only
+                # dx[j] = sum_{i >= j} W[i, j] g[i]: column block [c0, c1) reads rows c0..T only
+                dx = grad_xt[hd]
                 for c0, c1 in blocks:
-                    diag_t = w[c0:c1, c0:c1].tril().t()
-                    below_t = w[c1:, c0:c1].t()
-                    for bi in range(b):
-                        dst = grad_x[bi, hd, c0:c1]
-                        torch.mm(diag_t, g[bi, hd, c0:c1], out=dst)
-                        if c1 < t:
-                            dst.addmm_(below_t, g[bi, hd, c1:])
+                    dst = dx[c0:c1]
+                    torch.mm(w[c0:c1, c0:c1].tril().t(), g[c0:c1], out=dst)
+                    if c1 < t:
+                        dst.addmm_(w[c1:, c0:c1].t(), g[c1:])
             if need_w:
-                # dW[i, j] = sum_{b, c} g[b, i, c] x[b, j, c] for j <= i. With the batch folded into
-                # the feature axis ([T, B*C], one copy each) every block row is one GEMM with a long
-                # inner dimension over a contiguous prefix of rows.
-                gt = g[:, hd].transpose(0, 1).reshape(t, b * c)
-                xt = x[:, hd].transpose(0, 1).reshape(t, b * c)
+                # dW[i, j] = sum_{b, c} g[b, i, c] x[b, j, c] for j <= i: one GEMM per block row over a
+                # contiguous prefix of rows, the batch in the long inner dimension
                 gw = grad_w[hd]
                 for r0, r1 in blocks:
-                    gw[r0:r1, :r1] = gt[r0:r1] @ xt[:r1].t()
+                    gw[r0:r1, :r1] = g[r0:r1] @ xs[:r1].t()
                     gw[r0:r1, r0:r1].tril_()  # masked entries of the diagonal block: exactly zero
-        return grad_w, grad_x, None
+                    gw[r0:r1, r1:].zero_()
+        grad_x = None if grad_xt is None else grad_xt.view(h, t, b, c).permute(2, 0, 1, 3)
+        grad_b = gt.sum(dim=(0, 2)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_w, grad_x, None, grad_b
