@@ -120,11 +120,13 @@ def saved_activation_bytes(model, ids, amp_dtype, device):
 
 def make_optimizer(name: str, model, which: str):
     """AdamW with the same hyperparameters for every model; the kernel per --optimizer: "each" = what each
-    trainer runs (the paper's code: torch's default, the per-parameter loop on CPU; mmscale: the fused kernel,
+    trainer runs (the paper's code: torch's default, the per-parameter loop on CPU, foreach on CUDA; mmscale: the fused kernel,
     mmscale.engines.base.build_optimizer), "loop" or "fused" = that kernel for every model."""
-    fused = which == "fused" or (which == "each" and name.startswith("mmscale"))
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if fused else \
-        torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    if which == "fused" or (which == "each" and name.startswith("mmscale")):
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if which == "loop":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)  # torch's default kernel for the device
 
 
 def run(args, d, t, amp_dtype, names):

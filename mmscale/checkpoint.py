@@ -295,9 +295,10 @@ def finalize(root: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
     for old in list_complete(root)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(f"{TMP_PREFIX}step_*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f"{TMP_PREFIX}step_*", ".reshard_step_*"):  # left by a save or an elastic resume cut off
+        for stale in root.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

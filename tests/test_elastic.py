@@ -54,3 +54,25 @@ def test_resume_onto_another_world_size_continues_the_losses(tmp_path):
             root = tmp_path / f"{name}_full{src}" / "checkpoints"
             assert ckpt.verify(root / ckpt.step_dir_name(CUT)) is None
             assert not [p.name for p in root.iterdir() if p.name.startswith(".reshard")]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resharding_reads_the_checkpoint_under_the_allow_list(tmp_path):
+    """DeepSpeed's converter unpickles every file of the step folder: a planted payload is refused in one line and
+    never runs, as on a same-size resume; the step folder is untouched and no work folder stays."""
+    from tests._dist import train_runs
+    from tests.test_reliability import _plant_torch, _reseal
+
+    cfg = tiny_config(tmp_path / "src", **{**COMMON, **ENGINES["zero2"], "train.max_steps": 1})
+    assert run_distributed("tests._dist:train_runs", {"runs": [{"config": cfg}]}, nproc=2) == [[0], [0]]
+    step = tmp_path / "src" / "checkpoints" / ckpt.step_dir_name(1)
+    marker = tmp_path / "PWNED"
+    _plant_torch(step / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker)
+    _reseal(step)
+    resumed = tiny_config(tmp_path / "dst", **{**COMMON, **ENGINES["zero2"], "run.resume": str(step)})
+    (status,) = train_runs({"runs": [{"config": resumed}]})
+    assert not marker.exists()
+    assert isinstance(status, str) and "allow-list" in status and "\n" not in status, status
+    assert ckpt.verify(step) is None
+    assert not list((tmp_path / "dst").rglob(".reshard*"))

@@ -127,6 +127,32 @@ def test_fused_adamw_matches_the_per_parameter_loop_and_ignores_zero_state():
     assert not torch.equal(out["fused"], w0)
 
 
+def test_a_resumed_optimizer_takes_this_runs_hyperparameters_and_private_step_tensors():
+    """Loading an optimizer state under engines.base.config_hyperparameters: the saved groups' weight decay and
+    kernel flags (an older checkpoint's per-parameter loop) give way to this run's, the moments and step counts
+    are the saved ones, and every parameter has its own float32 step tensor (the fused kernel advances each)."""
+    from mmscale.engines.base import config_hyperparameters
+
+    params = [torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))]
+    old = torch.optim.AdamW([{"params": [params[0]], "weight_decay": 0.3}, {"params": [params[1]]}], lr=1e-3,
+                            foreach=False)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    old.step()
+    saved = old.state_dict()
+    shared = torch.tensor(1.0)
+    for st in saved["state"].values():  # what DeepSpeed's universal load hands over: one tensor for all
+        st["step"] = shared
+    new = build_optimizer(torch.nn.ParameterList(params), load_config(None, ["train.weight_decay=0.1"]).train)
+    with config_hyperparameters(new):
+        new.load_state_dict(saved)
+    assert [g["weight_decay"] for g in new.param_groups] == [0.1, 0.0]
+    assert all(g["fused"] is True and not g["foreach"] for g in new.param_groups)
+    steps = [new.state[p]["step"] for p in params]
+    assert steps[0] is not steps[1] and all(s.dtype == torch.float32 and float(s) == 1.0 for s in steps)
+    assert torch.equal(new.state[params[0]]["exp_avg"], old.state[params[0]]["exp_avg"])
+
+
 def test_dist_timeout_and_tf32_are_config_keys():
     cfg = load_config(None, ["engine.dist_timeout_min=120", "engine.tf32=false"])
     assert cfg.engine.dist_timeout_min == 120 and cfg.engine.tf32 is False

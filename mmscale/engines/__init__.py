@@ -54,8 +54,8 @@ def check_world_layout(cfg, world_size: int, nodes: int = 1, layout: str | None 
     """
     if nodes < 1 or world_size < 1:
         raise UserError(f"need at least 1 node and 1 task per node, got {layout or f'{nodes} node(s)'}", exit_code)
+    engine_class(cfg.engine.kind).check_layout(cfg, world_size, layout or "", exit_code)
     layout = layout or f"{world_size} rank(s)"
-    engine_class(cfg.engine.kind).check_layout(cfg, world_size, layout, exit_code)
     t = cfg.train
     grad_accum = t.grad_accum
     if t.global_batch_size:

@@ -58,6 +58,24 @@ def build_optimizer(model: nn.Module, train_cfg, device: torch.device | None = N
                              betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8, fused=True)
 
 
+@contextlib.contextmanager
+def config_hyperparameters(optimizer):
+    """Around loading an optimizer state: this run's config decides the hyperparameters afterwards (torch's
+    load_state_dict puts back the saved groups' values and kernel flags; DeepSpeed's ZeRO-3 universal load gives
+    every group the first group's), and each parameter gets a float32 `step` tensor of its own on its device
+    (what the fused kernel needs; DeepSpeed's universal load hands all groups one shared CPU tensor, which AdamW
+    would advance once per group). The learning rate is set by the loop every step anyway."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    yield
+    for group, hyper in zip(optimizer.param_groups, groups):
+        group.update(hyper)
+    for param, state in optimizer.state.items():
+        step = state.get("step") if isinstance(state, dict) else None
+        if torch.is_tensor(step):
+            device = param.device if torch.is_tensor(param) else step.device
+            state["step"] = step.detach().to(device=device, dtype=torch.float32, copy=True)
+
+
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -108,9 +126,10 @@ class Engine:
     # --- world layout and process group
     @classmethod
     def check_layout(cls, cfg, world_size: int, layout: str, exit_code: int = 2) -> None:
-        """Refuse (UserError) a world this engine cannot run on; `layout` describes it for the message."""
+        """Refuse (UserError) a world this engine cannot run on; `layout` (may be "") describes it for the message."""
         if cls.max_ranks is not None and world_size > cls.max_ranks:
-            raise UserError(f"engine.kind={cls.kind} cannot run on {world_size} ranks ({layout}); "
+            where = f" ({layout})" if layout else ""
+            raise UserError(f"engine.kind={cls.kind} cannot run on {world_size} ranks{where}; "
                             "use engine.kind=ddp, fsdp or deepspeed, or one rank", exit_code)
 
     @classmethod

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from mmscale.engines.base import Engine, build_optimizer, param_groups, prepare_model, set_lr
+from mmscale.engines.base import (Engine, build_optimizer, config_hyperparameters, param_groups, prepare_model,
+                                  set_lr)
 from mmscale.errors import UserError
 
 TAG = "ds"
@@ -128,7 +129,7 @@ class DeepSpeedEngine(Engine):
         model = prepare_model(model, cfg.engine)
         if cfg.engine.zero_stage == 3 and hasattr(model, "loss_through_head"):
             model.loss_through_head = True  # ZeRO-3 gathers lm_head's weight only inside its forward
-        # with optimizer offload the update runs on CPU partitions: the CPU choice of AdamW
+        # (with optimizer offload the update runs on CPU partitions: fused AdamW there too)
         optimizer = build_optimizer(model, cfg.train, None if cfg.engine.offload_optimizer else device)
         self.ds_config = deepspeed_config(cfg, info.world_size)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -170,7 +171,7 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
         # the file layout depends on the ZeRO stage and on DeepSpeed's own bf16 mode (bf16_zero_pp_rank_*
         # files, bf16 module states); mmscale >= 0.2 never enables that mode: read_state reads both keys
-        return {"model_files": [TAG], "optimizer_files": [], "zero_stage": self.cfg.engine.zero_stage,
+        return {"model_files": [TAG], "optimizer_files": [], "zero_stage": self.engine.zero_optimization_stage(),
                 "ds_bf16": False}
 
     def load(self, step_dir: Path):
@@ -184,21 +185,28 @@ class DeepSpeedEngine(Engine):
         if meta.get("world_size") != self.info.world_size and meta.get("zero_stage", 0) >= 1:
             return self._load_resharded(step_dir, meta)
         # (ZeRO-0 keeps the whole optimizer state in the model-states file: any world size loads it)
-        path, _ = self.engine.load_checkpoint(str(step_dir), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        with config_hyperparameters(self._base_optimizer()):
+            path, _ = self.engine.load_checkpoint(str(step_dir), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint in '{step_dir}/{TAG}'; it is damaged: "
                             "resume from an earlier step folder (run.resume=PATH)")
 
+    def _base_optimizer(self):
+        """The torch AdamW inside DeepSpeed's ZeRO wrapper (the wrapper itself at stage 0)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
     def _load_resharded(self, step_dir: Path, meta: dict) -> None:
         """Resume a ZeRO 1-3 checkpoint written by another number of ranks (SLURM requeued the job onto other
         nodes): rank 0 turns it into DeepSpeed's universal checkpoint (one file per parameter for the fp32
-        weights and each Adam moment, deepspeed.checkpoint.ds_to_universal) in a work folder beside the step
-        folder; every rank loads its new partitions from there; the work folder is removed. The step folder
-        itself is never modified."""
+        weights and each Adam moment) in a work folder of this run (checkpoints/.reshard_step_X); every rank
+        loads its new partitions from there; rank 0 removes the folder, also when loading failed. The step
+        folder itself is never modified. The other ranks wait for the conversion inside a collective, so it
+        must finish within engine.dist_timeout_min; it needs about the checkpoint's size again on disk."""
         from mmscale import distributed
+        from mmscale.checkpoint import checkpoints_root
 
-        work = step_dir.parent / f".reshard_{step_dir.name}"
+        work = checkpoints_root(self.cfg.run.dir) / f".reshard_{step_dir.name}"
         failure = None
         if self.info.rank == 0:
             print(f"mmscale train: resharding '{step_dir}' from {meta.get('world_size')} to {self.info.world_size} "
@@ -208,31 +216,30 @@ class DeepSpeedEngine(Engine):
             except UserError as e:
                 failure = e
         if distributed.ranks_flagging(failure is not None, self.device):
+            if self.info.rank == 0:
+                shutil.rmtree(work, ignore_errors=True)
             if failure is not None:
                 raise failure
             raise UserError(f"resharding '{step_dir}' failed on rank 0 (see its message)")
-        # ZeRO-3's universal loader (DeepSpeed 0.19) gives every parameter group the first group's hyperparameters
-        # (weight decay on norms and biases too): this run's groups keep their own (they come from the config)
-        base = getattr(self.optimizer, "optimizer", self.optimizer)
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+        path, failure = None, None
         self.engine._config.load_universal_checkpoint = True  # read per load_checkpoint call
         try:
-            path, _ = self.engine.load_checkpoint(str(work), tag=TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+            with config_hyperparameters(self._base_optimizer()):
+                path, _ = self.engine.load_checkpoint(str(work), tag=TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+        except Exception as e:  # agreed on below, so no rank waits for one that left
+            failure = e
         finally:
             self.engine._config.load_universal_checkpoint = False
-        for group, hyper in zip(base.param_groups, groups):
-            group.update(hyper)
-        # ...and hands every group the same `step` tensor, which AdamW then advances once per group and step
-        for state in base.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-        distributed.barrier(self.device)
+        n_failed = distributed.ranks_flagging(failure is not None or path is None, self.device)
         if self.info.rank == 0:
             shutil.rmtree(work, ignore_errors=True)
-        if path is None:
-            raise UserError(f"DeepSpeed could not load the resharded checkpoint of '{step_dir}'; resume it on "
-                            f"{meta.get('world_size')} ranks, or convert it (mmscale convert) and start from the export")
+        if failure is not None:
+            raise failure
+        if n_failed:
+            raise UserError(f"DeepSpeed could not load the resharded checkpoint of '{step_dir}' on {n_failed} rank(s); "
+                            f"resume it on {meta.get('world_size')} ranks, or convert it (mmscale convert) and start "
+                            "from the export")
 
     def module(self):
         return self.engine.module
@@ -242,20 +249,38 @@ class DeepSpeedEngine(Engine):
             self.engine.destroy()
 
 
+_CONVERTER = """\
+import runpy, sys
+from mmscale.checkpoint import safe_unpickling
+sys.argv = ["ds_to_universal"] + sys.argv[1:]
+with safe_unpickling():  # DeepSpeed's converter reads the checkpoint with plain torch.load: the allow-list applies
+    runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
+"""
+
+
 def to_universal(ds_dir: Path, out_dir: Path) -> None:
     """DeepSpeed's universal checkpoint of the ZeRO checkpoint in `ds_dir`, written to `out_dir` (replaced), by
-    its own converter in a child process (it starts worker processes and prints; neither belongs in a rank)."""
+    its own converter in a child process (it starts a worker process and prints; neither belongs in a rank).
+    The converter unpickles the checkpoint's files: it runs under checkpoint.safe_unpickling, like every other
+    read of a checkpoint, so a file naming a class outside the allow-list is refused, never run."""
     import subprocess
 
     shutil.rmtree(out_dir.parent, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_dir),
-           "--output_folder", str(out_dir), "--num_extract_workers", "1", "--num_merge_workers", "1",
-           "--inject_missing_state"]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-c", _CONVERTER, "--input_folder", str(ds_dir), "--output_folder", str(out_dir),
+           "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")  # it only moves tensors between files
+    repo = str(Path(__file__).resolve().parents[2])  # mmscale importable in the child however it was started
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()] or ["?"]
+        text = proc.stderr + proc.stdout
+        if "Unsupported global" in text or "UnpicklingError" in text:
+            from mmscale.checkpoint import unsafe_payload_error
+
+            raise unsafe_payload_error(ds_dir, RuntimeError(text.strip().splitlines()[-1]))
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()] or ["?"]
         raise UserError(f"DeepSpeed's universal-checkpoint converter failed on '{ds_dir}' ({lines[-1][:200]}); "
                         "resume on the number of ranks that wrote it")
 

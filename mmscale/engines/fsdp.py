@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from mmscale.engines.base import Engine, build_optimizer, prepare_model
+from mmscale.engines.base import Engine, build_optimizer, config_hyperparameters, prepare_model
 from mmscale.errors import UserError
 
 
@@ -85,7 +85,8 @@ class FSDPEngine(Engine):
     def check_layout(cls, cfg, world_size, layout, exit_code=2):
         super().check_layout(cfg, world_size, layout, exit_code)
         if world_size % cfg.engine.hsdp_replicas:
-            raise UserError(f"engine.hsdp_replicas={cfg.engine.hsdp_replicas} does not divide {layout}; "
+            raise UserError(f"engine.hsdp_replicas={cfg.engine.hsdp_replicas} does not divide "
+                            f"{layout or f'{world_size} ranks'}; "
                             "pick a replica count that divides the number of ranks", exit_code)
 
     def __init__(self, cfg, model, info, device):
@@ -165,7 +166,8 @@ class FSDPEngine(Engine):
         set_model_state_dict(self.model, model_sd)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.load(optim_sd, checkpoint_id=str(step_dir / "optimizer"))
-        set_optimizer_state_dict(self.model, self.optimizer, optim_sd)
+        with config_hyperparameters(self.optimizer):
+            set_optimizer_state_dict(self.model, self.optimizer, optim_sd)
 
     def module(self):
         return self.model

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mmscale.engines.base import Engine, build_optimizer, prepare_model
+from mmscale.engines.base import Engine, build_optimizer, config_hyperparameters, prepare_model
 from mmscale.errors import UserError
 
 
@@ -69,8 +69,9 @@ class SingleEngine(Engine):
 
     def load(self, step_dir: Path):
         self.raw.load_state_dict(torch.load(step_dir / "model.pt", map_location=self.device, weights_only=True))
-        self.optimizer.load_state_dict(torch.load(step_dir / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
+        with config_hyperparameters(self.optimizer):
+            self.optimizer.load_state_dict(torch.load(step_dir / "optimizer.pt", map_location=self.device,
+                                                      weights_only=True))
 
     def module(self):
         return self.raw
