@@ -75,10 +75,6 @@ def detect(env: dict | None = None) -> DistInfo:
     return DistInfo()
 
 
-_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_exported: dict[str, str | None] = {}  # what export_env replaced, restored by shutdown()
-
-
 def rendezvous_env(info: DistInfo) -> dict[str, str]:
     """The env:// rendezvous variables of `info` (RANK, LOCAL_RANK, WORLD_SIZE, ...): what this process exports
     in export_env, and what a launcher puts into a trainer child's environment."""
@@ -88,21 +84,14 @@ def rendezvous_env(info: DistInfo) -> dict[str, str]:
 
 
 def export_env(info: DistInfo) -> None:
-    """Make the env:// rendezvous (torch and DeepSpeed) see what was detected (SLURM sets none of it)."""
-    values = rendezvous_env(info)
-    for key in _ENV_KEYS:
-        _exported.setdefault(key, os.environ.get(key))
-    os.environ.update(values)
-
-
-def _restore_env() -> None:
-    # a later run in the same process must not mistake our one-process rendezvous for a launcher's
-    for key, old in _exported.items():
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-    _exported.clear()
+    """Make the env:// rendezvous (torch and DeepSpeed) see what was detected (SLURM sets none of it). The process
+    group is one user of the world environment (enter_world_env) until shutdown(): then a later run in the same
+    process does not mistake our rendezvous for a launcher's."""
+    if _world_env["group"]:
+        _set_world_env(rendezvous_env(info))
+    else:
+        _world_env["group"] = True
+        enter_world_env(rendezvous_env(info))
 
 
 def free_port() -> int:
@@ -213,23 +202,29 @@ def shutdown() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    _restore_env()
+    if _world_env["group"]:
+        _world_env["group"] = False
+        leave_world_env()
 
 
-# mosaicml-streaming reads the world (RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE) from the environment
-# while a data loader lives (construction and iteration). The loaders of a process share one setting: the
-# first to enter remembers what the caller had and the last to leave gives it back, so a later launcher or
-# library in the same process (lm-eval, submitit) does not inherit our RANK / WORLD_SIZE.
-_world_env: dict = {"open": 0, "saved": {}}
+# The launcher variables this process sets for itself: the process group's rendezvous (export_env, until
+# shutdown) and mosaicml-streaming's world, which it reads from the environment while a data loader lives
+# (construction and iteration). Every user enters and leaves; each variable remembers what the caller had
+# when it was first set, and the last user to leave gives all of it back, so a later launcher or library in
+# the same process (lm-eval, submitit) does not inherit our RANK / WORLD_SIZE.
+_world_env: dict = {"open": 0, "saved": {}, "group": False}
 
 
 def enter_world_env(values: dict) -> None:
     """Set the variables `values` ({"RANK": 0, "WORLD_SIZE": 2, ...}) in the environment for one more user;
     pair every call with leave_world_env()."""
-    if not _world_env["open"]:  # the first user remembers what the caller had
-        _world_env["saved"] = {key: os.environ.get(key) for key in values}
     _world_env["open"] += 1
+    _set_world_env(values)
+
+
+def _set_world_env(values: dict) -> None:
     for key, value in values.items():
+        _world_env["saved"].setdefault(key, os.environ.get(key))  # what the caller had
         os.environ[key] = str(value)
 
 
