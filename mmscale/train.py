@@ -249,11 +249,13 @@ class StepResult:
     seconds: float
 
 
-def train_step(engine, batches, step: int, grad_accum: int, train_cfg, stop: StopFlag, world_size: int) -> StepResult:
-    """One optimizer step (0-based `step`): grad_accum micro-batches, then one all-reduce (one host sync) that
-    agrees on the loss, a non-finite loss on any rank (then the step is skipped everywhere) and a stop request."""
+def train_step(engine, batches, step: int, train_cfg, stop: StopFlag, world_size: int) -> StepResult:
+    """One optimizer step (0-based `step`): train_cfg.grad_accum micro-batches, then one all-reduce (one host sync)
+    that agrees on the loss, a non-finite loss on any rank (then the step is skipped everywhere) and a stop
+    request."""
     from mmscale.engines import lr_at
 
+    grad_accum = train_cfg.grad_accum
     t0 = time.perf_counter()
     data_wait, loss_local, n_tokens = 0.0, None, 0
     for micro in range(grad_accum):
@@ -372,7 +374,7 @@ def _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, met
     batches = endless(loader)
     try:
         while state.step < cfg.train.max_steps:
-            r = train_step(engine, batches, state.step, cfg.train.grad_accum, cfg.train, stop, info.world_size)
+            r = train_step(engine, batches, state.step, cfg.train, stop, info.world_size)
             state.step += 1
             state.tokens += r.tokens
             state.bad_in_row = state.bad_in_row + 1 if r.skipped_ranks else 0
