@@ -26,6 +26,115 @@ class ConfigError(UserError, ValueError):
     exit_code = 2
 
 
+# ----------------------------------------------------------------------------------------------
+# bounded YAML: every YAML that mmscale reads (configs, experiment specs, overrides, spec.yaml) goes through
+# load_yaml / load_yaml_file: a size limit, a limit on what aliases expand to, duplicate keys refused
+
+YAML_MAX_BYTES = 4 << 20       # a config or spec is a few KiB; a 50 MB one is a mistake (or an attack)
+YAML_MAX_NODES = 200_000       # nodes after expanding every alias (a "billion laughs" file expands to 10**9)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (naming both lines) and documents whose aliases expand past
+    YAML_MAX_NODES nodes (checked on the node graph, before anything is constructed)."""
+
+    where = "YAML"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeConstructor says so itself
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise ConfigError(f"{self.where} has the key '{key}' twice (lines {first} and {line}); "
+                                      "keep one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root, where: str) -> int:
+    """Nodes of the document with every alias expanded (shared nodes counted each time they are used);
+    an alias inside its own anchor (a structure holding itself) is refused."""
+    memo: dict[int, int] = {}
+    open_: set[int] = set()
+    stack = [(root, False)]
+    while stack:  # iterative post-order (deep nesting must not hit the recursion limit)
+        node, done = stack.pop()
+        kids = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = node.value
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for kv in node.value for n in kv]
+        if done:
+            open_.discard(id(node))
+            memo[id(node)] = min(1 + sum(memo[id(k)] for k in kids), YAML_MAX_NODES + 1)
+            continue
+        if id(node) in memo:
+            continue
+        if id(node) in open_:
+            raise ConfigError(f"{where}: an alias (*name) is used inside its own anchor (line "
+                              f"{node.start_mark.line + 1}), so the value would contain itself; write it out")
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids)
+    return memo[id(root)]
+
+
+def load_yaml(text: str, where: str = "YAML"):
+    """Parse one YAML document from `text` with the limits above; errors are ConfigError naming `where`
+    ('config file X', 'spec X', ...). A YAML syntax error stays a yaml.YAMLError (callers word it)."""
+    if len(text) > YAML_MAX_BYTES:
+        raise ConfigError(f"{where} is {len(text) / 2**20:.1f} MiB, over the {YAML_MAX_BYTES >> 20} MiB limit for "
+                          "YAML input; a config or spec is a few KiB: check that this is the right file")
+    loader = _BoundedLoader(text)
+    loader.where = where
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, where) > YAML_MAX_NODES:
+            raise ConfigError(f"{where}: its aliases (*name) expand to more than {YAML_MAX_NODES:,} values; "
+                              "write the values out or use fewer nested aliases")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to read; flatten it") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml_file(path: str | Path, where: str | None = None):
+    """load_yaml of a file: a size check before reading, UTF-8 required, syntax errors as one line."""
+    p = Path(path)
+    where = where or f"'{path}'"
+    try:
+        size = p.stat().st_size
+        if size > YAML_MAX_BYTES:
+            raise ConfigError(f"{where} is {size / 2**20:.1f} MiB, over the {YAML_MAX_BYTES >> 20} MiB limit for "
+                              "YAML input; a config or spec is a few KiB: check that this is the right file")
+        with open(p, "rb") as f:
+            raw = f.read(YAML_MAX_BYTES + 1)  # (a FIFO or device has no size: read at most one past the limit)
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read ({e.strerror or e}); check the path") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{where} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    try:
+        return load_yaml(text, where)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{at}; fix its syntax") from None
+
+
 def opt(default: Any, help: str, allowed: str = "") -> Any:
     """A config field with its one-line meaning (and, where the type does not say it, the allowed values).
 
@@ -298,7 +407,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         k, v = o.split("=", 1)
         k = k.strip().lstrip("-")
         try:
-            val = yaml.safe_load(v) if v.strip() != "" else ""
+            val = load_yaml(v, f"override '{k}'") if v.strip() != "" else ""
         except yaml.YAMLError:
             val = v
         out.append((k, val))
@@ -322,12 +431,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/tiny.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
+        data = load_yaml_file(p, f"config file '{path}'") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, train:, ...)")
     return config_from_dict(data, overrides)

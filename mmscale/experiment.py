@@ -149,12 +149,9 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Sp
 
     p = Path(path)
     _need(p.is_file(), f"spec '{path}' does not exist; pass a YAML file such as experiments/paper-small.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise SpecError(f"spec '{path}' is not valid YAML{f' (line {mark.line + 1})' if mark else ''}; "
-                        "fix its syntax") from None
+    from mmscale.config import load_yaml, load_yaml_file  # bounded: size, alias expansion, duplicate keys
+
+    raw = load_yaml_file(p, f"spec '{path}'") or {}
     _need(isinstance(raw, dict), "a spec must be a mapping with keys such as data, arms, budget")
     for o in overrides or []:
         k, eq, v = o.partition("=")
@@ -164,7 +161,10 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Sp
         _need(sec in TOP_KEYS, f"unknown spec key '{sec}' in override '{o}'; valid keys: {', '.join(sorted(TOP_KEYS))}")
         node = raw.setdefault(sec, {})
         _need(isinstance(node, dict), f"spec key '{sec}' is not a section; cannot set '{k}'")
-        node[key] = yaml.safe_load(v) if v.strip() else ""
+        try:
+            node[key] = load_yaml(v, f"spec override '{k}'") if v.strip() else ""
+        except yaml.YAMLError:
+            node[key] = v
     return parse_spec(raw, p.resolve().parent)
 
 
@@ -1017,7 +1017,9 @@ def open_experiment(spec_path: str, out: str | None, resume: bool, overrides: li
         if not resume:
             raise UserError(f"experiment dir '{exp_dir}' already holds an experiment; pass --resume to continue it "
                             "or --out another directory")
-        old = yaml.safe_load(saved.read_text()) or {}
+        from mmscale.config import load_yaml_file
+
+        old = load_yaml_file(saved) or {}
         if _spec_hash(old, training=True) != _spec_hash(spec.raw, training=True):
             raise UserError(f"'{spec_path}' differs from the spec of the experiment in '{exp_dir}' (spec.yaml) outside "
                             f"{', '.join(MEASURE_SECTIONS)}; resume with the same data, arms, axes, budget, sweep and "
@@ -1054,9 +1056,9 @@ def _nc(k):
 
 
 def load_spec_from(path: Path, base_dir: Path) -> Spec:
-    import yaml
+    from mmscale.config import load_yaml_file
 
-    return parse_spec(yaml.safe_load(path.read_text()) or {}, base_dir)
+    return parse_spec(load_yaml_file(path) or {}, base_dir)
 
 
 def choose_lrs(exp: Experiment, sweep: list[Run]) -> dict:

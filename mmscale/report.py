@@ -56,8 +56,6 @@ def _finite(v) -> bool:
 
 def load_run(path: str | Path) -> dict:
     """Everything the report shows about one run directory, as plain data."""
-    import yaml
-
     run_dir = Path(path)
     metrics = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
@@ -68,8 +66,10 @@ def load_run(path: str | Path) -> dict:
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():
         try:
-            config = yaml.safe_load(cfg_file.read_text()) or {}
-        except yaml.YAMLError:
+            from mmscale.config import load_yaml_file
+
+            config = load_yaml_file(cfg_file) or {}
+        except UserError:  # not valid YAML, too large, ...: the report shows the run without its config
             config = {}
     rows, bad = read_jsonl(metrics)
     # a step logged twice (a crash, then a resume that did not trim) counts once: the later row wins
