@@ -205,8 +205,15 @@ def endless(loader):
 
 def configure_cuda(cfg: Config) -> None:
     """Fast choices on CUDA only (CPU keeps its deterministic defaults, so resumes stay bit-exact there)."""
-    torch.backends.cuda.matmul.allow_tf32 = cfg.engine.tf32
-    torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
+    # one API, the new one: torch.compile restores the matmul setting through fp32_precision, and torch
+    # raises when code then reads a flag set through the legacy allow_tf32 (see triton_mixing._precision)
+    prec = "tf32" if cfg.engine.tf32 else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = prec
+        torch.backends.cudnn.conv.fp32_precision = prec
+    else:  # torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = cfg.engine.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
 
 
 # ----------------------------------------------------------------------------------------------

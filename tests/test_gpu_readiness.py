@@ -245,3 +245,46 @@ def test_one_host_sync_per_step_in_the_loop(tmp_path, monkeypatch):
     assert len(syncs) == steps  # grad_accum 4: one read-back per step, not one per micro-batch
     # the only stray read-back: the gradient norm of the one logged row (the last step)
     assert [n for n, _ in stray] in ([], ["__float__"]), stray
+
+
+@pytest.fixture
+def restore_fp32_precision():
+    legacy = torch.get_float32_matmul_precision()
+    saved = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+             torch.backends.cudnn.conv.fp32_precision)
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    torch.backends.fp32_precision = saved[0]
+    torch.backends.cuda.matmul.fp32_precision = saved[1]
+    torch.backends.cudnn.conv.fp32_precision = saved[2]
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_triton_precision_survives_torch_compiles_restore_of_the_tf32_setting(tf32, restore_fp32_precision):
+    """The trainer's CUDA set-up, then what torch.compile does around every traced frame (save the CUDA
+    matmul setting and restore it through the fp32_precision API, torch/_dynamo/convert_frame.py): the Triton
+    path must still read the setting, the same one, without torch's error on mixing the legacy allow_tf32
+    flag with the new API."""
+    from mmscale.ops.triton_mixing import _precision
+    from mmscale.train import configure_cuda
+
+    configure_cuda(load_config(None, [f"engine.tf32={str(tf32).lower()}"]))
+    saved = torch._C._get_fp32_precision_getter("cuda", "matmul")
+    torch._C._set_fp32_precision_setter("cuda", "matmul", saved)  # dynamo's restore
+    assert _precision(torch.float32) == ("tf32" if tf32 else "ieee")
+    assert _precision(torch.bfloat16) == "tf32"
+    # torch.set_float32_matmul_precision is seen too (torch mirrors it into the new API)
+    torch.set_float32_matmul_precision("highest" if tf32 else "high")
+    assert _precision(torch.float32) == ("ieee" if tf32 else "tf32")
+
+
+def test_reading_the_legacy_tf32_flag_after_the_new_api_is_the_error_avoided(restore_fp32_precision):
+    """The failure _precision used to hit: the legacy getter refuses after a set through the new API. If a
+    torch release drops this check, the test says so (and the one-API rule is merely tidy)."""
+    from mmscale.ops.triton_mixing import _precision
+
+    torch.set_float32_matmul_precision("highest")  # through the legacy API: TF32 off
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # what a restore through the new API may leave
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.backends.cuda.matmul.allow_tf32
+    assert _precision(torch.float32) == "tf32"  # the new API is the one in force, and reads fine

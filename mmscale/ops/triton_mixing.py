@@ -166,10 +166,22 @@ def _flags(dtype) -> dict:
 
 
 def _precision(dtype) -> str:
-    # fp32 follows torch's matmul setting: exact ("ieee") unless TF32 was allowed
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """fp32 follows torch's CUDA matmul setting: exact ("ieee") unless TF32 was allowed.
+
+    Read through the fp32_precision API only: torch.compile saves and restores the CUDA matmul setting
+    through it (torch/_dynamo/convert_frame.py), after which reading the legacy `allow_tf32` raises
+    ("you have used mix of the legacy and new APIs"). "none" means "inherit the generic setting"
+    (torch.backends.fp32_precision). Setting the legacy flag, or torch.set_float32_matmul_precision,
+    is still seen here: torch mirrors both into the new API."""
+    if dtype != torch.float32:
+        return "tf32"
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # torch < 2.9: the legacy flag is the only one
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    prec = matmul.fp32_precision
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if prec == "tf32" else "ieee"
 
 
 def _weight_grad_split(programs: int, batch: int) -> int:
