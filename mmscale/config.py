@@ -210,7 +210,9 @@ class TrainConfig:
 class EngineConfig:
     kind: Literal["single", "ddp", "deepspeed", "fsdp"] = opt("single", "how the model is trained across ranks")
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage", "0, 1, 2 or 3")
-    precision: Literal["bf16", "fp32"] = opt("bf16", "compute precision (master weights stay fp32)")
+    precision: Literal["auto", "bf16", "fp32"] = opt(
+        "auto", "compute precision (master weights stay fp32); auto: bf16 where the device computes it natively "
+                "(CUDA capability >= 8.0, a CPU with AVX512-BF16 or AMX), else fp32 (mmscale/precision.py)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward")
     compile: bool = opt(False, "torch.compile each block")
     offload_optimizer: bool = opt(False, "DeepSpeed: offload optimizer states to CPU memory")

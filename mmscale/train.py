@@ -27,6 +27,7 @@ import torch
 
 from mmscale import checkpoint as ckpt
 from mmscale import distributed as dist_
+from mmscale import precision
 from mmscale.config import Config, load_config
 from mmscale.errors import UserError, exit_status
 
@@ -309,6 +310,9 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     created = not run_dir.exists()
     check_run_dir(run_dir)  # every rank: a rank-0-only error would leave the others waiting in init
 
+    # engine.precision auto -> bf16 | fp32 by the device (and the checkpoint resumed): once, before everything
+    # that reads it (the resume check, the engine, config.yaml; RunWatch's start event and line say why)
+    cfg = precision.resolve_for_run(cfg, dist_.device_for(info), engine_cls.same_precision_to_resume)[0]
     checkpointer = ckpt.Checkpointer(cfg, info)
     try:
         resume_dir, meta = checkpointer.find()

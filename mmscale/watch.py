@@ -24,6 +24,7 @@ import torch
 
 from mmscale.metrics import flops_per_token_both, mfu_columns
 from mmscale.peak_flops import device_peak
+from mmscale.precision import recorded as precision_record
 
 
 def find_tokenizer(cfg) -> Path | None:
@@ -118,9 +119,12 @@ class RunWatch:
             trim_jsonl(self.run_dir / "samples.jsonl", start_step)
             logger.event(start_step, "resume" if resume_dir is not None else "start",
                          device=name, world_size=info.world_size, engine=cfg.engine.kind,
-                         precision=cfg.engine.precision, peak_flops=self.peak, peak_source=self.peak_note,
+                         precision=cfg.engine.precision, **precision_record(cfg.engine.precision),
+                         peak_flops=self.peak, peak_source=self.peak_note,
                          flops_per_token_dense=self.flops["dense"], flops_per_token_causal=self.flops["causal"],
                          **({"from": str(resume_dir)} if resume_dir is not None else {}))
+            if precision_record(cfg.engine.precision):
+                logger.write(precision_record(cfg.engine.precision)["precision_reason"])
             if self.peak is None:
                 logger.write(f"MFU: {self.peak_note}")
         ps = cfg.log.profile_steps

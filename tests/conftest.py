@@ -64,6 +64,11 @@ def streaming_hygiene(tmp_path_factory):
     os.environ["TMPDIR"] = str(tmpdir)
     # mmscale's own cache (token_mix's measured auto choice) stays inside the session, not in ~/.cache
     os.environ.setdefault("MMSCALE_CACHE_DIR", str(tmpdir / "mmscale-cache"))
+    # engine.precision=auto (the default) picks fp32 in every test and the processes it starts, on any CPU: a
+    # test that only exercises a path must not run 10-70x slower on a CPU without native bf16 (AVX2-only EPYC)
+    # nor differ between CPUs; tests whose subject is bf16 set engine.precision=bf16 (mmscale/precision.py)
+    saved_auto = os.environ.get("MMSCALE_AUTO_PRECISION")
+    os.environ["MMSCALE_AUTO_PRECISION"] = "fp32"
     tempfile.tempdir = str(tmpdir)
     before = _streaming_segments()
     yield tmpdir
@@ -72,6 +77,10 @@ def streaming_hygiene(tmp_path_factory):
     else:
         os.environ["TMPDIR"] = saved_env
     tempfile.tempdir = saved_tempdir
+    if saved_auto is None:
+        os.environ.pop("MMSCALE_AUTO_PRECISION", None)
+    else:
+        os.environ["MMSCALE_AUTO_PRECISION"] = saved_auto
     locks, segments = _our_leftovers(before, basetemp, tmpdir)
     for p in locks:
         p.unlink(missing_ok=True)
