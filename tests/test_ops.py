@@ -154,6 +154,34 @@ def test_auto_measures_once_per_shape_and_caches_the_winner(tmp_path, monkeypatc
     assert tm._time_impl("blocked", 256, 8, 1, torch.float32, repeats=1) > 0
 
 
+def test_auto_cache_from_one_cpu_is_never_reused_on_another(tmp_path, monkeypatch):
+    from mmscale import precision
+    from mmscale.ops import token_mixing as tm
+
+    monkeypatch.setenv("MMSCALE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tm, "_CHOSEN", {})
+    calls, costs = [], {"dense": 2.0, "blocked": 1.0}
+    monkeypatch.setattr(tm, "_time_impl", lambda impl, *a, **k: calls.append(impl) or costs[impl])
+    cpu = {"name": "Intel(R) Xeon(R) Platinum 8481C", "flags": {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}}
+    monkeypatch.setattr(precision, "_cpuinfo", lambda: (cpu["name"], cpu["flags"]))
+    assert choose_impl(1024, "cpu", True, batch=2, threads=2, channels=64) == "blocked" and len(calls) == 2
+    # the same cache file on an AVX2-only EPYC (a shared home): measured again there, its own answer kept
+    cpu.update(name="AMD EPYC 7B13", flags={"avx2", "fma"})
+    monkeypatch.setattr(tm, "_CHOSEN", {})
+    costs.update(dense=0.5)
+    assert choose_impl(1024, "cpu", True, batch=2, threads=2, channels=64) == "dense" and len(calls) == 4
+    # same model name, other ISA (a VM that hides AVX-512): another key too
+    cpu.update(name="Intel(R) Xeon(R) Platinum 8481C", flags={"avx2", "fma"})
+    monkeypatch.setattr(tm, "_CHOSEN", {})
+    assert choose_impl(1024, "cpu", True, batch=2, threads=2, channels=64) == "dense" and len(calls) == 6
+    keys = json.loads((tmp_path / "token_mix_auto.json").read_text())
+    assert len(keys) == 3 and sum("AMD EPYC 7B13" in k for k in keys) == 1
+    # back on the first CPU in a new process: its own cached answer, nothing timed
+    cpu.update(flags={"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(tm, "_CHOSEN", {})
+    assert choose_impl(1024, "cpu", True, batch=2, threads=2, channels=64) == "blocked" and len(calls) == 6
+
+
 def test_auto_selection_by_device_and_size():
     assert choose_impl(64, "cpu", True, threads=1) == "dense"
     assert choose_impl(4096, "cpu", True, threads=1) == "blocked"

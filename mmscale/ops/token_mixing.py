@@ -157,9 +157,14 @@ def _time_impl(impl: str, t: int, channels: int, slices: int, dtype, repeats: in
 
 
 def measured_cpu_choice(t: int, channels: int, slices: int, threads: int, dtype) -> str:
-    """dense or blocked for this CPU shape, whichever ran faster here (measured once, then cached)."""
+    """dense or blocked for this CPU shape, whichever ran faster here (measured once, then cached).
+
+    The key names the CPU (model and speed-relevant ISA flags, precision.cpu_key): a cache file carried to
+    another machine (a shared home, a copied ~/.cache) is measured again there, never reused."""
+    from mmscale.precision import cpu_key
+
     key = (f"T{t}-C{channels}-S{slices}-threads{threads}-{str(dtype).replace('torch.', '')}-torch{torch.__version__}"
-           f"-v{IMPL_VERSION}")
+           f"-v{IMPL_VERSION}-cpu[{cpu_key()}]")
     if key in _CHOSEN:
         return _CHOSEN[key]
     path = _cache_file()
