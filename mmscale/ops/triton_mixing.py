@@ -146,11 +146,10 @@ if triton is not None:
                 acc += _dot(d, xt, PREC, UPCAST)
         keep = (rows[:, None] < T) & (js[None, :] < T)
         acc = tl.where(js[None, :] <= rows[:, None], acc, 0.0)
-        dst = dw_ptr + h.to(tl.int64) * T * T + rows[:, None] * T + js[None, :]
-        if SPLIT == 1:
-            tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=keep)
-        else:  # partial sums of SPLIT programs meet in the fp32 buffer
-            tl.atomic_add(dst, acc, mask=keep)
+        # each program stores its own partial sum in its own slice [part] of the buffer (no atomics: the
+        # caller adds the slices in a fixed order, so the result is the same bits on every run)
+        dst = dw_ptr + (part.to(tl.int64) * H + h) * T * T + rows[:, None] * T + js[None, :]
+        tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=keep)
 
 
 def _blocks(t: int, c: int, dtype: torch.dtype):
@@ -188,14 +187,16 @@ def _weight_grad_split(programs: int, batch: int) -> int:
     """How many programs share one weight-gradient tile, each summing every SPLIT-th batch element.
 
     One program per lower tile is about one wave on a GPU at T 1024 (136 tiles of 64 for 132 SMs) with a
-    long serial loop over batch x channels; splitting the batch gives >= 4 waves, the partial sums meet by
-    atomic adds in the fp32 buffer (their order, and so the last bits, may vary from run to run on CUDA).
-    The CPU interpreter splits in two when it can, so the tests run the atomic path.
+    long serial loop over batch x channels; splitting the batch gives >= 4 waves. Each program writes its
+    partial sum to its own slice of an fp32 buffer [SPLIT, H, T, T] and the slices are added in a fixed
+    order (_weight_grad_partials, _mix_backward_w): deterministic, bit for bit, for a given GPU model (the
+    split follows its SM count). At most 16 slices (the buffer's memory). The CPU interpreter splits in two
+    when it can, so the tests run the split path.
     """
     if _interpreting():
         return min(2, batch)
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return max(1, min(batch, -(-4 * sms // max(1, programs))))
+    return max(1, min(batch, 16, -(-4 * sms // max(1, programs))))
 
 
 def _lower_tiles(n_tiles: int, device):
@@ -227,17 +228,29 @@ def _mix_backward_x(w: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     return dx
 
 
-def _mix_backward_w(w: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+def _weight_grad_partials(x: torch.Tensor, dout: torch.Tensor, split: int) -> torch.Tensor:
+    """[split, H, T, T] fp32: slice s is the weight gradient summed over batch elements s, s + split, ...
+    (zero above the diagonal: those tiles are never launched)."""
     b, h, t, c = x.shape
     bi, bj, bc = _blocks(t, c, x.dtype)
     assert bi == bj
-    # fp32 accumulation buffer; tiles above the diagonal stay zero (never launched)
-    dw = torch.zeros(h, t, t, device=x.device, dtype=torch.float32)
+    parts = torch.zeros(split, h, t, t, device=x.device, dtype=torch.float32)
     ti, tj = _lower_tiles(triton.cdiv(t, bi), x.device)
-    split = _weight_grad_split(ti.numel() * h, b)
     grid = (ti.numel(), h, split)
-    _launch(_bwd_w_kernel)[grid](x, dout, dw, t, c, h, b, ti, tj, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc,
+    _launch(_bwd_w_kernel)[grid](x, dout, parts, t, c, h, b, ti, tj, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc,
                                  SPLIT=split, **_flags(x.dtype))
+    return parts
+
+
+def _mix_backward_w(w: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    b, h, t, c = x.shape
+    bi = _blocks(t, c, x.dtype)[0]
+    split = _weight_grad_split(triton.cdiv(t, bi) * (triton.cdiv(t, bi) + 1) // 2 * h, b)
+    parts = _weight_grad_partials(x, dout, split)
+    # the per-split partial sums, added in a fixed order (slice 0, then 1, ...): the same bits on every run
+    dw = parts[0]
+    for s in range(1, split):
+        dw = dw + parts[s]
     return dw.to(w.dtype)
 
 
