@@ -288,3 +288,101 @@ def test_reading_the_legacy_tf32_flag_after_the_new_api_is_the_error_avoided(res
     with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
         torch.backends.cuda.matmul.allow_tf32
     assert _precision(torch.float32) == "tf32"  # the new API is the one in force, and reads fine
+
+
+# ---------------------------------------------------------------------------------------------- gpu_check.sh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_wheel(folder) -> str:
+    """A pure-Python wheel written by hand (no network, no build backend): what the install step gets here."""
+    import base64
+    import hashlib
+    import zipfile
+
+    name, ver = "mmscale_gpu_probe", "0.1"
+    files = {f"{name}.py": "VALUE = 42\n",
+             f"{name}-{ver}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {ver}\n",
+             f"{name}-{ver}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
+                                              "Tag: py3-none-any\n"}
+    record = [f"{k},sha256={base64.urlsafe_b64encode(hashlib.sha256(v.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(v.encode())}" for k, v in files.items()]
+    files[f"{name}-{ver}.dist-info/RECORD"] = "\n".join(record + [f"{name}-{ver}.dist-info/RECORD,,"]) + "\n"
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}-{ver}-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_gpu_check_dry_run_installs_wheels_skips_gpu_rows_and_kills_escaped_children(tmp_path):
+    """GPU_CHECK_DRY=1 on this CPU machine: the wheel folder is installed into a fresh --target dir, every
+    step runs its plumbing and writes its row in the issue's order (GPU steps SKIPPED: no CUDA), a step past
+    its limit is killed together with a child it started in its own session (as torchrun starts workers),
+    and with OUT unset the results land in ./gpu_check_out of the caller's directory, not the repo's."""
+    import subprocess
+    import sys
+
+    wheels = tmp_path / "wheels"
+    _tiny_wheel(wheels)
+    site = tmp_path / "site"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH")}
+    env.update(GPU_CHECK_DRY="1", PYTHON=sys.executable, GPU_CHECK_SITE=str(site))
+    p = subprocess.run(["bash", os.path.join(REPO, "tools", "gpu_check.sh"), str(wheels)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "gpu_check_out"
+    assert {f.name for f in out.iterdir()} >= {"RESULTS-gpu.md", "rows.tsv", "gpu_check.log"}
+    rows = [line.split("\t") for line in (out / "rows.tsv").read_text().splitlines()]
+    status = {name: st for name, st, _ in rows}
+    assert (site / "mmscale_gpu_probe.py").read_text() == "VALUE = 42\n"
+    assert status["install wheels"] == "OK" and status["versions"] == "OK"
+    gpu_rows = ["triton vs float64", "op benchmark", "fullgraph compile, Triton block",
+                *[f"train {e}" for e in ("single", "ddp", "fsdp", "zero2", "zero3")], "MFU single", "MFU ZeRO-2"]
+    names = [r[0] for r in rows]
+    assert [n for n in names if n in gpu_rows] == gpu_rows  # the issue's order
+    for name in gpu_rows:
+        assert status[name] == "SKIPPED" and dict((r[0], r[2]) for r in rows)[name] == "no CUDA", name
+    assert status["timeout plumbing (a step past its limit)"] == "TIMEOUT"
+    assert status["timeout plumbing"] == "OK", rows
+    text = (out / "RESULTS-gpu.md").read_text()
+    assert "### Versions" in text and "| MFU ZeRO-2 | SKIPPED | no CUDA |" in text
+    assert not (tmp_path / "mmscale_gpu_check").exists()
+
+
+def test_gpu_check_goes_on_when_the_wheels_do_not_install(tmp_path):
+    """A broken wheel folder is a FAILED row, not the end of the run (the old script exited)."""
+    import subprocess
+    import sys
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "broken-0.1-py3-none-any.whl").write_bytes(b"not a zip")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(GPU_CHECK_DRY="1", PYTHON=sys.executable, OUT=str(tmp_path / "out"), GPU_CHECK_TOTAL_S="25")
+    p = subprocess.run(["bash", os.path.join(REPO, "tools", "gpu_check.sh"), str(wheels)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r.split("\t")[0]: r.split("\t")[1] for r in (tmp_path / "out" / "rows.tsv").read_text().splitlines()}
+    assert rows["install wheels"] == "FAILED" and rows["versions"] == "OK"
+
+
+@pytest.mark.slow
+def test_gpu_smoke_train_step_on_cpu_checkpoints_resumes_and_reports_a_bf16_linear(tmp_path):
+    """The train step of gpu_check.sh (tools/gpu_smoke.py), on the CPU: one-process torchrun, bf16, 3 steps with
+    a checkpoint, a second start that resumes to 6, and the dtype of a Linear's output seen by the hook."""
+    import subprocess
+    import sys
+
+    rows = tmp_path / "rows.tsv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args in (["prepare", "--stories", "150"], ["train", "--engine", "single"]):
+        p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_smoke.py"), *args, "--cpu", "--work",
+                            str(tmp_path), "--rows", str(rows)], env=env, capture_output=True, text=True, timeout=400)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    got = [r.split("\t") for r in rows.read_text().splitlines()]
+    assert [r[:2] for r in got] == [["smoke dataset", "OK"], ["train single", "OK"]], got
+    assert "resumed" in got[1][2] and "Linear output torch.bfloat16" in got[1][2]
+    assert (tmp_path / "run-single" / "checkpoints" / "step_00000006").is_dir()
