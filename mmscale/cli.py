@@ -10,6 +10,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("mmscale.model_info", "parameters, FLOPs per token and memory of a model config"),
+    "plan": ("mmscale.plan", "memory, step time and the layout to use for a config on N GPUs (or this CPU)"),
     "tokenizer": ("mmscale.data.tokenizer", "train a lossless sentencepiece tokenizer (`tokenizer train`)"),
     "prepare": ("mmscale.data.prepare", "tokenize text/JSONL/Parquet into MDS shards + a manifest"),
     "data": ("mmscale.data.synth", "built-in story corpus with summaries (`data synth`)"),

@@ -187,7 +187,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = opt(100, "optimizer steps to train for", ">= 1")
-    micro_batch_size: int = opt(8, "samples per rank per forward/backward", ">= 1")
+    micro_batch_size: Union[int, Literal["auto"]] = opt(
+        8, "samples per rank per forward/backward; auto: the largest that fits, probed at start (halving on "
+           "out-of-memory), keeping train.global_batch_size through grad_accum", ">= 1 or auto")
     grad_accum: int = opt(1, "micro-batches per optimizer step (derived when global_batch_size is set)", ">= 1")
     global_batch_size: int = opt(0, "samples per optimizer step over all ranks (0 = micro_batch_size x grad_accum "
                                     "x ranks); a multiple of micro_batch_size x ranks", ">= 0")
@@ -484,7 +486,11 @@ def validate(cfg: Config) -> None:
     _check(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
 
     _check(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
-    _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    if t.micro_batch_size == "auto":
+        _check(t.global_batch_size >= 1, "train.micro_batch_size=auto keeps the global batch fixed; set "
+                                         "train.global_batch_size (e.g. train.global_batch_size=64)")
+    else:
+        _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 or auto, got {t.micro_batch_size}")
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0 (0 = derived), got {t.global_batch_size}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")

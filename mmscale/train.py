@@ -332,8 +332,12 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     try:
         torch.manual_seed(cfg.run.seed)  # same seed -> same initial weights on every engine and rank
         model = (model_factory or default_model_factory)(cfg)
+        notes = []
+        if cfg.train.micro_batch_size == "auto":  # the largest that fits (mmscale.plan), recorded in config.yaml
+            cfg, note = _auto_micro_batch(cfg, model, info, device, meta)
+            notes.append(note)
         loader, val_fn = (data_factory or default_data_factory)(cfg, info, cfg.train.micro_batch_size)
-        status = _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, meta)
+        status = _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, meta, notes)
         clean = True
         return status
     except UserError:
@@ -352,6 +356,18 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
                 engine_cls.stop_process_group()
 
 
+def _auto_micro_batch(cfg, model, info, device, meta):
+    """train.micro_batch_size auto: a resumed run keeps its checkpoint's micro-batch; a new one probes."""
+    from mmscale.plan import resolve_auto_micro_batch
+
+    per_rank = cfg.train.global_batch_size // info.world_size
+    mb = int((meta or {}).get("micro_batch_size") or 0)
+    if mb and per_rank % mb == 0:
+        t = dataclasses.replace(cfg.train, micro_batch_size=mb, grad_accum=per_rank // mb)
+        return dataclasses.replace(cfg, train=t), f"train.micro_batch_size auto: {mb}, the resumed checkpoint's"
+    return resolve_auto_micro_batch(cfg, model, info, device)
+
+
 def _remove_if_empty(run_dir: Path) -> None:
     """A run that failed before writing anything leaves no empty run dir behind."""
     try:
@@ -360,7 +376,7 @@ def _remove_if_empty(run_dir: Path) -> None:
         pass
 
 
-def _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, meta) -> int:
+def _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, meta, notes=()) -> int:
     from mmscale.engines import build_engine
     from mmscale.metrics import MetricsLogger
     from mmscale.watch import RunWatch  # MFU vs the device's peak, samples, profiler (mmscale/watch.py)
@@ -378,6 +394,10 @@ def _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, met
     logger = MetricsLogger(cfg, run_dir, info.rank == 0, start_step, cfg.train.max_steps)
     if resume_dir is not None:
         logger.write(f"resumed from {resume_dir} (step {start_step}, {state.tokens} tokens)")
+    for note in notes:  # train.micro_batch_size auto: what was chosen, also as a metrics.jsonl event row
+        logger.write(note)
+        logger.event(start_step, "micro_batch_size_auto", micro_batch_size=cfg.train.micro_batch_size,
+                     grad_accum=cfg.train.grad_accum, message=note)
     watch = RunWatch(cfg, info, engine, model, device, logger, start_step, resume_dir)
 
     stop = StopFlag()

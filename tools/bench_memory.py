@@ -1,13 +1,18 @@
-"""Per-rank parameter + optimizer memory of DeepSpeed ZeRO-3 and FSDP2 at 1 and 2 ranks (gloo on CPU).
+"""Per-rank peak memory of real CPU training runs (gloo), held against `mmscale plan --device cpu`.
 
-    .venv/bin/python tools/bench_memory.py                        # the paper's mixer (d 512, 8 layers, n_ctx 512)
-    .venv/bin/python tools/bench_memory.py --precision fp32 --ranks 1 2 --set model.d_model=256
+    .venv/bin/python tools/bench_memory.py --out /tmp/mem.json                 # measure (the RESULTS.md grid)
+    .venv/bin/python tools/bench_memory.py --compare /tmp/mem.json             # the table: plan vs measured
+    .venv/bin/python tools/bench_memory.py --models mixer-s --layouts z3 fsdp --ranks 1 2 --out /tmp/m.json
 
-Counts the bytes each rank holds after one optimizer step (so Adam's states exist):
-  params     the rank's model parameters (ZeRO-3: its `ds_tensor` partitions; FSDP2: local DTensor shards)
-  optimizer  ZeRO-3: the fp32 master partitions + Adam moments; FSDP2: Adam moments of the local shards
-             (FSDP2 keeps fp32 parameters, which are then also the master weights)
-and reports the peak RSS of the process (includes torch itself, activations and buffers).
+Each (model, layout, ranks) runs in fresh processes under torchrun (OMP_NUM_THREADS=1): the real engine
+(DeepSpeed ZeRO-1/2/3 or FSDP2, mmscale's precision policy), two optimizer steps at micro-batch --batch, then
+each rank reports
+  peak_rss   the process's peak resident memory (ru_maxrss: includes torch itself, the model built in fp32 on
+             the CPU before the engine shards it, activations and buffers)
+  base_rss   its resident memory before the model existed (torch + the engine's imports + the process group)
+  params / optimizer   bytes of the rank's parameter and optimizer tensors after the steps (ZeRO-3: `ds_tensor`
+             partitions; FSDP2: local DTensor shards; ZeRO: fp32 master partitions + Adam moments)
+The comparison uses the largest peak over the ranks (what a machine has to hold per rank).
 """
 from __future__ import annotations
 
@@ -18,13 +23,31 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DEFAULT_MODEL = ["model.kind=mixer", "model.d_model=512", "model.n_layers=8", "model.n_ctx=512",
-                 "model.vocab_size=4096"]
+# two sizes of each model family, small enough for a shared 2-core CPU, large enough that model state and
+# activations (not torch's own ~0.3 GB) decide the peak
+MODELS = {
+    "mixer-s": ["model.kind=mixer", "model.d_model=256", "model.n_layers=4", "model.n_ctx=256",
+                "model.vocab_size=4096"],
+    "mixer-m": ["model.kind=mixer", "model.d_model=512", "model.n_layers=8", "model.n_ctx=512",
+                "model.vocab_size=4096"],
+    "llama-s": ["model.kind=transformer", "model.d_model=256", "model.n_layers=4", "model.n_ctx=256",
+                "model.heads=4", "model.vocab_size=4096"],
+    "llama-m": ["model.kind=transformer", "model.d_model=512", "model.n_layers=8", "model.n_ctx=512",
+                "model.heads=8", "model.vocab_size=4096"],
+}
+LAYOUTS = {"z1": ("deepspeed", 1), "z2": ("deepspeed", 2), "z3": ("deepspeed", 3), "fsdp": ("fsdp", 0)}
+LAYOUT_NAMES = {"z1": "ZeRO-1", "z2": "ZeRO-2", "z3": "ZeRO-3", "fsdp": "FSDP2"}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _tensor_bytes(t) -> int:
@@ -45,8 +68,9 @@ def measure(engine) -> dict:
         params = sum(_tensor_bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _tensor_bytes(p)
                      for p in model.parameters())
         zero = engine.engine.optimizer
-        master = sum(_tensor_bytes(t) for t in zero.fp32_partitioned_groups_flat)  # fp32 master partitions
-        return {"params": params, "optimizer": master + _state_bytes(zero.optimizer)}  # + Adam moments
+        flat = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", [])
+        master = sum(_tensor_bytes(t) for t in flat)
+        return {"params": params, "optimizer": master + _state_bytes(zero.optimizer)}
     params = sum(_tensor_bytes(p) for p in engine.model.parameters())
     return {"params": params, "optimizer": _state_bytes(engine.optimizer)}
 
@@ -59,20 +83,26 @@ def worker(args) -> None:
     from mmscale.engines import build_engine, engine_class
     from mmscale.models import build_model
 
-    cfg = load_config(None, args.set + [f"engine.kind={args.engine}", f"engine.precision={args.precision}",
-                                        "engine.zero_stage=3", "train.micro_batch_size=1"])
+    kind, stage = LAYOUTS[args.layout]
+    cfg = load_config(None, MODELS[args.model] + [f"engine.kind={kind}", f"engine.precision={args.precision}",
+                                                  f"engine.zero_stage={stage or 2}",
+                                                  f"engine.activation_checkpointing={str(args.ac).lower()}",
+                                                  f"train.micro_batch_size={args.batch}"])
     info = dist_.detect()
     device = dist_.device_for(info)
-    engine_class(args.engine).start_process_group(info, device, timeout_min=10)
+    engine_class(kind).start_process_group(info, device, timeout_min=10)
+    if kind == "deepspeed":
+        import deepspeed  # noqa: F401  (imported by the engine anyway: its memory belongs to the base)
+    base = _rss()
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(cfg, model, info, device)
-    ids = torch.randint(cfg.model.vocab_size, (1, cfg.model.n_ctx + 1))
-    engine.forward_backward({"input_ids": ids[:, :-1], "labels": ids}, last=True)
-    engine.step(1e-4)
+    for step in range(2):
+        ids = torch.randint(cfg.model.vocab_size, (args.batch, cfg.model.n_ctx + 1))
+        engine.forward_backward({"input_ids": ids[:, :-1], "labels": ids}, last=True)
+        engine.step(1e-4)
     row = {**measure(engine), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "n_params": n_params}
+           "base_rss": base, "rank": info.rank}
     rows = [None] * info.world_size
     torch.distributed.all_gather_object(rows, row)
     if info.rank == 0:
@@ -81,40 +111,84 @@ def worker(args) -> None:
     os._exit(0)
 
 
+def run_one(model: str, layout: str, ranks: int, batch: int, precision: str, ac: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               __file__, "--worker", "--model", model, "--layout", layout, "--precision", precision,
+               "--batch", str(batch), "--out", str(out)] + (["--ac"] if ac else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TMPDIR": tmp}
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        row = {"model": model, "set": MODELS[model], "layout": layout, "ranks": ranks, "batch": batch,
+               "precision": precision, "ac": ac, "wall_s": round(time.perf_counter() - t0, 1),
+               "children_cpu_s": round(cpu.ru_utime + cpu.ru_stime, 1)}
+        if proc.returncode != 0 or not out.is_file():
+            return {**row, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        return {**row, "per_rank": json.loads(out.read_text())}
+
+
+def compare(path: str) -> None:
+    """Markdown table: the plan's per-rank total (device cpu) against the measured peak RSS of each run."""
+    from mmscale.config import load_config
+    from mmscale.plan import layout_memory
+
+    rows = json.loads(Path(path).read_text())
+    mib = 2 ** 20
+    print("| model | params | layout | ranks | plan MiB (states + act + buffers + runtime) | measured peak RSS MiB "
+          "(max over ranks) | plan / measured |")
+    print("|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | | {LAYOUT_NAMES[r['layout']]} | {r['ranks']} | failed: {r['error']} | | |")
+            continue
+        kind, stage = LAYOUTS[r["layout"]]
+        cfg = load_config(None, r["set"] + [f"engine.precision={r['precision']}",
+                                            f"train.micro_batch_size={r['batch']}",
+                                            f"engine.activation_checkpointing={str(r['ac']).lower()}"])
+        m, n = layout_memory(cfg, kind, stage, r["ranks"], device="cpu")
+        meas = max(x["peak_rss"] for x in r["per_rank"])
+        ratio = m["total"] / meas
+        worst = max(worst, abs(ratio - 1))
+        print(f"| {r['model']} | {n / 1e6:.1f}M | {LAYOUT_NAMES[r['layout']]} | {r['ranks']} | {m['total'] / mib:,.0f} "
+              f"({(m['params'] + m['grads'] + m['optimizer']) / mib:,.0f} + {m['activations'] / mib:,.0f} + "
+              f"{m['buffers'] / mib:,.0f} + {m['runtime'] / mib:,.0f}) | {meas / mib:,.0f} | {ratio:.3f} |")
+    print(f"\nlargest deviation: {worst * 100:.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--engines", nargs="+", default=["deepspeed", "fsdp"], choices=["deepspeed", "fsdp"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--batch", type=int, default=4, help="micro-batch per rank")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--set", nargs="*", default=DEFAULT_MODEL, help="config overrides for the model")
+    parser.add_argument("--ac", action="store_true", help="activation checkpointing on")
+    parser.add_argument("--out", help="write the measured rows (JSON) here")
+    parser.add_argument("--compare", metavar="JSON", help="print the plan-vs-measured table of a --out file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--engine", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    mib = 2 ** 20
-    print(f"model: {' '.join(args.set)}; precision {args.precision}; per rank, MiB", file=sys.stderr)
-    print("| engine | ranks | params | optimizer | params + optimizer | peak RSS |")
-    print("|---|---|---|---|---|---|")
-    for engine in args.engines:
-        for n in args.ranks:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "rows.json"
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                       __file__, "--worker", "--engine", engine, "--precision", args.precision, "--out", str(out),
-                       "--set", *args.set]
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TMPDIR": tmp}
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-                if proc.returncode != 0 or not out.is_file():
-                    print(f"| {engine} | {n} | failed: {proc.stderr.strip().splitlines()[-1:]} |||")
-                    continue
-                rows = json.loads(out.read_text())
-                r = rows[0]
-                name = "ZeRO-3" if engine == "deepspeed" else "FSDP2"
-                print(f"| {name} | {n} | {r['params'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
-                      f"{(r['params'] + r['optimizer']) / mib:.1f} | {r['peak_rss'] / mib:.0f} |", flush=True)
-    print(f"\n{rows[0]['n_params']:,} parameters", file=sys.stderr)
+    if args.compare:
+        return compare(args.compare)
+    if not args.out:
+        parser.error("give --out FILE (measure) or --compare FILE (table)")
+    rows = []
+    for model in args.models:
+        for layout in args.layouts:
+            for n in args.ranks:
+                r = run_one(model, layout, n, args.batch, args.precision, args.ac)
+                rows.append(r)
+                Path(args.out).write_text(json.dumps(rows, indent=1))
+                peak = max((x["peak_rss"] for x in r.get("per_rank", [])), default=0) / 2 ** 20
+                print(f"{model} {layout} x{n}: {r.get('error') or f'peak {peak:,.0f} MiB'} ({r['wall_s']} s)",
+                      file=sys.stderr, flush=True)
+    print(f"children CPU time: {rows[-1]['children_cpu_s']} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

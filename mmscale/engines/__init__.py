@@ -59,7 +59,8 @@ def check_world_layout(cfg, world_size: int, nodes: int = 1, layout: str | None 
     t = cfg.train
     grad_accum = t.grad_accum
     if t.global_batch_size:
-        per_step = t.micro_batch_size * world_size
+        # micro_batch_size auto: probed at start (mmscale.plan); here the global batch need only split over the ranks
+        per_step = (1 if t.micro_batch_size == "auto" else t.micro_batch_size) * world_size
         if t.global_batch_size % per_step:
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of {per_step}: not "
                             f"divisible by micro_batch_size x ranks ({t.micro_batch_size} x {world_size}) in {layout}; "
