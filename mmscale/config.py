@@ -530,8 +530,8 @@ def validate(cfg: Config) -> None:
     _check(r.group_size >= 2, f"retrieval.group_size must be >= 2 (a query and its positive), got {r.group_size}")
     _check(r.hard_negatives >= 0, f"retrieval.hard_negatives must be >= 0 (0 = half the negatives), got {r.hard_negatives}")
     _check(r.mine_depth >= 1, f"retrieval.mine_depth must be >= 1, got {r.mine_depth}")
-    if r.position != "last":
+    if r.position not in ("last", "mean"):
         try:
             int(r.position)
         except ValueError:
-            raise ConfigError(f"retrieval.position must be 'last' or an integer index, got {r.position!r}") from None
+            raise ConfigError(f"retrieval.position must be 'last', 'mean' or an integer index, got {r.position!r}") from None

@@ -6,7 +6,8 @@
 
 A text is embedded by the residual stream (after the final norm, when the model has one) at one
 token: the last real token by default, or any index into the real tokens (the paper uses -2,
-because the last position of a window is never trained by the shifted LM loss). Texts are
+because the last position of a window is never trained by the shifted LM loss); or by the mean of
+the residual stream over its real tokens (`position="mean"`; padding never counts). Texts are
 right-padded; for causal models padding after a position cannot change it, so the embedding of a
 text does not depend on its batch.
 """
@@ -18,14 +19,17 @@ from typing import Iterable, Sequence
 from mmscale.errors import UserError
 
 
-def parse_position(position: int | str) -> int | None:
-    """`"last"` -> None (the last real token); an integer (or its string) -> that index."""
+def parse_position(position: int | str) -> int | str | None:
+    """`"last"` -> None (the last real token); `"mean"` -> "mean" (the mean over the real tokens); an integer
+    (or its string) -> that index."""
     if position is None or position == "last":
         return None
+    if position == "mean":
+        return "mean"
     try:
         return int(position)
     except (TypeError, ValueError):
-        raise UserError(f"embedding position must be 'last' or an integer index, got {position!r}") from None
+        raise UserError(f"embedding position must be 'last', 'mean' or an integer index, got {position!r}") from None
 
 
 def token_indices(lengths, position: int | None):
@@ -46,13 +50,20 @@ def token_indices(lengths, position: int | None):
     return torch.minimum(idx.clamp(min=0), lengths - 1)
 
 
-def pooled_embeddings(model, input_ids, lengths, position: int | None = None):
-    """L2-normalised embeddings [B, d] of right-padded `input_ids` [B, L] (differentiable)."""
+def pooled_embeddings(model, input_ids, lengths, position: int | str | None = None):
+    """L2-normalised embeddings [B, d] of right-padded `input_ids` [B, L] (differentiable).
+
+    position "mean": the mean of the hidden states over each row's first `lengths` tokens (padding excluded)."""
     import torch
     import torch.nn.functional as F
 
     hidden = model.hidden(input_ids)                       # [B, L, d], after the final norm
-    idx = token_indices(lengths, position).to(hidden.device)
+    lengths = torch.as_tensor(lengths).to(hidden.device)
+    if position == "mean":
+        real = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).float()
+        picked = (hidden.float() * real[..., None]).sum(1) / lengths.clamp(min=1)[:, None].float()
+        return F.normalize(picked, dim=-1)
+    idx = token_indices(lengths, position)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     return F.normalize(picked.float(), dim=-1)
 

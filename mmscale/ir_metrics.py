@@ -219,6 +219,44 @@ def evaluate_scores(scorer: Callable[[np.ndarray], np.ndarray], relevant, exclud
 
 
 # ---------------------------------------------------------------------------------------------
+# fusion (the hybrid row) and paired comparisons
+
+RRF_K = 60
+
+
+def min_ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based competition ranks of each row's scores, best first: tied scores share the best rank of their tie
+    (1 + the number of strictly higher scores)."""
+    s = np.asarray(scores, dtype=np.float64)
+    neg_sorted = np.sort(-s, axis=1)
+    return np.stack([np.searchsorted(neg_sorted[i], -s[i], side="left") + 1 for i in range(len(s))]) \
+        if len(s) else np.zeros_like(s, dtype=np.int64)
+
+
+def rrf_scores(score_mats: Sequence[np.ndarray], k: int = RRF_K) -> np.ndarray:
+    """Reciprocal-rank fusion (Cormack et al. 2009): sum over the systems of 1 / (k + rank), ranks by min_ranks."""
+    return sum(1.0 / (k + min_ranks(m)) for m in score_mats)
+
+
+def rrf_scorer(scorers: Sequence[Callable[[np.ndarray], np.ndarray]], k: int = RRF_K):
+    """scores(query indices) -> the RRF of the given scorers' rows (each over the same documents)."""
+    def scores(idx):
+        return rrf_scores([f(idx) for f in scorers], k)
+    scores.cols = max(getattr(f, "cols", 0) for f in scorers)
+    return scores
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Per-query a - b: mean, standard error of the mean (sample SD / sqrt n), and how many queries a wins,
+    ties, loses."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = len(d)
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": float(d.mean()) if n else float("nan"), "se": se, "n": n, "wins": int((d > 0).sum()),
+            "ties": int((d == 0).sum()), "losses": int((d < 0).sum())}
+
+
+# ---------------------------------------------------------------------------------------------
 # top k (mining hard negatives)
 
 def have_faiss() -> bool:

@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -85,15 +86,16 @@ class PairGroups:
     The negatives of stream position t depend only on (seed, t).
 
     queries, docs: token lists; negatives[q]: the query's hard negatives, doc indices (or token lists);
-    pairs: the stream items (query, doc) (default: query i with doc i); excluded[q]: doc indices that
+    pairs: the stream items (query, doc) (default: query i with doc i), or ("corpus", mode, doc) items whose query,
+    positive and excluded documents `views.view(item, t)` makes (CorpusPairs); excluded[q]: doc indices that
     are never negatives of q (default: doc q); hard_per_group: None takes the hard negatives in order
     (up to G - 2), k draws k of them per group with the seed.
     """
 
     def __init__(self, queries, passages, negatives, *, group_size: int, micro_batch: int, n_ctx: int,
                  seed: int, rank: int = 0, world: int = 1, pad_id: int = 0, pairs=None, excluded=None,
-                 hard_per_group: int | None = None, gather: bool = False):
-        self.q, self.p, self.negs = queries, passages, negatives
+                 hard_per_group: int | None = None, gather: bool = False, views=None):
+        self.q, self.p, self.negs, self.views = queries, passages, negatives, views
         self.pairs = pairs if pairs is not None else [(i, i) for i in range(len(queries))]
         self.excluded = excluded if excluded is not None else [np.array([i]) for i in range(len(queries))]
         self._excl_sets = [set(int(x) for x in e) for e in self.excluded]
@@ -118,19 +120,25 @@ class PairGroups:
             self._perm, self._perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
         return self.pairs[self._perm[t % n]]
 
-    def group_docs(self, t: int) -> tuple[int, list]:
-        """(query index, [positive, negatives...]) of stream position t: doc indices, or token lists for
-        negatives given as text."""
-        qi, di = self._pair_at(t)
-        excl = self._excl_sets[qi]
-        hard = [x for x in self.negs[qi] if not (isinstance(x, int) and x in excl)] if self.negs else []
+    def group_docs(self, t: int) -> tuple[list[int], list, set]:
+        """(query tokens, [positive, negatives...], the doc indices never negatives of it) of stream position t:
+        candidates are doc indices, or token lists (negatives given as text, corpus-pair positives)."""
+        item = self._pair_at(t)
+        if len(item) == 3:  # a pair made from the corpus (CorpusPairs): random documents as negatives
+            query, positive, excl = self.views.view(item, t)
+            cands, hard = [positive], []
+        else:
+            qi, di = item
+            query, excl = self.q[qi], self._excl_sets[qi]
+            hard = [x for x in self.negs[qi] if not (isinstance(x, int) and x in excl)] if self.negs else []
+            cands = [di]
         if self.hard_per_group is None:
             hard = hard[:self.G - 2]
         elif hard:
             rng = np.random.default_rng([self.seed, 104_729, t])
             k = min(self.hard_per_group, len(hard), self.G - 2)
             hard = [hard[j] for j in rng.choice(len(hard), k, replace=False)]
-        cands = [di] + hard
+        cands = cands + hard
         need = self.G - 1 - len(cands)
         if need > 0:
             rng = np.random.default_rng([self.seed, 7_919, t])
@@ -143,12 +151,12 @@ class PairGroups:
                         need -= 1
                         if need == 0:
                             break
-        return qi, cands
+        return query, cands, excl
 
     def group(self, t: int) -> list[list[int]]:
         """[query, passage, negatives...] token lists of stream position t."""
-        qi, cands = self.group_docs(t)
-        return [self.q[qi]] + [self.p[x] if isinstance(x, int) else x for x in cands]
+        query, cands, _ = self.group_docs(t)
+        return [query] + [self.p[x] if isinstance(x, int) else x for x in cands]
 
     def _mask(self, k: int, own: dict) -> "torch.Tensor":
         """bool [B, C]: the candidates of this rank's queries that are relevant to them (never the own positive).
@@ -162,8 +170,7 @@ class PairGroups:
             flat = [x for u in everyone for x in (own[u] if u in own else self.group_docs(u))[1]]
         mask = []
         for b, t in enumerate(range(start, start + self.B)):
-            qi, cands = own[t]
-            excl = self._excl_sets[qi]
+            _, cands, excl = own[t]
             row = [isinstance(x, int) and x in excl for x in (flat if self.gather else cands)]
             row[(self.rank * self.B + b) * (self.G - 1) if self.gather else 0] = False
             mask.append(row)
@@ -176,12 +183,16 @@ class PairGroups:
 
         start = (k * self.world + self.rank) * self.B
         own = {t: self.group_docs(t) for t in range(start, start + self.B)}
-        seqs = [s for t in own for s in [self.q[own[t][0]]] + [self.p[x] if isinstance(x, int) else x
-                                                                for x in own[t][1]]]
+        seqs = [s for t in own for s in [own[t][0]] + [self.p[x] if isinstance(x, int) else x for x in own[t][1]]]
         ids, lengths = pad_batch(seqs, self.pad)
         full = torch.full((len(seqs), self.n_ctx), self.pad, dtype=torch.long)
         full[:, :ids.shape[1]] = ids  # a fixed width: the same shapes every step (compile-friendly)
         return {"input_ids": full, "labels": torch.cat([lengths, pack_mask(self._mask(k, own))])}
+
+    def log_metrics(self, step: int) -> tuple[dict, str | None]:
+        """The trainer's hook on log steps: (columns for metrics.jsonl, a warning line or None): the retrieval
+        statistics (RetrievalStats) of the model being trained, since the last log step."""
+        return _STATS[0].read(step) if _STATS else ({}, None)
 
     def __iter__(self):
         while True:
@@ -198,14 +209,124 @@ class PairGroups:
 
 
 # ---------------------------------------------------------------------------------------------
+# pairs made from the corpus itself
+
+CORPUS_MODES = ("title-body", "crop", "ict")
+
+
+def parse_corpus_pairs(spec: str) -> tuple[list[str], bool]:
+    """`corpus:MODE[+MODE...][+judged]` (',' or '|' also separate) -> (corpus modes, whether the collection's
+    judged queries are mixed in). UserError naming the modes otherwise."""
+    body = spec[len("corpus:"):] if spec.startswith("corpus:") else ""
+    parts = [x.strip() for x in re.split(r"[+,|]", body) if x.strip()]
+    bad = [x for x in parts if x not in CORPUS_MODES + ("judged",)]
+    modes = [x for x in dict.fromkeys(parts) if x in CORPUS_MODES]
+    if bad or not modes:
+        raise UserError(f"--pairs {spec!r}: corpus pairs are 'corpus:MODE[+MODE...][+judged]' with MODE one of "
+                        f"{', '.join(CORPUS_MODES)} (e.g. corpus:crop+judged)")
+    return modes, "judged" in parts
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text: split after . ! ? followed by white space (abbreviations may split too)."""
+    return [x for x in re.split(r"(?<=[.!?])\s+", text.strip()) if x]
+
+
+class CorpusPairs:
+    """(query, positive) views of a corpus's documents for InfoNCE, deterministic in (seed, stream position t):
+
+    title-body  the title -> the text (first n_ctx tokens), for documents with both;
+    crop        a random span of 10-50% of the document (title + text) -> an independent random window of n_ctx
+                tokens of it (the whole document when shorter), as unsupervised dense retrievers train
+                (Izacard et al. 2021); documents of at least 8 tokens;
+    ict         one sentence (starting in the first 3/4 of the window) -> the title and the rest of the document
+                without it, cut to n_ctx (inverse cloze, Lee et al. 2019); documents of 2+ sentences.
+
+    titles, texts: token lists per document; sentences: per document, the token lists of its text's
+    sentences; duplicates[d]: the documents with the same text as d (d included), never its negatives.
+    """
+
+    def __init__(self, titles, texts, sentences, duplicates, n_ctx: int, seed: int):
+        self.titles, self.texts, self.sentences = titles, texts, sentences
+        self.dups, self.n_ctx, self.seed = duplicates, n_ctx, seed
+
+    @classmethod
+    def from_collection(cls, sp, coll: Collection, n_ctx: int, seed: int) -> "CorpusPairs":
+        titles = [list(x) for x in sp.encode(list(coll.titles))]
+        texts = [list(x) for x in sp.encode(list(coll.texts))]
+        sents = [split_sentences(t) for t in coll.texts]
+        flat = sp.encode([x for ss in sents for x in ss]) if any(sents) else []
+        sentences, k = [], 0
+        for ss in sents:
+            sentences.append([list(x) for x in flat[k:k + len(ss)]])
+            k += len(ss)
+        by_text: dict[str, list[int]] = {}
+        for i in range(coll.n_docs):
+            by_text.setdefault(coll.doc_text(i), []).append(i)
+        return cls(titles, texts, sentences, [set(by_text[coll.doc_text(i)]) for i in range(coll.n_docs)],
+                   n_ctx, seed)
+
+    def _ict_choices(self, d: int) -> list[int]:
+        sents = self.sentences[d]
+        if len(sents) < 2:
+            return []
+        out, at = [], min(len(self.titles[d]), self.n_ctx // 2)
+        for j, s in enumerate(sents):
+            if at >= self.n_ctx * 3 // 4:
+                break
+            if len(s) >= 3:
+                out.append(j)
+            at += len(s)
+        return out
+
+    def eligible(self, mode: str) -> list[int]:
+        """The documents that can make a pair of this mode."""
+        n = len(self.texts)
+        if mode == "title-body":
+            return [d for d in range(n) if self.titles[d] and self.texts[d]]
+        if mode == "crop":
+            return [d for d in range(n) if len(self.titles[d]) + len(self.texts[d]) >= 8]
+        return [d for d in range(n) if self._ict_choices(d)]
+
+    def items(self, modes) -> list[tuple]:
+        return [("corpus", m, d) for m in modes for d in self.eligible(m)]
+
+    def view(self, item: tuple, t: int) -> tuple[list[int], list[int], set]:
+        """(query tokens, positive tokens, excluded doc indices) of a ("corpus", mode, doc) item at stream position t."""
+        _, mode, d = item
+        n = self.n_ctx
+        rng = np.random.default_rng([self.seed, 524_287, t])
+        if mode == "title-body":
+            return self.titles[d][:n], self.texts[d][:n], self.dups[d]
+        if mode == "crop":
+            doc = self.titles[d] + self.texts[d]
+            L = len(doc)
+            lo = max(1, math.ceil(0.1 * L))
+            hi = max(lo, min(n, math.ceil(0.5 * L)))
+            ql = int(rng.integers(lo, hi + 1))
+            qs = int(rng.integers(0, L - ql + 1))
+            pl = min(n, L)
+            ps = int(rng.integers(0, L - pl + 1))
+            return doc[qs:qs + ql], doc[ps:ps + pl], self.dups[d]
+        if mode == "ict":
+            choices = self._ict_choices(d)
+            j = choices[int(rng.integers(0, len(choices)))]
+            rest = [tok for k, s in enumerate(self.sentences[d]) if k != j for tok in s]
+            title = self.titles[d][:n // 2]
+            return self.sentences[d][j][:n], (title + rest)[:n], self.dups[d]
+        raise UserError(f"unknown corpus pair mode {mode!r}; choose from {', '.join(CORPUS_MODES)}")
+
+
+# ---------------------------------------------------------------------------------------------
 # the loss
 
-def info_nce(emb, group_size: int, temperature: float, gather: bool = False, mask=None):
+def info_nce(emb, group_size: int, temperature: float, gather: bool = False, mask=None, stats=None):
     """Mean InfoNCE loss of normalised embeddings [B*G, d] laid out as groups [query, positive, negatives].
 
     Without `gather` each query scores its own group's G - 1 candidates; with it, the candidates of
     every group on every rank (other ranks' embeddings without gradient). `mask` (bool [B, C], or the
     packed words of PairGroups) marks candidates that are relevant to the query: left out of its softmax.
+    `stats` (a RetrievalStats) collects batch_stats of the step (no gradient).
     """
     import torch
     import torch.distributed as dist
@@ -233,10 +354,83 @@ def info_nce(emb, group_size: int, temperature: float, gather: bool = False, mas
         if mask.dtype != torch.bool:
             mask = unpack_mask(mask, B, logits.shape[1])
         logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
-    return F.cross_entropy(logits, target)
+    loss = F.cross_entropy(logits, target)
+    if stats is not None:
+        stats.add(batch_stats(queries.detach(), cands.detach(), logits.detach(), target))
+    return loss
 
 
-def install_retrieval_loss(model, rcfg) -> None:
+def batch_stats(queries, cands, logits, target) -> dict:
+    """What a step's embeddings look like (all float sums over the micro-batch, with their counts):
+
+    acc: in-batch accuracy, the positive scored above every other unmasked candidate (a tie with k others
+    counts 1/(k+1)); chance: 1 / the number of unmasked candidates; cos: mean pairwise cosine of the
+    documents (positives and negatives) of the batch; align: mean squared distance of query and positive
+    (Wang & Isola 2020, alpha 2); unif: log of the mean exp(-2 * squared distance) over pairs of documents.
+    Collapse shows as cos -> 1, unif -> 0, acc -> chance."""
+    import torch
+
+    B, d = queries.shape[0], queries.shape[-1]
+    pos = logits.gather(1, target[:, None])
+    live = torch.isfinite(logits)
+    greater = ((logits > pos) & live).sum(1).float()
+    ties = ((logits == pos) & live).sum(1).float() - 1
+    acc = ((greater == 0).float() / (1 + ties)).sum()
+    chance = (1.0 / live.sum(1).float()).sum()
+    docs = cands.reshape(-1, d).float()
+    n = docs.shape[0]
+    sim = docs @ docs.T
+    off = ~torch.eye(n, dtype=torch.bool, device=docs.device)
+    cos = sim[off].mean() if n > 1 else sim.new_tensor(1.0)
+    unif = torch.log(torch.exp(-4.0 + 4.0 * sim[off]).mean()) if n > 1 else sim.new_tensor(0.0)
+    align = (2.0 - 2.0 * (queries.float() * cands[:, 0].float()).sum(-1)).sum()
+    return {"acc": float(acc), "chance": float(chance), "queries": B, "cos": float(cos), "unif": float(unif),
+            "align": float(align), "batches": 1}
+
+
+COLLAPSE_COS = 0.9
+
+
+class RetrievalStats:
+    """Sums of batch_stats between two reads: the retrieval columns of metrics.jsonl and the collapse warning.
+
+    Rank-local (rank 0's micro-batches are what metrics.jsonl shows). read() returns the means since the last
+    read, and a one-line warning the first time the batch's documents look collapsed (mean pairwise cosine
+    >= COLLAPSE_COS while in-batch accuracy is below twice chance)."""
+
+    def __init__(self):
+        self._sum: dict = {}
+        self.first: dict | None = None
+        self.warned = False
+        self.history: list[dict] = []
+
+    def add(self, s: dict) -> None:
+        for k, v in s.items():
+            self._sum[k] = self._sum.get(k, 0.0) + v
+
+    def read(self, step: int) -> tuple[dict, str | None]:
+        s, self._sum = self._sum, {}
+        if not s.get("queries"):
+            return {}, None
+        q, b = s["queries"], s["batches"]
+        row = {"inbatch_acc": s["acc"] / q, "inbatch_chance": s["chance"] / q, "doc_cos": s["cos"] / b,
+               "alignment": s["align"] / q, "uniformity": s["unif"] / b}
+        self.first = self.first or {"step": step, **row}
+        self.history.append({"step": step, **row})
+        note = None
+        if not self.warned and row["doc_cos"] >= COLLAPSE_COS and row["inbatch_acc"] < 2 * row["inbatch_chance"]:
+            self.warned = True
+            note = (f"warning: step {step}: the embeddings are collapsing: the batch's documents have mean pairwise "
+                    f"cosine {row['doc_cos']:.3f} (step {self.first['step']}: {self.first['doc_cos']:.3f}) and "
+                    f"in-batch accuracy is {row['inbatch_acc']:.3f} (chance {row['inbatch_chance']:.3f}); see "
+                    "docs/retrieval-collapse.md (retrieval.position=mean, a lower train.lr, train.warmup_steps)")
+        return row, note
+
+
+_STATS: list[RetrievalStats] = []  # the stats of the model the last retrieval_model_factory built
+
+
+def install_retrieval_loss(model, rcfg, stats: RetrievalStats | None = None) -> None:
     """Replace `model.forward` (on the instance) by the InfoNCE loss; see the module docstring."""
     from mmscale.embedder import parse_position, pooled_embeddings
 
@@ -249,7 +443,8 @@ def install_retrieval_loss(model, rcfg) -> None:
         n = input_ids.shape[0]
         emb = pooled_embeddings(model, input_ids, labels[:n], position)
         mask = labels[n:] if labels.shape[0] > n else None
-        return info_nce(emb, rcfg.group_size, rcfg.temperature, rcfg.gather_negatives, mask)
+        return info_nce(emb, rcfg.group_size, rcfg.temperature, rcfg.gather_negatives, mask,
+                        stats if model.training else None)
 
     model.forward = forward
 
@@ -274,14 +469,16 @@ PASSAGE_MODES = ("truncate", "first_window", "max_chunk")
 def doc_sequences(sp, coll: Collection, n_ctx: int, mode: str) -> tuple[list[list[int]], np.ndarray, int]:
     """(token sequences, doc_starts, documents longer than the window) of a corpus under a passage mode.
 
-    doc_starts[i] is the first sequence of document i (one sequence per document unless max_chunk).
+    doc_starts[i] is the first sequence of document i (one sequence per document unless max_chunk). A
+    document without text (or whose text encodes to no tokens) is the one token empty_text_tokens(sp).
     """
-    from mmscale.embedder import tokenize_texts, windows
+    from mmscale.embedder import windows
 
     if mode not in PASSAGE_MODES:
         raise UserError(f"retrieval.passage_mode must be one of {', '.join(PASSAGE_MODES)}, got {mode!r}")
+    empty = empty_text_tokens(sp)
     if mode == "truncate":
-        full = tokenize_texts(sp, coll.doc_texts())
+        full = [list(ids) or empty for ids in sp.encode(coll.doc_texts())]
         return [ids[:n_ctx] for ids in full], np.arange(len(full)), sum(len(ids) > n_ctx for ids in full)
     # the title and the text tokenized apart: the title starts every window
     texts = [sp.encode(coll.texts[i]) if coll.texts[i] else [] for i in range(coll.n_docs)]
@@ -290,11 +487,17 @@ def doc_sequences(sp, coll: Collection, n_ctx: int, mode: str) -> tuple[list[lis
     for i, (title, text) in enumerate(zip(titles, texts)):
         w = windows(text, n_ctx, title)
         if not w[0]:
-            raise UserError(f"document '{coll.doc_ids[i]}' encodes to no tokens; remove it or give it text")
+            w = [empty]
         cut += len(w) > 1 or len(title) > n_ctx // 2
         starts.append(len(seqs))
         seqs.extend(w if mode == "max_chunk" else w[:1])
     return seqs, np.array(starts, dtype=np.int64), cut
+
+
+def empty_text_tokens(sp) -> list[int]:
+    """What an empty document embeds as: the end-of-text token alone (pad when the tokenizer has no EOS)."""
+    eos = sp.eos_id()
+    return [eos if eos >= 0 else max(sp.pad_id(), 0)]
 
 
 def query_sequences(sp, coll: Collection, n_ctx: int) -> tuple[list[list[int]], int]:
@@ -446,12 +649,14 @@ def retrieval_model_factory(cfg):
     if not cfg.model.tie_embeddings:
         # the head is not part of the embedder: frozen, it stays the pre-trained one in the export
         model.lm_head.weight.requires_grad_(False)
-    install_retrieval_loss(model, cfg.retrieval)
+    stats = RetrievalStats()
+    _STATS[:] = [stats]  # the data factory's loader reads it on log steps (PairGroups.log_metrics)
+    install_retrieval_loss(model, cfg.retrieval, stats)
     return model
 
 
 def train_collection(rcfg) -> Collection:
-    path = rcfg.collection or rcfg.pairs
+    path = rcfg.collection if (rcfg.collection or is_corpus_pairs(rcfg.pairs)) else rcfg.pairs
     return load_collection(path, rcfg.split or None, prefer="train")
 
 
@@ -482,10 +687,28 @@ def retrieval_data_factory(cfg, info, micro_batch_size: int):
         negatives = [list(dict.fromkeys(g + m)) for g, m in zip(negatives, mined)]
         per_group = hard_per_group(r)
     pairs = [(qi, d) for qi, rel in enumerate(coll.relevant) for d in sorted(rel)]
+    views = None
+    if is_corpus_pairs(r.pairs):
+        modes, judged = parse_corpus_pairs(r.pairs)
+        views = CorpusPairs.from_collection(sp, coll, n_ctx, cfg.run.seed)
+        made = {m: len(views.eligible(m)) for m in modes}
+        if not sum(made.values()):
+            raise UserError(f"--pairs {r.pairs}: no document of '{coll.source}' makes a pair of this kind "
+                            f"({', '.join(f'{m}: 0' for m in modes)}); choose another mode")
+        pairs = (pairs if judged else []) + views.items(modes)
+        if info.rank == 0:
+            print("retrieval: pairs per epoch: " + ", ".join(f"{m} {k}" for m, k in made.items())
+                  + (f", judged {sum(len(x) for x in coll.relevant)}" if judged else " (judged queries not used)"),
+                  flush=True)
     loader = PairGroups(queries, docs, negatives, group_size=r.group_size, micro_batch=micro_batch_size,
                         n_ctx=n_ctx, seed=cfg.run.seed, rank=info.rank, world=info.world_size, pad_id=sp.pad_id(),
-                        pairs=pairs, excluded=coll.excluded(), hard_per_group=per_group, gather=r.gather_negatives)
+                        pairs=pairs, excluded=coll.excluded(), hard_per_group=per_group, gather=r.gather_negatives,
+                        views=views)
     return loader, None
+
+
+def is_corpus_pairs(pairs: str) -> bool:
+    return bool(pairs) and pairs.startswith("corpus:")
 
 
 def prepare_config(cfg, init: str | None, pairs: str | None, collection: str | None = None,
@@ -508,8 +731,13 @@ def prepare_config(cfg, init: str | None, pairs: str | None, collection: str | N
         raise UserError("retrieval training starts from an export: pass --init EXPORT (or train.init_from=EXPORT)")
     if not cfg.retrieval.pairs and not cfg.retrieval.collection:
         raise UserError("no training data: pass --collection DIR (BEIR layout) or --pairs PAIRS.jsonl")
-    if cfg.retrieval.pairs and cfg.retrieval.collection:
-        raise UserError("pass either --pairs or --collection (retrieval.pairs or retrieval.collection), not both")
+    if is_corpus_pairs(cfg.retrieval.pairs):
+        parse_corpus_pairs(cfg.retrieval.pairs)
+        if not cfg.retrieval.collection:
+            raise UserError(f"--pairs {cfg.retrieval.pairs} makes pairs from a collection's corpus: pass --collection DIR too")
+    elif cfg.retrieval.pairs and cfg.retrieval.collection:
+        raise UserError("pass either --pairs or --collection (retrieval.pairs or retrieval.collection), not both "
+                        "(or --pairs corpus:MODE with --collection: pairs made from its corpus)")
     meta = load_export_config(cfg.train.init_from)
     cfg.model = _build(ModelConfig, meta["model"], "model")
     coll = train_collection(cfg.retrieval)  # bad data fails before any process group starts
@@ -582,7 +810,7 @@ def evaluate_export(export: str, collection: str, candidates: list[int], *, seed
            "n_relevant": sum(len(r) for r in relevant), "n_judgments": coll.judgments,
            "dropped_queries": coll.dropped_queries, "n_pairs": len(coll.queries), "seed": seed,
            "position": position, "passage_mode": passage_mode, "n_ctx": emb.n_ctx,
-           "truncated": {"documents": cache["truncated"], "queries": q_cut},
+           "truncated": {"documents": cache["truncated"], "queries": q_cut}, "corpus_windows": cache["sequences"],
            "corpus_cache": {"path": cache["cache"], "hit": cache["hit"]},
            "metrics": {k: mres[k] for k in ir_metrics.METRICS}, "results": mres["top1"], "baseline": None}
     if record:
@@ -597,8 +825,20 @@ def evaluate_export(export: str, collection: str, candidates: list[int], *, seed
         lres = lex.result()
         out["baseline"] = {"name": bm25.NAME, "metrics": {k: lres[k] for k in ir_metrics.METRICS},
                            "results": lres["top1"]}
+        # the hybrid: BM25 and the model fused by reciprocal rank (k 60; no weight to fit, so no train queries used)
+        fused = ir_metrics.rrf_scorer([lambda idx: index.scores([coll.queries[i] for i in idx]), scorer])
+        hyb = ir_metrics.evaluate_scores(fused, relevant, excluded, coll.n_docs, candidates, seed, record,
+                                         progress="hybrid" if progress else None)
+        hres = hyb.result()
+        per = {name: [m["ndcg@10"] for m in ev.per_query] for name, ev in (("model", model), ("bm25", lex),
+                                                                           ("hybrid", hyb))}
+        out["hybrid"] = {"name": f"BM25 + model, reciprocal-rank fusion (k {ir_metrics.RRF_K})",
+                         "metrics": {k: hres[k] for k in ir_metrics.METRICS}, "results": hres["top1"]}
+        out["paired_ndcg@10"] = {"hybrid - bm25": ir_metrics.paired_difference(per["hybrid"], per["bm25"]),
+                                 "model - bm25": ir_metrics.paired_difference(per["model"], per["bm25"])}
         if record:
             out["_evaluators"]["bm25"] = lex
+            out["_evaluators"]["hybrid"] = hyb
     return out
 
 
@@ -609,15 +849,21 @@ def format_table(result: dict) -> str:
     if result.get("baseline"):
         b = result["baseline"]
         rows.append((b["name"].split(" (")[0] + " (bm25s)", b["metrics"], b["results"]))
+    if result.get("hybrid"):
+        rows.append(("hybrid (BM25+model RRF)", result["hybrid"]["metrics"], result["hybrid"]["results"]))
     w = max(len(r[0]) for r in rows) + 2
     t = result["truncated"]
     lines = [f"{result['collection']} (split {result['split']}): {result['n_queries']} queries, "
              f"{result['n_corpus']} documents, {result['n_relevant']} relevant judgments; "
-             f"{t['documents']} documents longer than n_ctx {result['n_ctx']} ({result['passage_mode']}), "
-             f"{t['queries']} queries cut",
+             f"{t['documents']} documents longer than n_ctx {result['n_ctx']} ({result['passage_mode']}"
+             + (f": {result['corpus_windows']} windows embedded" if result['passage_mode'] == "max_chunk" else "")
+             + f"), {t['queries']} queries cut",
              f"{'':<{w}}" + "".join(f"{names[k]:>12}" for k in names)]
     for name, m, _ in rows:
         lines.append(f"{name:<{w}}" + "".join(f"{m[k]:>12.4f}" for k in names))
+    for name, p in (result.get("paired_ndcg@10") or {}).items():
+        lines.append(f"paired per-query nDCG@10, {name}: {p['mean']:+.4f} +- {p['se']:.4f} (SE, {p['n']} queries; "
+                     f"{p['wins']} better, {p['ties']} equal, {p['losses']} worse)")
     lines.append(f"top-1 among n candidates (other relevant documents never distractors; ties split), "
                  f"{result['results'][0]['pairs'] if result['results'] else 0} query-document pairs, "
                  f"seed {result['seed']}:")
@@ -647,7 +893,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--collection", help="a BEIR-layout directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv "
                                         "(sets retrieval.collection)")
     t.add_argument("--split", help="the qrels split to train on (default: train, or the only one)")
-    t.add_argument("--pairs", help="JSONL of {\"query\", \"passage\"[, \"negatives\"]} (sets retrieval.pairs)")
+    t.add_argument("--pairs", help="JSONL of {\"query\", \"passage\"[, \"negatives\"]} (sets retrieval.pairs); or "
+                                   "corpus:MODE[+MODE..][+judged] with --collection: pairs made from its corpus, MODE "
+                                   "title-body, crop or ict, +judged mixes in its judged queries")
     t.add_argument("--negatives", choices=["random", "bm25", "model"],
                    help="hard negatives: random documents, BM25's or the export's top-ranked non-relevant documents "
                         "(mined once, cached under run.dir/retrieval_cache; sets retrieval.negatives)")
@@ -671,7 +919,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-cache", action="store_true", help="embed the corpus without reading or writing a cache")
     e.add_argument("--no-baseline", action="store_true", help="skip the BM25 row")
     e.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    e.add_argument("--json", default="retrieval_eval.json", help="where to write the results (default ./retrieval_eval.json)")
+    e.add_argument("--json", default=None, help="also write the results as JSON to FILE (bare --json: JSON on stdout); "
+                   "without it only the table is printed and nothing is written")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     i = sub.add_parser("import", help="raw files (pairs JSONL, SMART .I/.T/.W + qrels) -> a BEIR-layout collection")
     add_import_arguments(i)
@@ -692,8 +941,10 @@ def run(args: argparse.Namespace) -> int:
 
         counts = import_collection(args)
         splits = ", ".join(f"qrels/{k}.tsv: {n} queries" for k, n in counts["splits"].items())
-        print(f"wrote {args.out}: {counts['documents']} documents, {counts['queries']} queries, "
-              f"{counts['judgments']} judgments ({splits})")
+        empty = counts.get("empty_documents", 0)
+        print(f"wrote {args.out}: {counts['documents']} documents"
+              + (f" ({empty} without .T or .W text, kept as empty documents)" if empty else "")
+              + f", {counts['queries']} queries, {counts['judgments']} judgments ({splits})")
         return 0
     try:
         candidates = sorted({int(x) for x in args.candidates.split(",") if x.strip()})
@@ -703,20 +954,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--candidates is empty; pass e.g. 32,64,128")
     if bool(args.pairs) == bool(args.collection):
         raise UserError("pass --collection DIR (BEIR layout) or --pairs FILE.jsonl, one of them")
-    out = Path(args.json)
-    if out.exists() and not args.overwrite:
+    out = Path(args.json) if args.json else None
+    if out is not None and out.exists() and not args.overwrite:
         raise UserError(f"'{out}' already exists; pass --overwrite or another --json path")
     # a bare --json prints the JSON on stdout (mmscale.cli_conventions hands run() a temporary file): then the
-    # table goes to stderr and the cache to ./retrieval_cache
-    json_to_stdout = out.name.startswith("mmscale-json-")
-    cache = None if args.no_cache else (args.cache_dir or (Path("retrieval_cache") if json_to_stdout
-                                                           else out.parent / "retrieval_cache"))
+    # table goes to stderr; the embedding cache is kept beside a --json FILE or in --cache-dir, never in the
+    # working directory unasked
+    json_to_stdout = out is not None and out.name.startswith("mmscale-json-")
+    cache = None if args.no_cache else (args.cache_dir or (out.parent / "retrieval_cache"
+                                                           if out is not None and not json_to_stdout else None))
     result = evaluate_export(args.export, args.collection or args.pairs, candidates, seed=args.seed,
                              batch_size=args.batch_size, position=args.position, split=args.split,
                              passage_mode=args.passage_mode, cache_dir=cache, baseline=not args.no_baseline,
                              device=args.device, progress=not (getattr(args, "no_progress", False)
                                                                 or getattr(args, "_no_progress", False)))
     print(format_table(result), file=sys.stderr if json_to_stdout else sys.stdout)
+    if out is None:
+        return 0
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)

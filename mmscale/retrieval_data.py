@@ -84,9 +84,16 @@ class Collection:
             h.update(json.dumps([qid, text, sorted(rel.items())]).encode())
         return h.hexdigest()
 
+    @property
+    def empty_docs(self) -> int:
+        """Documents with neither title nor text (kept; they embed as empty text)."""
+        return sum(1 for t, x in zip(self.titles, self.texts) if not t and not x)
+
     def summary(self) -> str:
-        return (f"{len(self.queries)} queries, {self.n_docs} documents, "
-                f"{sum(len(r) for r in self.relevant)} relevant judgments")
+        empty = self.empty_docs
+        return (f"{len(self.queries)} queries, {self.n_docs} documents"
+                + (f" ({empty} without text, kept as empty)" if empty else "")
+                + f", {sum(len(r) for r in self.relevant)} relevant judgments")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +160,7 @@ def read_corpus(path: Path):
             raise UserError(f"{path}:{n}: duplicate document _id '{did}' (first on line {seen[did]}); ids must be unique")
         seen[did] = n
         title, text = _text_field(row, "title", path, n), _text_field(row, "text", path, n)
-        if not text and not title:
-            raise UserError(f"{path}:{n}: document '{did}' has an empty \"text\" and no title; remove it or give it text")
+        # a document without text is kept (real collections have them, and judge them): it embeds as empty text
         ids.append(did)
         titles.append(title)
         texts.append(text)
@@ -367,8 +373,11 @@ def read_smart(path: str | os.PathLike, kind: str) -> list[tuple[str, str, str]]
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{kind} file '{path}' does not exist")
+    from mmscale.errors import check_text_file
+
+    check_text_file(p, f"{kind} file")  # refused, not decoded with U+FFFD (a Latin-1 collection: iconv it first)
     records, cur, fieldname = [], None, None
-    with open(p, encoding="utf-8", errors="replace") as f:
+    with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             m = re.match(r"^\.([A-Z])\b\s*(.*)$", line.rstrip("\n"))
             if m:
@@ -404,7 +413,11 @@ def read_raw_qrels(path: str | os.PathLike, fmt: str = "auto") -> list[tuple[str
     p = Path(path)
     if not p.is_file():
         raise UserError(f"qrels file '{path}' does not exist")
-    lines = [(n, line.split()) for n, line in enumerate(open(p, encoding="utf-8"), 1) if line.strip()]
+    from mmscale.errors import check_text_file
+
+    check_text_file(p, "qrels file")
+    with open(p, encoding="utf-8") as f:
+        lines = [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
     if lines and lines[0][1][0].lower() in ("query-id", "query_id", "qid"):
         lines = lines[1:]
     if not lines:
@@ -463,6 +476,11 @@ def parse_relevance_map(spec: str) -> dict[float, float]:
 
 def import_collection(args: argparse.Namespace) -> dict:
     """`mmscale retrieval import`: raw files -> the BEIR layout under args.out; returns counts."""
+    from mmscale.cli_conventions import check_output_path
+
+    inputs = [getattr(args, k, None) for k in ("pairs", "docs", "queries", "qrels")]
+    # an existing folder is written into (refused below only when it holds a collection, without --overwrite)
+    check_output_path(args.out, "--out", overwrite=True, inputs=inputs)
     if (Path(args.out) / "corpus.jsonl").exists() and not args.overwrite:
         raise UserError(f"'{args.out}' already holds a collection; pass --overwrite or another --out")
     if args.format == "pairs":
@@ -483,9 +501,8 @@ def import_collection(args: argparse.Namespace) -> dict:
     if args.query_ids == "order":
         queries = [(str(i + 1), t, x) for i, (_, t, x) in enumerate(queries)]
     doc_ids = [d for d, _, _ in docs]
-    for d, t, x in docs:
-        if not t and not x:
-            raise UserError(f"{args.docs}: document '.I {d}' has no .T or .W text; remove it or give it text")
+    # records without .T or .W are kept as empty documents (they may be judged relevant), and counted
+    empty = sum(1 for _, t, x in docs if not t and not x)
     qmap = {}
     for q, t, x in queries:
         text = " ".join(s for s in (t, x) if s)
@@ -511,7 +528,7 @@ def import_collection(args: argparse.Namespace) -> dict:
     splits = split_qrels(qrels, args.split, args.test_fraction, args.seed)
     write_beir(args.out, doc_ids, [t for _, t, _ in docs], [x for _, _, x in docs], qmap, splits, args.split,
                args.overwrite)
-    return {"documents": len(docs), "queries": len(qmap), "judgments": len(qrels),
+    return {"documents": len(docs), "queries": len(qmap), "judgments": len(qrels), "empty_documents": empty,
             "splits": {k: len({q for q, _, _ in v}) for k, v in splits.items()}}
 
 

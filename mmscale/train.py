@@ -433,10 +433,15 @@ def _after_step(cfg, state: TrainState, r: StepResult, engine, loader, val_fn, c
     done, at_end = state.step, state.step == cfg.train.max_steps
     if done % cfg.log.every == 0 or at_end or r.skipped_ranks:
         tps = r.tokens / r.seconds
+        # a loader may add columns (retrieval: in-batch accuracy, alignment, uniformity) and a warning line
+        extra, note = loader.log_metrics(done) if hasattr(loader, "log_metrics") else ({}, None)
         logger.log({"step": done, "loss": None if r.skipped_ranks else r.loss, "lr": r.lr,
                     "grad_norm": None if r.grad_norm is None else float(r.grad_norm),  # a sync, on log steps only
                     "tokens_per_s": tps, **watch.mfu(tps), "step_time": r.seconds, "data_wait": r.data_wait,
-                    "peak_mem": peak_mem_mib(engine.device), "tokens": state.tokens, "skipped": bool(r.skipped_ranks)})
+                    "peak_mem": peak_mem_mib(engine.device), "tokens": state.tokens, "skipped": bool(r.skipped_ranks),
+                    **extra})
+        if note:
+            logger.write(note)
     logger.progress(done, None if r.skipped_ranks else r.loss)
     if state.bad_in_row:
         logger.write(f"step {done}: non-finite loss on {r.skipped_ranks} rank(s); step skipped "

@@ -89,8 +89,6 @@ BAD = {
     "empty query": (lambda r: (r / "queries.jsonl").write_text(
         "".join(json.dumps({**q, "text": "  " if q["_id"] == "qa" else q["text"]}) + "\n" for q in QUERIES)),
                     "query 'qa' has an empty \"text\""),
-    "empty document": (lambda r: (r / "corpus.jsonl").write_text('{"_id": "d0", "text": ""}\n'),
-                       "document 'd0' has an empty \"text\""),
     "bad score": (lambda r: (r / "qrels" / "test.tsv").write_text("qa\td0\thigh\n"), "score 'high' is not a number"),
     "bad columns": (lambda r: (r / "qrels" / "test.tsv").write_text("qa d0\n"), "has 2 columns"),
     "no positive": (lambda r: (r / "qrels" / "test.tsv").write_text("qa\td0\t0\n"), "judges no document relevant"),
@@ -564,3 +562,214 @@ def test_passage_modes_token_layout(export, long_coll):
     assert all(len(x) <= N_CTX for x in chunks)
     # an untitled document: first_window is truncate
     assert first[1] == trunc[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 29: pairs from the corpus, the collapse statistics, the hybrid row, empty documents
+
+def _corpus_pairs(n_ctx=12, seed=0):
+    from mmscale.retrieval import CorpusPairs
+
+    titles = [[1, 2], [], [3], [1, 2]]
+    sentences = [[[10, 11, 12], [13, 14, 15, 16], [17, 18, 19]], [[20, 21, 22, 23, 24, 25, 26, 27, 28]],
+                 [[30, 31]], [[10, 11, 12], [13, 14, 15, 16], [17, 18, 19]]]
+    texts = [[t for s in ss for t in s] for ss in sentences]
+    dups = [{0, 3}, {1}, {2}, {0, 3}]   # doc 3 repeats doc 0
+    return CorpusPairs(titles, texts, sentences, dups, n_ctx, seed), titles, texts, sentences
+
+
+def test_corpus_pair_builders_on_a_hand_made_corpus():
+    from mmscale.retrieval import parse_corpus_pairs
+
+    cp, titles, texts, sentences = _corpus_pairs()
+    assert cp.eligible("title-body") == [0, 2, 3]            # a title and a text
+    assert cp.eligible("crop") == [0, 1, 3]                  # 8+ tokens
+    assert cp.eligible("ict") == [0, 3]                      # 2+ sentences
+    q, p, ex = cp.view(("corpus", "title-body", 0), 5)
+    assert q == [1, 2] and p == texts[0] and ex == {0, 3}
+    seen = set()
+    for t in range(40):
+        q, p, ex = cp.view(("corpus", "crop", 0), t)
+        doc = titles[0] + texts[0]                            # 12 tokens: query spans of 2..6, the window all 12
+        assert 2 <= len(q) <= 6 and any(doc[s:s + len(q)] == q for s in range(len(doc)))
+        assert p == doc[:12] and ex == {0, 3}
+        seen.add(tuple(q))
+        assert cp.view(("corpus", "crop", 0), t) == (q, p, ex)   # the same stream position, the same view
+        q, p, _ = cp.view(("corpus", "crop", 1), t)           # 9 tokens: query 1..5, the window all 9
+        assert 1 <= len(q) <= 5 and p == texts[1]
+        q, p, _ = cp.view(("corpus", "ict", 0), t)
+        j = sentences[0].index(q)                              # one of its sentences ...
+        assert p == titles[0] + [x for k, s in enumerate(sentences[0]) if k != j for x in s]   # ... cut out
+    assert len(seen) > 5
+    short, *_ = _corpus_pairs(n_ctx=8)
+    for t in range(20):
+        q, p, _ = short.view(("corpus", "crop", 0), t)
+        doc = titles[0] + texts[0]
+        assert len(p) == 8 and any(doc[s:s + 8] == p for s in range(5)) and 2 <= len(q) <= 6
+        q, p, _ = short.view(("corpus", "ict", 0), t)
+        assert q in sentences[0][:2] and len(p) <= 8          # sentences starting in the first 3/4 of the window
+    assert parse_corpus_pairs("corpus:crop") == (["crop"], False)
+    assert parse_corpus_pairs("corpus:title-body|ict+judged") == (["title-body", "ict"], True)
+    for bad in ("corpus:", "corpus:judged", "corpus:crops", "crop"):
+        with pytest.raises(UserError, match="corpus:MODE"):
+            parse_corpus_pairs(bad)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_groups_of_corpus_pairs_mixed_with_judged_queries(gather):
+    cp, titles, texts, _ = _corpus_pairs()
+    docs = [(titles[i] + texts[i])[:12] for i in range(4)] + [[40 + i] for i in range(6)]
+    rel = [{4: 1}, {5: 1}]
+    excluded = [np.array([4]), np.array([5])]
+    pairs = [(0, 4), (1, 5)] + cp.items(["crop", "ict"])
+    g = PairGroups([[100], [101]], docs, [[], []], group_size=4, micro_batch=5, n_ctx=12, seed=2, pairs=pairs,
+                   excluded=excluded, gather=gather, views=cp)
+    assert len(pairs) == 7
+    kinds = set()
+    for k in range(6):
+        b = g.batch_at(k)
+        ids = b["input_ids"].view(5, 4, 12)
+        mask = unpack_mask(b["labels"][20:], 5, 15 if gather else 3)
+        for row in range(5):
+            t = k * 5 + row
+            item = g._pair_at(t)
+            query, cands, excl = g.group_docs(t)
+            kinds.add(item[1] if len(item) == 3 else "judged")
+            assert ids[row, 0, :len(query)].tolist() == query
+            if len(item) == 3:
+                want_q, want_p, want_ex = cp.view(item, t)
+                assert query == want_q and cands[0] == want_p and excl == want_ex
+            # negatives are documents never excluded for this pair (the source document and its duplicate)
+            assert all(isinstance(x, int) and x not in excl for x in cands[1:])
+            if not gather:
+                assert not mask[row].any()
+    assert kinds == {"judged", "crop", "ict"}
+
+
+def test_batch_stats_and_collapse_warning_by_hand():
+    from mmscale.retrieval import RetrievalStats, batch_stats, info_nce
+
+    g = torch.Generator().manual_seed(3)
+    B, G, d = 3, 4, 5
+    emb = F.normalize(torch.randn(B * G, d, generator=g, dtype=torch.float64), dim=-1)
+    groups = emb.view(B, G, d)
+    stats = RetrievalStats()
+    info_nce(emb.float(), G, 0.1, stats=stats)
+    row, note = stats.read(7)
+    acc = align = 0.0
+    for b in range(B):
+        s = [float(groups[b, 0] @ groups[b, j]) for j in range(1, G)]
+        acc += float(s[0] > max(s[1:]))
+        align += float(((groups[b, 0] - groups[b, 1]) ** 2).sum())
+    docs = groups[:, 1:].reshape(-1, d)
+    pairs = [(i, j) for i in range(len(docs)) for j in range(len(docs)) if i != j]
+    cos = np.mean([float(docs[i] @ docs[j]) for i, j in pairs])
+    unif = math.log(np.mean([math.exp(-2 * float(((docs[i] - docs[j]) ** 2).sum())) for i, j in pairs]))
+    assert row["inbatch_acc"] == pytest.approx(acc / B) and row["inbatch_chance"] == pytest.approx(1 / 3)
+    assert row["alignment"] == pytest.approx(align / B, rel=1e-5) and row["doc_cos"] == pytest.approx(cos, rel=1e-5)
+    assert row["uniformity"] == pytest.approx(unif, rel=1e-5) and note is None
+    assert stats.read(8) == ({}, None)                         # nothing since the last read
+    # a tie with k other candidates counts 1 / (k + 1); masked candidates are not candidates
+    logits = torch.tensor([[1.0, 1.0, 0.0, float("-inf")], [2.0, 3.0, 3.0, 1.0]])
+    s = batch_stats(torch.zeros(2, 2), torch.zeros(2, 3, 2), logits, torch.tensor([0, 1]))
+    assert s["acc"] == pytest.approx(0.5 + 1 / 2) and s["chance"] == pytest.approx(1 / 3 + 1 / 4)
+    # collapsed embeddings: one warning line, once
+    same = F.normalize(torch.ones(B * G, d), dim=-1)
+    for step in (1, 2):
+        info_nce(same, G, 0.1, stats=stats)
+        row, note = stats.read(step)
+        assert row["doc_cos"] == pytest.approx(1.0) and row["inbatch_acc"] == pytest.approx(1 / 3)
+        assert (note is not None) == (step == 1)
+        if note:
+            assert "collapsing" in note and "\n" not in note and "mean pairwise cosine 1.000" in note
+
+
+def test_rrf_and_paired_difference_by_hand():
+    bm = np.array([[3.0, 1.0, 2.0, 2.0], [0.0, 0.0, 5.0, 1.0]])
+    dense = np.array([[0.1, 0.9, 0.5, 0.3], [0.2, 0.4, 0.3, 0.1]])
+    assert ir_metrics.min_ranks(bm).tolist() == [[1, 4, 2, 2], [3, 3, 1, 2]]     # ties share the best rank
+    k = 60
+    want = [[1 / (k + 1) + 1 / (k + 4), 1 / (k + 4) + 1 / (k + 1), 1 / (k + 2) + 1 / (k + 2), 1 / (k + 2) + 1 / (k + 3)],
+            [1 / (k + 3) + 1 / (k + 3), 1 / (k + 3) + 1 / (k + 1), 1 / (k + 1) + 1 / (k + 2), 1 / (k + 2) + 1 / (k + 4)]]
+    assert ir_metrics.rrf_scores([bm, dense]) == pytest.approx(np.array(want))
+    f = ir_metrics.rrf_scorer([lambda idx: bm[idx], lambda idx: dense[idx]])
+    assert f(np.array([1])) == pytest.approx(np.array(want[1:]))
+    p = ir_metrics.paired_difference([0.5, 0.2, 0.9, 0.4], [0.3, 0.2, 0.6, 0.6])
+    d = np.array([0.2, 0.0, 0.3, -0.2])
+    assert p["mean"] == pytest.approx(d.mean()) and p["n"] == 4
+    assert p["se"] == pytest.approx(math.sqrt(((d - d.mean()) ** 2).sum() / 3) / 2)
+    assert (p["wins"], p["ties"], p["losses"]) == (2, 1, 1)
+
+
+def test_eval_has_a_hybrid_row_and_paired_comparison(export, small, tmp_path, capsys):
+    from mmscale.bm25 import BM25Index
+    from mmscale.embedder import Embedder
+    from mmscale.retrieval import evaluate_export
+
+    res = evaluate_export(str(export), str(small), [3], progress=False, record=True)
+    c = load_beir(small)
+    emb = Embedder.from_export(export)
+    dense = emb.encode(c.queries) @ emb.encode_ids([sp[:N_CTX] for sp in emb.tokenizer.encode(c.doc_texts())]).T
+    lex = BM25Index(c.doc_texts()).scores(c.queries)
+    fused = ir_metrics.rrf_scores([lex, dense])
+    hyb = res["_evaluators"]["hybrid"]
+    per = [ir_metrics.query_metrics(fused[q], c.relevant[q]) for q in range(3)]
+    for q in range(3):
+        assert hyb.per_query[q] == pytest.approx(per[q], abs=1e-6)
+    assert res["hybrid"]["metrics"]["ndcg@10"] == pytest.approx(np.mean([m["ndcg@10"] for m in per]))
+    bm = res["_evaluators"]["bm25"]
+    want = ir_metrics.paired_difference([m["ndcg@10"] for m in per], [m["ndcg@10"] for m in bm.per_query])
+    assert res["paired_ndcg@10"]["hybrid - bm25"] == pytest.approx(want, nan_ok=True)
+    assert cli_main(["retrieval", "--no-progress", "eval", str(export), "--collection", str(small), "--candidates",
+                     "3", "--json", str(tmp_path / "e.json"), "--no-cache"]) == 0
+    out = capsys.readouterr()
+    assert "hybrid (BM25+model RRF)" in out.out and "paired per-query nDCG@10, hybrid - bm25" in out.out
+    assert "\r" not in out.err                                     # --no-progress: no bar
+
+
+def test_import_keeps_empty_records_and_they_embed(export, tmp_path, capsys):
+    from mmscale.bm25 import BM25Index
+    from mmscale.embedder import Embedder
+    from mmscale.retrieval import doc_sequences, empty_text_tokens, evaluate_export
+
+    docs = tmp_path / "DOCS.ALL"
+    docs.write_text(".I 1\n.T\nCats and mats\n.W\nthe cat sat\n.I 2\n.A\nNobody\n.X\n1 2 3\n"
+                    ".I 3\n.W\nrockets fly to the moon\n.I 4\n.I 5\n.W\ndogs bark\n")
+    (tmp_path / "QRY").write_text(".I 1\n.W\nwhere do cats sit\n.I 2\n.W\nrockets\n")
+    (tmp_path / "REL").write_text("1 1\n1 2\n2 3\n2 4\n")
+    out = tmp_path / "coll"
+    assert cli_main(["retrieval", "import", "--format", "smart", "--docs", str(docs), "--queries",
+                     str(tmp_path / "QRY"), "--qrels", str(tmp_path / "REL"), "--out", str(out)]) == 0
+    assert "5 documents (2 without .T or .W text, kept as empty documents)" in capsys.readouterr().out
+    c = load_beir(out)
+    assert c.doc_ids == ["1", "2", "3", "4", "5"] and c.texts[1] == c.texts[3] == "" and c.empty_docs == 2
+    assert c.relevant == [{0: 1.0, 1: 1.0}, {2: 1.0, 3: 1.0}] and "2 without text" in c.summary()
+    sp = Embedder.from_export(export).tokenizer
+    for mode in ("truncate", "first_window", "max_chunk"):
+        seqs, starts, _ = doc_sequences(sp, c, N_CTX, mode)
+        assert seqs[starts[1]] == seqs[starts[3]] == empty_text_tokens(sp) == [sp.eos_id()]
+    assert BM25Index(c.doc_texts()).scores(["cats"]).shape == (1, 5)
+    res = evaluate_export(str(export), str(out), [2], progress=False, passage_mode="max_chunk")
+    assert res["n_corpus"] == 5 and res["corpus_windows"] == 5 and res["hybrid"] is not None
+
+
+def test_mean_pooling_is_the_mean_over_real_tokens():
+    from mmscale.config import ModelConfig
+    from mmscale.embedder import parse_position, pad_batch, pooled_embeddings
+    from mmscale.models import build_model
+
+    torch.manual_seed(0)
+    for kind in ("mixer", "transformer"):
+        model = build_model(ModelConfig(kind=kind, d_model=32, n_layers=1, n_ctx=N_CTX, vocab_size=64)).eval()
+        seqs = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+        ids, lengths = pad_batch(seqs, 0)
+        with torch.no_grad():
+            got = pooled_embeddings(model, ids, lengths, parse_position("mean"))
+            for i, s in enumerate(seqs):
+                h = model.hidden(torch.tensor([s])).double()[0]
+                assert torch.allclose(got[i].double(), F.normalize(h.mean(0), dim=0), atol=1e-5)
+            wide = torch.zeros(3, N_CTX, dtype=torch.long)
+            wide[:, :ids.shape[1]] = ids                         # more padding changes nothing (causal)
+            assert torch.allclose(pooled_embeddings(model, wide, lengths, "mean"), got, atol=1e-5)
+    with pytest.raises(UserError, match="'last', 'mean' or an integer"):
+        parse_position("avg")
