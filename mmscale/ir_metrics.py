@@ -246,6 +246,32 @@ def rrf_scorer(scorers: Sequence[Callable[[np.ndarray], np.ndarray]], k: int = R
     return scores
 
 
+def minmax_rows(scores: np.ndarray) -> np.ndarray:
+    """Each row scaled to [0, 1] by its own min and max (a constant row becomes 0)."""
+    s = np.asarray(scores, dtype=np.float64)
+    lo, hi = s.min(1, keepdims=True), s.max(1, keepdims=True)
+    return np.where(hi > lo, (s - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
+
+
+def interpolate_scores(lexical: np.ndarray, dense: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) * minmax(lexical) + weight * minmax(dense), row by row."""
+    return (1.0 - weight) * minmax_rows(lexical) + weight * minmax_rows(dense)
+
+
+WEIGHT_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def choose_weight(lexical: np.ndarray, dense: np.ndarray, relevant, grid=WEIGHT_GRID) -> tuple[float, dict]:
+    """The interpolation weight of `grid` with the best mean nDCG@10 over the given (training) queries, the
+    smallest on ties; and {weight: mean nDCG@10}."""
+    table = {}
+    for w in grid:
+        fused = interpolate_scores(lexical, dense, w)
+        table[w] = float(np.mean([query_metrics(fused[i], relevant[i])["ndcg@10"] for i in range(len(relevant))]))
+    best = max(table.values())
+    return min(w for w, v in table.items() if v == best), table
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     """Per-query a - b: mean, standard error of the mean (sample SD / sqrt n), and how many queries a wins,
     ties, loses."""

@@ -825,14 +825,24 @@ def evaluate_export(export: str, collection: str, candidates: list[int], *, seed
         lres = lex.result()
         out["baseline"] = {"name": bm25.NAME, "metrics": {k: lres[k] for k in ir_metrics.METRICS},
                            "results": lres["top1"]}
-        # the hybrid: BM25 and the model fused by reciprocal rank (k 60; no weight to fit, so no train queries used)
-        fused = ir_metrics.rrf_scorer([lambda idx: index.scores([coll.queries[i] for i in idx]), scorer])
+        # the hybrid: BM25 and the model interpolated with a weight chosen on the collection's train queries,
+        # or fused by reciprocal rank when it has none (never tuned on the queries it is measured on)
+        lex_scores = lambda idx: index.scores([coll.queries[i] for i in idx])  # noqa: E731
+        weight, how = hybrid_weight(emb, coll, collection, index, passage_mode, d, starts, batch_size)
+        if weight is None:
+            fused, name = ir_metrics.rrf_scorer([lex_scores, scorer]), \
+                f"BM25 + model, reciprocal-rank fusion (k {ir_metrics.RRF_K}; {how})"
+        else:
+            def fused(idx):
+                return ir_metrics.interpolate_scores(lex_scores(idx), scorer(idx), weight)
+            fused.cols = getattr(scorer, "cols", coll.n_docs)
+            name = f"BM25 + model, {1 - weight:.2f} x BM25 + {weight:.2f} x model (min-max per query; {how})"
         hyb = ir_metrics.evaluate_scores(fused, relevant, excluded, coll.n_docs, candidates, seed, record,
                                          progress="hybrid" if progress else None)
         hres = hyb.result()
-        per = {name: [m["ndcg@10"] for m in ev.per_query] for name, ev in (("model", model), ("bm25", lex),
-                                                                           ("hybrid", hyb))}
-        out["hybrid"] = {"name": f"BM25 + model, reciprocal-rank fusion (k {ir_metrics.RRF_K})",
+        per = {name_: [m["ndcg@10"] for m in ev.per_query] for name_, ev in (("model", model), ("bm25", lex),
+                                                                             ("hybrid", hyb))}
+        out["hybrid"] = {"name": name, "weight": weight,
                          "metrics": {k: hres[k] for k in ir_metrics.METRICS}, "results": hres["top1"]}
         out["paired_ndcg@10"] = {"hybrid - bm25": ir_metrics.paired_difference(per["hybrid"], per["bm25"]),
                                  "model - bm25": ir_metrics.paired_difference(per["model"], per["bm25"])}
@@ -840,6 +850,22 @@ def evaluate_export(export: str, collection: str, candidates: list[int], *, seed
             out["_evaluators"]["bm25"] = lex
             out["_evaluators"]["hybrid"] = hyb
     return out
+
+
+def hybrid_weight(emb, coll: Collection, collection: str, index, passage_mode: str, d, starts, batch_size: int) -> tuple[float | None, str]:
+    """(the model's weight in the BM25 + model interpolation, chosen on the collection's train queries; or None
+    when there are none besides the evaluated ones, then the hybrid is reciprocal-rank fusion), and how."""
+    from mmscale import ir_metrics
+    from mmscale.retrieval_data import load_collection
+
+    root = Path(collection)
+    if not (root.is_dir() and (root / "qrels" / "train.tsv").is_file()) or coll.split == "train":
+        return None, "no train queries to choose an interpolation weight on"
+    train = load_collection(root, "train")
+    q = emb.encode_ids(query_sequences(emb.tokenizer, train, emb.n_ctx)[0], batch_size=batch_size)
+    dense = ir_metrics.dot_scorer(q, d, starts if passage_mode == "max_chunk" else None)(np.arange(len(q)))
+    w, _ = ir_metrics.choose_weight(index.scores(train.queries), dense, train.relevant)
+    return w, f"weight chosen on the {len(train.queries)} train queries"
 
 
 def format_table(result: dict) -> str:
@@ -850,7 +876,7 @@ def format_table(result: dict) -> str:
         b = result["baseline"]
         rows.append((b["name"].split(" (")[0] + " (bm25s)", b["metrics"], b["results"]))
     if result.get("hybrid"):
-        rows.append(("hybrid (BM25+model RRF)", result["hybrid"]["metrics"], result["hybrid"]["results"]))
+        rows.append(("hybrid (BM25+model)", result["hybrid"]["metrics"], result["hybrid"]["results"]))
     w = max(len(r[0]) for r in rows) + 2
     t = result["truncated"]
     lines = [f"{result['collection']} (split {result['split']}): {result['n_queries']} queries, "
@@ -861,6 +887,8 @@ def format_table(result: dict) -> str:
              f"{'':<{w}}" + "".join(f"{names[k]:>12}" for k in names)]
     for name, m, _ in rows:
         lines.append(f"{name:<{w}}" + "".join(f"{m[k]:>12.4f}" for k in names))
+    if result.get("hybrid"):
+        lines.append(f"hybrid: {result['hybrid']['name']}")
     for name, p in (result.get("paired_ndcg@10") or {}).items():
         lines.append(f"paired per-query nDCG@10, {name}: {p['mean']:+.4f} +- {p['se']:.4f} (SE, {p['n']} queries; "
                      f"{p['wins']} better, {p['ties']} equal, {p['losses']} worse)")

@@ -723,8 +723,35 @@ def test_eval_has_a_hybrid_row_and_paired_comparison(export, small, tmp_path, ca
     assert cli_main(["retrieval", "--no-progress", "eval", str(export), "--collection", str(small), "--candidates",
                      "3", "--json", str(tmp_path / "e.json"), "--no-cache"]) == 0
     out = capsys.readouterr()
-    assert "hybrid (BM25+model RRF)" in out.out and "paired per-query nDCG@10, hybrid - bm25" in out.out
-    assert "\r" not in out.err                                     # --no-progress: no bar
+    assert "hybrid (BM25+model)" in out.out and "paired per-query nDCG@10, hybrid - bm25" in out.out
+    assert "reciprocal-rank fusion" in out.out and "\r" not in out.err        # no train split; --no-progress
+    # with train queries: score interpolation, its weight chosen on them (never on the evaluated queries)
+    (small / "qrels" / "train.tsv").write_text("qa\td3\t1\nqb\td2\t1\nqc\td5\t1\n")
+    res = evaluate_export(str(export), str(small), [3], progress=False, record=True, split="test")
+    tr = load_beir(small, "train")
+    dtr = emb.encode(tr.queries) @ emb.encode_ids([sp[:N_CTX] for sp in emb.tokenizer.encode(c.doc_texts())]).T
+    w, table = ir_metrics.choose_weight(BM25Index(c.doc_texts()).scores(tr.queries), dtr, tr.relevant)
+    assert res["hybrid"]["weight"] == w and "chosen on the 3 train queries" in res["hybrid"]["name"]
+    fused = ir_metrics.interpolate_scores(lex, dense, w)
+    for q in range(3):
+        assert res["_evaluators"]["hybrid"].per_query[q] == pytest.approx(
+            ir_metrics.query_metrics(fused[q], c.relevant[q]), abs=1e-6)
+
+
+def test_interpolation_weight_by_hand():
+    lexical = np.array([[2.0, 0.0, 1.0], [5.0, 5.0, 5.0]])
+    dense = np.array([[0.1, 0.3, 0.2], [0.0, 1.0, 0.5]])
+    assert ir_metrics.minmax_rows(lexical).tolist() == [[1.0, 0.0, 0.5], [0.0, 0.0, 0.0]]
+    assert ir_metrics.interpolate_scores(lexical, dense, 0.25) == pytest.approx(
+        np.array([[0.75, 0.25, 0.5], [0.0, 0.25, 0.125]]))
+    # query 0 wants doc 1 (only the dense scores rank it first), query 1 doc 2
+    w, table = ir_metrics.choose_weight(lexical, dense, [{1: 1.0}, {2: 1.0}])
+    fused = {x: ir_metrics.interpolate_scores(lexical, dense, x) for x in table}
+    for x, v in table.items():
+        assert v == pytest.approx(np.mean([ir_metrics.query_metrics(fused[x][i], r)["ndcg@10"]
+                                           for i, r in enumerate([{1: 1.0}, {2: 1.0}])]))
+    assert table[w] == max(table.values()) and all(table[x] < table[w] for x in table if x < w)
+    assert w == 0.55          # doc 1 beats doc 0 for query 0 once 0.45 * 1 < 0.55 * 1, i.e. w > 0.5
 
 
 def test_import_keeps_empty_records_and_they_embed(export, tmp_path, capsys):
@@ -773,3 +800,11 @@ def test_mean_pooling_is_the_mean_over_real_tokens():
             assert torch.allclose(pooled_embeddings(model, wide, lengths, "mean"), got, atol=1e-5)
     with pytest.raises(UserError, match="'last', 'mean' or an integer"):
         parse_position("avg")
+    # export-hf's sentence-transformers pooling agrees (left padding too)
+    from mmscale.export.hf_pooling import TokenPooling
+
+    hidden = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
+    got = TokenPooling(3, "mean")({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
+    want = torch.stack([hidden[0, :2].mean(0), hidden[1, 1:].mean(0)])
+    assert torch.allclose(got, F.normalize(want, dim=-1), atol=1e-6)

@@ -1,7 +1,7 @@
 """sentence-transformers pooling of an mmscale export (written into exports by `mmscale export-hf`).
 
 A text is embedded by the hidden state at one token, as `mmscale.Embedder` does: the last real token
-("last"), or an index into the real tokens (the paper uses -2: the last position of a window is never
+("last"), or an index into the real tokens, or the mean over the real tokens ("mean") (the paper uses -2: the last position of a window is never
 trained by the shifted LM loss; negative indices count back from the last real token, indices are
 clamped into the text), then L2-normalised. Self-contained: torch only.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 class TokenPooling(nn.Module):
     def __init__(self, dimension: int, position="last", normalize: bool = True):
         super().__init__()
-        if position != "last":
+        if position not in ("last", "mean"):
             position = int(position)
         self.dimension, self.position, self.normalize = int(dimension), position, bool(normalize)
 
@@ -32,6 +32,12 @@ class TokenPooling(nn.Module):
             mask = torch.ones(bsz, length, dtype=torch.long, device=hidden.device)
         mask = mask.bool()
         lengths = mask.sum(1)
+        if self.position == "mean":  # the mean over the real tokens (retrieval.position=mean)
+            emb = (hidden.float() * mask[..., None]).sum(1) / lengths.clamp(min=1)[:, None]
+            if self.normalize:
+                emb = F.normalize(emb, dim=-1)
+            features["sentence_embedding"] = emb
+            return features
         if self.position == "last":
             idx = lengths - 1
         elif self.position < 0:
