@@ -58,9 +58,17 @@ INTERCONNECTS = {
 DEFAULT_MFU = 0.40
 MFU_SOURCE = "assumed 40% (Llama 3 reports 38-43% BF16 MFU on H100s; no measured figure in benchmarks/RESULTS.md)"
 # what the runtime holds outside the tensors counted here: CUDA context + NCCL + allocator slack (a typical
-# H100 context with NCCL is 0.5-1 GiB); on the CPU, torch's own resident memory and the allocator's retention
-# (fitted to tools/bench_memory.py runs: see benchmarks/RESULTS.md "mmscale plan against measured peaks")
-RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": 250 * 2 ** 20, "cpu-deepspeed": 280 * 2 ** 20}
+# H100 context with NCCL is 0.5-1 GiB). On the CPU: the process's resident memory before the model exists
+# (torch, the engine's imports, the process group: 250-270 MiB measured) plus what the first steps add beyond the
+# counted tensors (oneDNN kernels and scratch, glibc's retained free memory: 180-300 MiB), fitted to
+# tools/bench_memory.py runs (benchmarks/RESULTS.md, "mmscale plan against measured peaks").
+MiB = 2 ** 20
+RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": 350 * MiB, "cpu-deepspeed": 530 * MiB, "cpu-fsdp": 450 * MiB}
+# DeepSpeed ZeRO-3 on the CPU, beyond the counted tensors: 14 bytes a parameter (fitted: 12-18 measured), the
+# gathered parameters it keeps for reuse (stage3_max_reuse_distance 1e9), the full-size gradients before each
+# reduce-scatter, and the flat copies made while partitioning the fp32 model
+ZERO3_CPU_EXTRA_PER_PARAM = 14
+DS_MAX_LIVE = 1_000_000_000            # stage3_max_live_parameters / stage3_max_reuse_distance (elements)
 # DeepSpeed's defaults for the buffers it allocates (mmscale's generated config does not change them)
 DS_REDUCE_BUCKET = 500_000_000         # reduce_bucket_size (elements): ZeRO-1/2 ipg buffer, ZeRO-3 reduce bucket
 DS_PREFETCH_BUCKET = 50_000_000        # stage3_prefetch_bucket_size (elements)
@@ -162,7 +170,7 @@ def activation_bytes(m, B: int, *, checkpointing: bool, fp32: bool, device: str)
 # ----------------------------------------------------------------------------------------------
 # model states and buffers per layout
 
-def model_states(sizes: dict, layout: dict, world: int, convention: str = "mmscale") -> dict:
+def model_states(sizes: dict, layout: dict, world: int, convention: str = "mmscale", device: str = "cuda") -> dict:
     """{params, grads, optimizer, buffers} bytes per rank for the model's states under `layout`.
 
     convention "mmscale": mmscale's precision policy (fp32 weights, fp32 gradients, fp32 AdamW moments; DeepSpeed
@@ -186,15 +194,19 @@ def model_states(sizes: dict, layout: dict, world: int, convention: str = "mmsca
         return {"params": 4 * N, "grads": 4 * N, "optimizer": 8 * N, "buffers": 4 * N if kind == "ddp" else 0}
     if kind == "deepspeed":
         opt = 4 * -(-N // world) + 8 * -(-N // world)  # fp32 master partition + two moments
+        # the fp32 reduce bucket (contiguous_gradients): allocated whole (reduce_bucket_size elements, 2 GB) on a
+        # GPU; on the CPU only the pages it fills (up to the model's size) become resident
+        bucket = 4 * (DS_REDUCE_BUCKET if device != "cpu" else min(N, DS_REDUCE_BUCKET))
         if stage == 1:
-            return {"params": 4 * N, "grads": 4 * N + 4 * -(-N // world), "optimizer": opt, "buffers": 0}
-        if stage == 2:  # gradients reduced into the partition through a bucket of up to reduce_bucket_size
-            return {"params": 4 * N, "grads": 4 * -(-N // world), "optimizer": opt,
-                    "buffers": 4 * min(N, DS_REDUCE_BUCKET)}
-        # ZeRO-3: fp32 partitions; a block and the prefetched next one gathered (fp32); the reduce bucket
-        gathered = 4 * min(2 * blk + sizes["root"], blk + DS_PREFETCH_BUCKET + sizes["root"])
+            return {"params": 4 * N, "grads": 4 * N + 4 * -(-N // world), "optimizer": opt, "buffers": bucket}
+        if stage == 2:  # gradients reduced into the partition through the bucket
+            return {"params": 4 * N, "grads": 4 * -(-N // world), "optimizer": opt, "buffers": bucket}
+        # ZeRO-3: fp32 partitions; gathered fp32 parameters: under DeepSpeed's defaults a parameter whose next use
+        # is closer than stage3_max_reuse_distance (1e9 elements) stays gathered, so models under 1e9 parameters
+        # keep them all between forward and backward (at least a block and the prefetch bucket); the reduce bucket
+        gathered = 4 * max(min(N, DS_MAX_LIVE), blk + min(DS_PREFETCH_BUCKET, N))
         return {"params": 4 * -(-N // world), "grads": 4 * -(-N // world), "optimizer": opt,
-                "buffers": gathered + 4 * min(N, DS_REDUCE_BUCKET)}
+                "buffers": gathered + bucket}
     # FSDP2 / HSDP: fp32 shards are the master weights; blocks gathered in bf16 (current + prefetched next),
     # the root (embedding, head, final norm) gathered in fp32 and kept for the step; one block's unsharded
     # fp32 gradient before its reduce-scatter, and the root's
@@ -225,12 +237,15 @@ def layout_memory(cfg, engine: str, zero_stage: int | None, world: int, *, devic
     mb = micro_batch if micro_batch is not None else cfg.train.micro_batch_size
     ac = cfg.engine.activation_checkpointing if checkpointing is None else checkpointing
     dev = "cpu" if device == "cpu" else "cuda"
-    st = model_states(sizes, layout, world)
+    st = model_states(sizes, layout, world, device=dev)
     act = activation_bytes(cfg.model, mb, checkpointing=ac, fp32=cfg.engine.precision == "fp32", device=dev)
-    runtime = RUNTIME_BYTES["cpu-deepspeed" if engine == "deepspeed" else "cpu"] if dev == "cpu" else RUNTIME_BYTES["cuda"]
-    if dev == "cpu" and engine == "deepspeed" and zero_stage in (1, 2):
-        pass  # the reduce bucket is only touched up to the model's size: counted as min(N, bucket) already
+    if dev == "cpu":
+        runtime = RUNTIME_BYTES.get(f"cpu-{engine}", RUNTIME_BYTES["cpu"])
+    else:
+        runtime = RUNTIME_BYTES["cuda"]
     buffers = st["buffers"] + _bf16_copies(sizes, layout, cfg.engine.precision)
+    if dev == "cpu" and engine == "deepspeed" and zero_stage == 3:
+        buffers += ZERO3_CPU_EXTRA_PER_PARAM * sizes["total"] - 4 * min(sizes["total"], DS_MAX_LIVE)
     if dev == "cpu":
         # every rank builds the whole fp32 model on the CPU before the engine shards it; that memory is reused
         # for the states that follow, so it raises the peak only when it is larger than what sharding leaves
@@ -452,7 +467,7 @@ def make_plan(cfg, gpus: int, nodes: int = 1, device: str = "h100", interconnect
                         "overlap": "gradient reduction hides under backward (2/3 of compute) for ddp and ZeRO-1/2; "
                                    "ZeRO-3/FSDP2 prefetch, so all their traffic can hide under compute; ZeRO-1/2's "
                                    "weight all-gather after the step is exposed",
-                        "runtime_bytes": RUNTIME_BYTES["cpu" if device == "cpu" else "cuda"]},
+                        "runtime": "CUDA context + NCCL: 1 GiB; CPU: fitted per engine (see RUNTIME_BYTES)"},
         "layouts": rows,
         "recommended": rec,
     }
@@ -588,32 +603,47 @@ def _current_bytes(device) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def probe_fits(model, cfg, device, mb: int, limit: int) -> bool:
+def probe_fits(model, cfg, device, mb: int, limit: int, base: int | None = None) -> bool:
     """One forward + backward of `model` at micro-batch `mb` on `device` under the run's precision; False when it
-    runs out of memory: a CUDA out-of-memory error, or (CPU, where the kernel would kill the process instead)
-    the process's resident memory passing `limit` while tensors are saved for backward."""
+    runs out of memory: a CUDA out-of-memory error or allocated memory passing `limit`; on the CPU (where the
+    kernel would kill the process instead) `base` (the process's resident memory when the probe began) plus what
+    this attempt holds passing `limit`. What it holds: the larger of the bytes it has saved for backward so far and
+    its growth of resident memory (freed memory an earlier, larger attempt left resident is reused, so growth
+    alone would under-count)."""
     import torch
 
+    cpu = device.type != "cuda"
+    start = _current_bytes(device)
+    base = start if base is None else base
+    saved: dict = {}
+
+    def used() -> int:
+        if not cpu:
+            return _current_bytes(device)
+        return base + max(sum(saved.values()), _current_bytes(device) - start)
+
     def pack(t):
-        if _current_bytes(device) > limit:
+        st = t.untyped_storage()
+        saved[st.data_ptr()] = st.nbytes()
+        if used() > limit:
             raise _ProbeOOM
         return t
 
     ids = torch.randint(cfg.model.vocab_size, (mb, cfg.model.n_ctx + 1), device=device)
     ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.engine.precision == "bf16"
            else torch.autocast(device.type, enabled=False))
+    loss = None
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with ctx:
                 loss = model(ids[:, :-1], ids)
             loss.backward()
-        ok = _current_bytes(device) <= limit
-    except _ProbeOOM:
-        ok = False
-    except torch.OutOfMemoryError:
+        ok = used() <= limit
+    except (_ProbeOOM, torch.OutOfMemoryError):
         ok = False
     finally:
         loss = None
+        saved.clear()
         for p in model.parameters():
             p.grad = None
         if device.type == "cuda":
@@ -621,7 +651,7 @@ def probe_fits(model, cfg, device, mb: int, limit: int) -> bool:
     return ok
 
 
-def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = None, note=print):
+def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = None):
     """Replace train.micro_batch_size "auto" by the largest micro-batch that fits (halving on out-of-memory,
     from the per-rank share of the global batch), keeping train.global_batch_size through grad_accum.
     Returns (cfg, one line saying what was chosen). Every rank probes; all agree on the smallest."""
@@ -635,7 +665,7 @@ def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = No
     sizes = model_sizes(cfg.model)
     lay = {"engine": engine_kind, "zero_stage": cfg.engine.zero_stage if engine_kind == "deepspeed" else None,
            "hsdp_replicas": cfg.engine.hsdp_replicas}
-    st = model_states(sizes, lay, info.world_size)
+    st = model_states(sizes, lay, info.world_size, device="cpu" if device.type == "cpu" else "cuda")
     was_cpu = next(model.parameters()).device
     if limit is None:
         if device.type == "cuda":
@@ -649,13 +679,14 @@ def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = No
             # states the probe's plain model does not hold yet: AdamW moments and the engine's buffers
             limit = _current_bytes(device) + share - st["optimizer"] - st["buffers"]
     probe_model = model.to(device) if device.type == "cuda" else model
+    base = _current_bytes(device)
     tried, mb = [], per_rank
     chosen = 0
     while mb >= 1:
         if per_rank % mb:
             mb -= 1
             continue
-        ok = probe_fits(probe_model, cfg, device, mb, limit)
+        ok = probe_fits(probe_model, cfg, device, mb, limit, base)
         tried.append(f"{mb} {'fits' if ok else 'out of memory'}")
         if ok:
             chosen = mb
@@ -732,13 +763,13 @@ def format_plan(p: dict) -> str:
              f"{a['mfu']:.0%} ({a['mfu_source']}) of {a['peak_flops'] / 1e12:,.1f} TFLOP/s"
              if a["peak_flops"] else f"step time: n/a ({a['peak_source']})",
              f"overlap: {a['overlap']}", "",
-             "per rank              params     grads  optimizer activations  buffers     total  fits  mb  AC  "
+             "per rank                  params     grads  optimizer activations  buffers     total  fits  mb  AC  "
              "step      tokens/s   to budget"]
     for r in p["layouts"]:
         b = r["memory_per_rank_bytes"]
         g = lambda k: f"{b[k] / GiB:9.2f}"  # noqa: E731
         tps = f"{r['tokens_per_s']:12,.0f}" if r["tokens_per_s"] else f"{'n/a':>12}"
-        lines.append(f"{r['name'][:20]:<20}{g('params')}{g('grads')}{g('optimizer')}{g('activations'):>12}"
+        lines.append(f"{r['name'][:24]:<24}{g('params')}{g('grads')}{g('optimizer')}{g('activations'):>12}"
                      f"{g('buffers')}{g('total')}  {'yes' if r['fits'] else ' no'} {r['micro_batch_size']:>3} "
                      f"{'on' if r['activation_checkpointing'] else 'off':>3}  {_dur(r['step_time_s']):>9}{tps}"
                      f"  {_dur(r['time_to_budget_s']):>9}")

@@ -33,7 +33,7 @@ def test_model_states_match_a_hand_count_on_a_tiny_mixer():
     block = 2 * 2 * d + (T * T + T) + (d * H + H) + (H * d + d)  # 2 LayerNorms, mixing + bias, up, down
     assert s["block"] == block and s["total"] == V * d + 2 * block + d * V  # embedding, blocks, untied head
     N = s["total"]
-    assert pl.model_states(s, {"engine": "single"}, 1) == {"params": 4 * N, "grads": 4 * N, "optimizer": 8 * N,
+    assert pl.model_states(s, {"engine": "single"}, 1, device="cpu") == {"params": 4 * N, "grads": 4 * N, "optimizer": 8 * N,
                                                            "buffers": 0}
     z2 = pl.model_states(s, {"engine": "deepspeed", "zero_stage": 2}, 3)
     per = -(-N // 3)
@@ -231,14 +231,14 @@ def test_auto_micro_batch_halves_on_out_of_memory_against_the_rss_limit():
     from mmscale.distributed import detect
     from mmscale.models import build_model
 
-    cfg = load_config(None, ["model.d_model=32", "model.n_layers=2", "model.n_ctx=256", "model.vocab_size=4096",
+    cfg = load_config(None, ["model.d_model=32", "model.n_layers=2", "model.n_ctx=256", "model.vocab_size=2048",
                              "train.micro_batch_size=auto", "train.global_batch_size=32"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     info, dev = detect(), torch.device("cpu")
-    # a sample saves ~10 MiB (its fp32 logits and log-softmax: 256 x 4096 x 4 bytes each): 100 MiB of headroom
-    # hold a few samples, never 32
-    new, line = pl.resolve_auto_micro_batch(cfg, model, info, dev, limit=pl._current_bytes(dev) + 100 * 2 ** 20)
+    # a sample saves ~5 MiB (its fp32 logits and log-softmax: 256 x 2048 x 4 bytes each): 60 MiB of headroom
+    # hold a few samples (less the first forward's one-off ~35 MiB in a fresh process), never 32
+    new, line = pl.resolve_auto_micro_batch(cfg, model, info, dev, limit=pl._current_bytes(dev) + 60 * 2 ** 20)
     mb = new.train.micro_batch_size
     assert 1 <= mb <= 8 and 32 % mb == 0 and new.train.grad_accum * mb == 32
     assert "32 out of memory" in line and f"{mb} fits" in line

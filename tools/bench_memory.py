@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_memory.py --out /tmp/mem.json                 # measure (the RESULTS.md grid)
     .venv/bin/python tools/bench_memory.py --compare /tmp/mem.json             # the table: plan vs measured
     .venv/bin/python tools/bench_memory.py --models mixer-s --layouts z3 fsdp --ranks 1 2 --out /tmp/m.json
+    .venv/bin/python tools/bench_memory.py --cuda --models mixer-m llama-m --ranks 1 --batch 8 --out $OUT/m.json
 
 Each (model, layout, ranks) runs in fresh processes under torchrun (OMP_NUM_THREADS=1): the real engine
 (DeepSpeed ZeRO-1/2/3 or FSDP2, mmscale's precision policy), two optimizer steps at micro-batch --batch, then
@@ -38,8 +39,8 @@ MODELS = {
                 "model.vocab_size=4096"],
     "llama-s": ["model.kind=transformer", "model.d_model=256", "model.n_layers=4", "model.n_ctx=256",
                 "model.heads=4", "model.vocab_size=4096"],
-    "llama-m": ["model.kind=transformer", "model.d_model=512", "model.n_layers=8", "model.n_ctx=512",
-                "model.heads=8", "model.vocab_size=4096"],
+    "llama-m": ["model.kind=transformer", "model.d_model=384", "model.n_layers=6", "model.n_ctx=384",
+                "model.heads=6", "model.vocab_size=4096"],
 }
 LAYOUTS = {"z1": ("deepspeed", 1), "z2": ("deepspeed", 2), "z3": ("deepspeed", 3), "fsdp": ("fsdp", 0)}
 LAYOUT_NAMES = {"z1": "ZeRO-1", "z2": "ZeRO-2", "z3": "ZeRO-3", "fsdp": "FSDP2"}
@@ -103,6 +104,9 @@ def worker(args) -> None:
         engine.step(1e-4)
     row = {**measure(engine), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "base_rss": base, "rank": info.rank}
+    if device.type == "cuda":  # the caching allocator's peaks (the CUDA context is outside them)
+        row.update(cuda_allocated=torch.cuda.max_memory_allocated(device),
+                   cuda_reserved=torch.cuda.max_memory_reserved(device), device_name=torch.cuda.get_device_name(device))
     rows = [None] * info.world_size
     torch.distributed.all_gather_object(rows, row)
     if info.rank == 0:
@@ -111,13 +115,15 @@ def worker(args) -> None:
     os._exit(0)
 
 
-def run_one(model: str, layout: str, ranks: int, batch: int, precision: str, ac: bool) -> dict:
+def run_one(model: str, layout: str, ranks: int, batch: int, precision: str, ac: bool, cuda: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                __file__, "--worker", "--model", model, "--layout", layout, "--precision", precision,
                "--batch", str(batch), "--out", str(out)] + (["--ac"] if ac else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TMPDIR": tmp}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
+        if not cuda:
+            env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -136,8 +142,8 @@ def compare(path: str) -> None:
 
     rows = json.loads(Path(path).read_text())
     mib = 2 ** 20
-    print("| model | params | layout | ranks | plan MiB (states + act + buffers + runtime) | measured peak RSS MiB "
-          "(max over ranks) | plan / measured |")
+    print("| model | params | layout | ranks | plan MiB (states + act + buffers + runtime) | measured peak MiB "
+          "(max over ranks; CPU: RSS, CUDA: allocator reserved) | plan / measured |")
     print("|---|---|---|---|---|---|---|")
     worst = 0.0
     for r in rows:
@@ -148,8 +154,13 @@ def compare(path: str) -> None:
         cfg = load_config(None, r["set"] + [f"engine.precision={r['precision']}",
                                             f"train.micro_batch_size={r['batch']}",
                                             f"engine.activation_checkpointing={str(r['ac']).lower()}"])
-        m, n = layout_memory(cfg, kind, stage, r["ranks"], device="cpu")
-        meas = max(x["peak_rss"] for x in r["per_rank"])
+        cuda = "cuda_reserved" in r["per_rank"][0]
+        m, n = layout_memory(cfg, kind, stage, r["ranks"], device="cuda" if cuda else "cpu")
+        if cuda:  # the allocator's peak does not hold the context: compare without the plan's allowance for it
+            m = {**m, "total": m["total"] - m["runtime"], "runtime": 0}
+            meas = max(x["cuda_reserved"] for x in r["per_rank"])
+        else:
+            meas = max(x["peak_rss"] for x in r["per_rank"])
         ratio = m["total"] / meas
         worst = max(worst, abs(ratio - 1))
         print(f"| {r['model']} | {n / 1e6:.1f}M | {LAYOUT_NAMES[r['layout']]} | {r['ranks']} | {m['total'] / mib:,.0f} "
@@ -166,6 +177,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="micro-batch per rank")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--ac", action="store_true", help="activation checkpointing on")
+    parser.add_argument("--cuda", action="store_true", help="run on the GPU(s) (one rank per GPU); the comparison "
+                        "then holds the plan's total less its CUDA-context allowance against the caching "
+                        "allocator's peak reserved memory")
     parser.add_argument("--out", help="write the measured rows (JSON) here")
     parser.add_argument("--compare", metavar="JSON", help="print the plan-vs-measured table of a --out file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -182,7 +196,7 @@ def main() -> None:
     for model in args.models:
         for layout in args.layouts:
             for n in args.ranks:
-                r = run_one(model, layout, n, args.batch, args.precision, args.ac)
+                r = run_one(model, layout, n, args.batch, args.precision, args.ac, args.cuda)
                 rows.append(r)
                 Path(args.out).write_text(json.dumps(rows, indent=1))
                 peak = max((x["peak_rss"] for x in r.get("per_rank", [])), default=0) / 2 ** 20
