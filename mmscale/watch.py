@@ -178,8 +178,11 @@ class RunWatch:
         module.eval()
         t0 = time.perf_counter()
         try:
-            new = generate_batch(module, prompts, self.n_ctx, lg.sample_tokens, lg.sample_temperature, 40,
-                                 self.cfg.run.seed + step, eos, sp.pad_id(), self.device)
+            # under the engine's autocast, as its training forward: FSDP2 in bf16 holds bf16 block weights
+            # between its gathers, and fp32 activations would meet them in a matmul
+            with self.engine.autocast():
+                new = generate_batch(module, prompts, self.n_ctx, lg.sample_tokens, lg.sample_temperature, 40,
+                                     self.cfg.run.seed + step, eos, sp.pad_id(), self.device)
         finally:
             module.train(was_training)
         if self.info.rank != 0:

@@ -115,6 +115,11 @@ def test_deepspeed_config_generated_and_merged(tmp_path):
     assert ds["train_batch_size"] == 2 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"] == {"stage": 3} and ds["bf16"] == {"enabled": False}  # bf16 through autocast
     assert ds["gradient_clipping"] == 0.5
+    # bf16 through DeepSpeed's torch_autocast section (else its forward turns an outer CUDA autocast off), with
+    # no module class given a bf16 communication dtype: gradients are reduced in fp32
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    cfg32 = config_from_dict(tiny_config(tmp_path, **{"engine.kind": "deepspeed", "engine.precision": "fp32"}))
+    assert "torch_autocast" not in deepspeed_config(cfg32, world_size=2)
     extra = tmp_path / "ds.json"
     extra.write_text(json.dumps({"zero_optimization": {"overlap_comm": False}, "steps_per_print": 5}))
     cfg.engine.deepspeed_config = str(extra)

@@ -12,6 +12,9 @@ class DDPEngine(SingleEngine):
     kind = "ddp"
     model_format = "torch"  # the single engine's files: each resumes the other's checkpoints
     max_ranks = None
+    # one rank too (a laptop, a 1-GPU node): a one-process group, so the run is the N-rank code path
+    # (DistributedDataParallel needs a group; without one it fails at wrap)
+    always_needs_group = True
 
     def wrap(self, model):
         ids = [self.device.index] if self.device.type == "cuda" else None

@@ -21,6 +21,7 @@ from mmscale.engines.base import (Engine, build_optimizer, config_hyperparameter
 from mmscale.errors import UserError
 
 TAG = "ds"
+ZERO_STAGES = (0, 1, 2, 3)  # what config.py accepts for engine.zero_stage
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -48,6 +49,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         # weights, gradients and Adam moments: 16 bytes a parameter, as in bf16 mode), the engine runs the
         # forward under bf16 autocast, and gradients are reduced and accumulated in fp32
         "bf16": {"enabled": False},
+        **torch_autocast_section(e.precision),
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW also with offload
         "steps_per_print": 10 ** 12,
@@ -65,11 +67,33 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     return ds
 
 
+def torch_autocast_section(precision: str) -> dict:
+    """DeepSpeed's `torch_autocast` section for mmscale's precision policy (empty for fp32).
+
+    DeepSpeed 0.19.8 enters `runtime/torch_autocast.py: autocast_if_enabled` in every `DeepSpeedEngine.forward`:
+    when `torch.is_autocast_enabled()` (with no argument: CUDA's state) is true and this section is missing or
+    disabled, it re-enters `torch.autocast(enabled=False)`, so the engine's outer bf16 autocast was switched off
+    on CUDA and the model computed in fp32, silently. With the section enabled DeepSpeed enters
+    `torch.autocast(<its device>, bfloat16)` itself, inside and outside an outer autocast alike.
+    `lower_precision_safe_modules` lists the module classes whose parameters get a bf16 *communication* dtype
+    (ZeRO reduces their gradients, and ZeRO-3 all-gathers their weights, in bf16); its default is nn.Linear and
+    the convolutions. An empty list keeps every gradient reduction (and ZeRO-3 gather) in fp32, as the policy
+    says: the flag decides what is communicated in bf16, never what computes in bf16 (autocast does that).
+    """
+    if precision != "bf16":
+        return {}
+    return {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+
+
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
     model_format = "deepspeed"
     always_needs_group = True
     same_precision_to_resume = True
+
+    @classmethod
+    def variants(cls):
+        return [{"engine.zero_stage": stage} for stage in ZERO_STAGES]
 
     # --- process group and exit
     @classmethod
