@@ -138,9 +138,16 @@ def init(info: DistInfo, device, *, timeout_min: float = 60) -> None:
     if info.launcher == "none":  # a one-process group: any free local port (others may run beside us)
         info = DistInfo(master_port=free_port())
     export_env(info)
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
+        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(minutes=timeout_min),
+                                **group_binding(device))
+
+
+def group_binding(device) -> dict:
+    """init_process_group's device binding: `device_id` on CUDA (NCCL starts eagerly, bound to this rank's GPU);
+    nothing on the CPU (gloo takes no device_id: "must be an accelerator with an index"). The one place that
+    decides it, so the CPU tests can take the CUDA path (tests/test_matrix.py)."""
+    return {"device_id": device} if device.type == "cuda" else {}
 
 
 def is_initialized() -> bool:

@@ -133,6 +133,12 @@ class Engine:
                             "use engine.kind=ddp, fsdp or deepspeed, or one rank", exit_code)
 
     @classmethod
+    def variants(cls) -> list[dict]:
+        """The engine's own configurations worth testing apart, as dotted overrides (DeepSpeed: one per ZeRO
+        stage); the generated test matrix (tests/test_matrix.py) crosses them with the config's choices."""
+        return [{}]
+
+    @classmethod
     def needs_process_group(cls, world_size: int) -> bool:
         return world_size > 1 or cls.always_needs_group
 
