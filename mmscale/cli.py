@@ -38,6 +38,25 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _non_utf8_argument(args: list[str]) -> str | None:
+    """The first argument holding bytes that are not UTF-8 (Python keeps them as lone surrogates), shown with
+    those bytes escaped; paths are exempt (a file name may be any bytes): an existing path, or one with a '/' in
+    a folder that exists (an output)."""
+    import os
+
+    for tok in args:
+        try:
+            tok.encode("utf-8")
+            continue
+        except UnicodeEncodeError:
+            pass
+        value = tok.split("=", 1)[1] if tok.startswith("--") and "=" in tok else tok
+        if os.path.lexists(value) or ("/" in value and os.path.isdir(os.path.dirname(value) or ".")):
+            continue
+        return repr(tok.encode("utf-8", "surrogateescape"))[1:]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -55,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mmscale: error: unknown command '{name}'; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    bad = _non_utf8_argument(argv[1:])
+    if bad is not None:
+        print(f"mmscale {name}: error: the argument {bad} is not UTF-8 text; pass text arguments (prompts, "
+              "separators, overrides) as UTF-8", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[name][0])
     from mmscale import cli_conventions
 
@@ -69,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             conv.status = int(module.run(args) or 0)  # deprecation notes only after a success
         return conv.status
 
+    from mmscale.errors import install_interrupt_handlers, interrupt_status, restore_handlers
+
+    old = install_interrupt_handlers(f"mmscale {name}")  # SIGINT and SIGTERM: one line, `finally` blocks run
     try:
         return exit_status(f"mmscale {name}", run)
-    except KeyboardInterrupt:
-        print(f"mmscale {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return interrupt_status(f"mmscale {name}", e)
+    finally:
+        restore_handlers(old)
 
 
 if __name__ == "__main__":

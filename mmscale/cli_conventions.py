@@ -58,6 +58,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def _smallest(action: argparse.Action) -> int:
+    """The smallest value an integer option accepts: seeds and options whose help gives 0 a meaning ("0 = all",
+    "default 0: ...") take 0; every other count or size takes 1 or more."""
+    text = (action.help or "").lower()
+    if (action.dest == "seed" or action.dest.endswith("_seed") or action.default == 0 or "0 =" in text
+            or "0:" in text or "0 means" in text):
+        return 0
+    return 1
+
+
 def _subparsers(parser: argparse.ArgumentParser):
     yield parser
     for a in parser._actions:
@@ -87,6 +97,7 @@ class Conventions:
         self.has_no_progress_override = False
         self.notes: list[str] = []
         self.status: int | None = None  # the command's exit status, set by cli.main
+        self.counts: list[tuple[argparse.Action, int]] = []  # integer options: (action, smallest value allowed)
         for p in _subparsers(parser):
             p.formatter_class = HelpFormatter
             if _add_alias(p, "--input", "--data"):
@@ -111,6 +122,8 @@ class Conventions:
                         a.nargs, a.const = "?", "-"
                         a.help = "print the result as JSON on stdout, or write it to FILE"
                         self.json_takes_file = True
+                if a.type is int and a.option_strings and a.help is not argparse.SUPPRESS:
+                    self.counts.append((a, _smallest(a)))
                 if a.dest == "overrides" and not a.option_strings:
                     p.epilog = CONFIG_EPILOG
                     if command not in ("model-info", "config") and "--no-progress" not in p._option_string_actions:
@@ -150,9 +163,19 @@ class Conventions:
         for msg in self.notes:
             print(f"mmscale {self.command}: note: {msg}", file=sys.stderr)
 
+    def check_counts(self, args: argparse.Namespace) -> None:
+        """Every integer option is a count, a size or a seed: 0 only where its help gives 0 a meaning, never < 0."""
+        for a, low in self.counts:
+            v = getattr(args, a.dest, None)
+            if isinstance(v, int) and v < low:
+                flag = max(a.option_strings, key=len)
+                what = "a count or size" if low == 1 else "0 or more"
+                raise UserError(f"{flag} must be >= {low} ({what}), got {v}", 2)
+
     @contextlib.contextmanager
     def outputs(self, args: argparse.Namespace):
         """Applies --out / --json / --no-progress to `args` around the command's run()."""
+        self.check_counts(args)
         if self.out_positional:
             opt = getattr(args, "_out_opt", None)
             if opt is not None and args.out is not None and opt != args.out:
@@ -178,8 +201,16 @@ class Conventions:
                 if target.exists() and not (getattr(args, "overwrite", False)
                                             or getattr(args, "_json_overwrite", False)):
                     raise UserError(f"--json: '{target}' already exists; pass --overwrite or another --json path", 2)
-                with target.open("w") as f, contextlib.redirect_stdout(f):
-                    yield
+                check_output_path(target, "--json", kind="file", overwrite=True)
+                # written under a temporary name and renamed once the command succeeded: an interrupted or failed
+                # command never leaves a partial FILE (nor replaces the old one)
+                part = target.with_name(f".{target.name}.partial-{os.getpid()}")
+                try:
+                    with part.open("w") as f, contextlib.redirect_stdout(f):
+                        yield
+                    os.replace(part, target)
+                finally:
+                    part.unlink(missing_ok=True)
             else:
                 yield
             if tmp is not None and Path(tmp).is_file():
@@ -188,6 +219,49 @@ class Conventions:
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+
+
+def check_output_path(out: str | os.PathLike, flag: str = "--out", *, kind: str = "dir", overwrite: bool = False,
+                      inputs=()) -> Path:
+    """The one check of an output path, before any work (every command that writes a file or folder):
+
+    - an existing output is replaced only with --overwrite;
+    - --overwrite replaces an output of the same kind only: a file where a folder is written (or a folder where a
+      file is written, or a FIFO / device / socket) is refused, with or without it;
+    - an output that is an input, or holds one (removing or writing it would destroy the input), is refused with
+      or without --overwrite; an output inside an input folder (an export inside its run dir) is allowed both ways;
+    - a file output needs its folder to exist.
+    Exit status 2 (a wrong argument), 1 for an output that exists without --overwrite (as before).
+    """
+    exit_code = 2
+    from mmscale.fsutil import _resolved
+
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"{flag} '{out}' is a broken symbolic link; remove it or choose another {flag}", exit_code)
+    if out.exists():
+        is_dir, is_file = out.is_dir(), out.is_file()
+        if not (is_dir or is_file):
+            raise UserError(f"{flag} '{out}' is a special file (FIFO, device or socket), not a "
+                            f"{'folder' if kind == 'dir' else 'file'}; choose another {flag}", exit_code)
+        if kind == "dir" and not is_dir:
+            raise UserError(f"{flag} '{out}' is an existing file, not a folder; --overwrite replaces a folder only: "
+                            f"remove the file or choose another {flag}", exit_code)
+        if kind == "file" and is_dir:
+            raise UserError(f"{flag} '{out}' is an existing folder; give a file path for {flag}", exit_code)
+    ro = _resolved(out)
+    for inp in inputs:
+        if not inp or "://" in str(inp) or str(inp).startswith("hf:"):
+            continue
+        ri = _resolved(inp)
+        if ro == ri or ro in ri.parents:
+            raise UserError(f"{flag} '{out}' overlaps the input '{inp}' (the same path or a folder holding it); "
+                            f"writing there would destroy the input: choose another {flag}", exit_code)
+    if out.exists() and not overwrite:
+        raise UserError(f"{flag} '{out}' already exists; pass --overwrite to replace it or choose another {flag}", 1)
+    if kind == "file" and not out.parent.is_dir():
+        raise UserError(f"{flag}: folder '{out.parent}' does not exist; create it first", exit_code)
+    return out
 
 
 def apply(command: str, parser: argparse.ArgumentParser) -> Conventions:

@@ -1,6 +1,8 @@
 """User-facing errors: one line, naming the problem and the fix; the CLI prints them without a traceback."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Callable
 
@@ -24,3 +26,93 @@ def exit_status(prog: str, fn: Callable[..., int | None], *args, **kwargs) -> in
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except UnicodeDecodeError as e:  # a reader without its own check: still one line, never a traceback
+        print(f"{prog}: error: an input file holds bytes that are not UTF-8 text ({e.reason}, byte offset {e.start}); "
+              "save it as UTF-8", file=sys.stderr)
+        return 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the command is (so `finally` blocks remove partial output and locks)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def install_interrupt_handlers(prog: str) -> dict:
+    """SIGINT and SIGTERM raise Interrupted in the main thread; a second one while the first is being cleaned up
+    ends the process at once (one line, status 128 + signal). Returns the handlers it replaced (for
+    restore_handlers)."""
+    hit: list[int] = []
+    old: dict = {}
+
+    def handle(signum, frame):
+        if hit:
+            print(f"{prog}: interrupted again ({signal.Signals(signum).name}); stopped without cleaning up",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        hit.append(signum)
+        raise Interrupted(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, handle)
+        except (ValueError, OSError):  # not the main thread: leave the defaults
+            break
+    return old
+
+
+def restore_handlers(old: dict) -> None:
+    for s, h in old.items():
+        try:
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        except (ValueError, OSError, TypeError):
+            pass
+
+
+def interrupt_status(prog: str, e: KeyboardInterrupt) -> int:
+    """The one line and the status (130 SIGINT, 143 SIGTERM) of a command stopped by a signal."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"{prog}: interrupted by {signal.Signals(signum).name}; stopped, partial output removed",
+          file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def check_text_file(path, what: str = "file", fix: str = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") -> None:
+    """The one check of a text input before it is parsed: a regular file (a FIFO or device is never opened),
+    UTF-8 throughout (the line and byte offset of the first bad byte) and no NUL bytes. One-line UserError."""
+    import codecs
+    import stat
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror}); check the path") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+        raise UserError(f"{what} '{path}' is {kind}; give a text file")
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                at = max(e.start, 0)
+                line = lines + chunk.count(b"\n", 0, at)
+                raise UserError(f"{what} '{path}' is not UTF-8 text (line {line}, "
+                                f"byte offset {offset + at}); {fix}") from None
+            if b"\0" in chunk:
+                raise UserError(f"{what} '{path}' holds NUL bytes (a binary file?); give a text file")
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{what} '{path}' ends inside a UTF-8 character (truncated?); {fix}") from None

@@ -388,7 +388,10 @@ def prepare_data(spec: Spec, exp: Path, n_ctx_values: list[int], progress: bool 
     if spec.data.get("train"):
         _use_prepared_datasets(spec, n_ctx_values, out)
     else:
-        _prepare_from_text(spec, data_dir, n_ctx_values, progress, out)
+        try:
+            _prepare_from_text(spec, data_dir, n_ctx_values, progress, out)
+        except UserError as e:  # tokenizer train's / prepare's hints name their flags: name the spec keys
+            raise UserError(_spec_keys_for_flags(str(e)), e.exit_code) from None
     if spec.retrieval["enabled"]:
         out["retrieval"] = _retrieval_collection(spec, data_dir)
     return out
@@ -440,6 +443,19 @@ def _prepare_from_text(spec: Spec, data_dir: Path, n_ctx_values: list[int], prog
     if not tok.is_file():
         train_tokenizer([text] if Path(text).is_file() else [str(p) for p in sorted(Path(text).glob("*.txt"))],
                         int(d.get("vocab_size", 1024)), tok)
+_FLAG_TO_SPEC = {"--vocab-size": "data.vocab_size", "--val-fraction": "data.val_fraction", "--n-ctx": "axes.n_ctx"}
+
+
+def _spec_keys_for_flags(msg: str) -> str:
+    """A data error worded for `mmscale prepare` / `tokenizer train`, reworded for a spec: flags with a spec key
+    become that key; a hint at an option the experiment does not have is dropped."""
+    import re
+
+    for flag, key in _FLAG_TO_SPEC.items():
+        msg = msg.replace(f"pass {flag}", f"set the spec's {key} to").replace(flag, f"the spec's {key}")
+    return re.sub(r"[;,]?\s*(or )?(pass |use )?--[a-z][a-z-]*[^;]*", "", msg)
+
+
     out["tokenizer"] = str(tok)
     other_text = d.get("other_text")
     if other_text == "synth":
@@ -1039,6 +1055,13 @@ def reopen(exp_dir: str | Path) -> Experiment:
     if not saved.is_file():
         raise UserError(f"'{exp_dir}' is not an experiment directory (no spec.yaml); pass the --out of "
                         "`mmscale experiment run`")
+        if _spec_hash(old, training=True) != _spec_hash(spec.raw, training=True) and not _runs_started(exp_dir):
+            # an earlier attempt failed before any run trained (bad data, a wrong key): start over with this spec;
+            # what was derived from the old one (plan, configs, and the data when data changed) is made again
+            _discard_derived(exp_dir, data_changed=old.get("data") != spec.raw.get("data"))
+            old = spec.raw
+            (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+            (exp_dir / "spec_dir.txt").write_text(str(spec.base_dir) + "\n")
     base = Path((exp_dir / "spec_dir.txt").read_text().strip()) if (exp_dir / "spec_dir.txt").is_file() else exp_dir
     spec = load_spec_from(saved, base)
     exp = Experiment(spec, exp_dir)
@@ -1052,6 +1075,21 @@ def reopen(exp_dir: str | Path) -> Experiment:
 
 
 def _nc(k):
+def _runs_started(exp_dir: Path) -> bool:
+    """Whether any run of the experiment has trained (logged a step or saved a checkpoint)."""
+    runs = exp_dir / "runs"
+    return runs.is_dir() and (any(runs.rglob("metrics.jsonl")) or any(runs.rglob("checkpoints")))
+
+
+def _discard_derived(exp_dir: Path, data_changed: bool) -> None:
+    import shutil
+
+    (exp_dir / "plan.json").unlink(missing_ok=True)
+    for name in ("configs", "runs") + (("data",) if data_changed else ()):
+        if (exp_dir / name).is_dir():
+            shutil.rmtree(exp_dir / name)
+
+
     return None if k in ("None", "null") else int(k)
 
 

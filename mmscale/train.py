@@ -27,6 +27,7 @@ import torch
 
 from mmscale import checkpoint as ckpt
 from mmscale import distributed as dist_
+from mmscale import rundir
 from mmscale import precision
 from mmscale.config import Config, load_config
 from mmscale.errors import UserError, exit_status
@@ -307,21 +308,34 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
         precheck_data(cfg)  # before the run dir and the model: a mismatch leaves nothing behind
     if model_factory is None:
         check_model_fits(cfg, info.local_world_size or 1)
+    rundir.check_owned(run_dir)  # every rank (read-only): a folder that is not an mmscale run is refused
     created = not run_dir.exists()
     check_run_dir(run_dir)  # every rank: a rank-0-only error would leave the others waiting in init
 
     # engine.precision auto -> bf16 | fp32 by the device (and the checkpoint resumed): once, before everything
     # that reads it (the resume check, the engine, config.yaml; RunWatch's start event and line say why)
     cfg = precision.resolve_for_run(cfg, dist_.device_for(info), engine_cls.same_precision_to_resume)[0]
-    checkpointer = ckpt.Checkpointer(cfg, info)
+    needs_group = engine_cls.needs_process_group(info.world_size)
+    # the run dir's lock, held by rank 0 for the whole run; with a process group every rank learns (below) whether
+    # rank 0 got it, so a refusal never leaves the other ranks waiting
+    lock, lock_error = (rundir.RunLock(run_dir), None) if info.rank == 0 else (None, None)
     try:
-        resume_dir, meta = checkpointer.find()
-    except UserError:
+        if lock is not None:
+            try:
+                lock.acquire()
+            except UserError as e:
+                lock, lock_error = None, e
+                if not needs_group:
+                    raise
+        checkpointer = ckpt.Checkpointer(cfg, info)
+        resume_dir, meta = checkpointer.find() if lock_error is None else (None, None)
+    except BaseException:
+        if lock is not None:
+            lock.release()
         if created and info.rank == 0:
             _remove_if_empty(run_dir)
         raise
 
-    needs_group = engine_cls.needs_process_group(info.world_size)
     device = dist_.device_for(info)  # before the group: NCCL binds each rank to its own GPU
     if device.type == "cuda":
         configure_cuda(cfg)
@@ -330,6 +344,8 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
 
     loader, clean = None, False
     try:
+        if needs_group and dist_.ranks_flagging(lock_error is not None, device):
+            raise lock_error or UserError(f"rank 0 could not lock run.dir '{run_dir}' (its line says who holds it)")
         torch.manual_seed(cfg.run.seed)  # same seed -> same initial weights on every engine and rank
         model = (model_factory or default_model_factory)(cfg)
         notes = []
@@ -342,12 +358,16 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
         return status
     except UserError:
         clean = True  # raised on every rank alike (config, data, checkpoint): tidy up as usual
+        if lock is not None:
+            lock.release()
         if created and info.rank == 0:
             _remove_if_empty(run_dir)
         raise
     finally:
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
+        if lock is not None:
+            lock.release()
         if clean:  # after a crash the other ranks may be gone: no collectives, just exit
             if hasattr(loader, "close"):
                 loader.close()
@@ -388,6 +408,7 @@ def _run(cfg, info, model, loader, val_fn, device, checkpointer, resume_dir, met
         state.step, state.tokens = checkpointer.restore(engine, resume_dir, meta, loader)
     start_step = state.step
     if info.rank == 0:
+        rundir.write_marker(run_dir)
         (run_dir / ".tmp_config.yaml").write_text(cfg.to_yaml())
         os.replace(run_dir / ".tmp_config.yaml", run_dir / "config.yaml")
         _trim_metrics(run_dir / "metrics.jsonl", start_step)

@@ -60,6 +60,13 @@ _worker_sp = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_sp
+    import signal
+
+    # Ctrl-C reaches every process of the terminal's group: the parent alone stops the work (a worker killed by
+    # it would print a traceback and could die holding the pool's queue lock, so that the pool never stops);
+    # SIGTERM ends a worker silently (the parent's handler is inherited by fork: put the default back)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from mmscale.data.tokenizer import is_hf_tokenizer, load_tokenizer
 
     if is_hf_tokenizer(tokenizer_path):  # a Hugging Face tokenizer (tokenizer.json or a folder)
@@ -211,11 +218,9 @@ def prepare(opts: PrepareOptions) -> dict:
     if opts.errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {opts.errors!r}")
     out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise UserError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
-    if out.exists():  # --overwrite never removes an input (or a folder holding one)
-        from mmscale.fsutil import check_output
-        check_output(out, [*opts.inputs, opts.tokenizer], "--out")
+    from mmscale.cli_conventions import check_output_path  # never an input nor a folder holding one
+
+    check_output_path(out, "--out", overwrite=opts.overwrite, inputs=[*opts.inputs, opts.tokenizer])
     sp = load_tokenizer(opts.tokenizer)
     vocab_size = sp.get_piece_size()
     dtype = _pick_dtype(opts.dtype, vocab_size)
@@ -237,10 +242,46 @@ def prepare(opts: PrepareOptions) -> dict:
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(str(opts.tokenizer),))
     try:
-        return _prepare_with(pool, opts, out, sources, sp, vocab_size, dtype, ids, pad_id)
-    finally:
-        pool.terminate()
-        pool.join()
+        manifest = _prepare_with(pool, opts, out, sources, sp, vocab_size, dtype, ids, pad_id)
+    except BaseException:
+        _kill_pool(pool)
+        raise
+    pool.terminate()
+    pool.join()
+    return manifest
+
+
+def _kill_pool(pool) -> None:
+    """Stop a pool at once after an error or an interrupt. Pool.terminate() first takes the task queue's lock,
+    which a worker killed by a signal while reading a task never gives back (it then waits forever): stop the
+    worker handler, kill the workers and drop the pool's finalizer (its threads are daemons and end with the
+    process). Uses Pool internals (_worker_handler, _pool, _terminate) of CPython 3.8-3.13."""
+    import multiprocessing.pool as mpp
+
+    # first stop the pool's worker handler, which would otherwise start new workers in place of the killed ones
+    # (orphans that keep the terminal's pipes open)
+    handler = getattr(pool, "_worker_handler", None)
+    if handler is not None:
+        handler._state = mpp.TERMINATE
+        try:
+            pool._change_notifier.put(None)
+        except (OSError, AttributeError, ValueError):
+            pass
+        handler.join(timeout=5)
+    workers = list(getattr(pool, "_pool", []))
+    for p in workers:
+        try:
+            p.kill()
+        except (OSError, AttributeError, ValueError):
+            pass
+    for p in workers:
+        try:
+            p.join(timeout=5)
+        except (OSError, AssertionError, ValueError):
+            pass
+    fin = getattr(pool, "_terminate", None)
+    if fin is not None and hasattr(fin, "cancel"):
+        fin.cancel()
 
 
 def _prepare_with(pool, opts, out, sources, sp, vocab_size, dtype, ids, pad_id) -> dict:
@@ -441,7 +482,12 @@ def run(args: argparse.Namespace) -> int:
                           dtype=args.dtype, workers=args.workers, seed=args.seed, overwrite=args.overwrite,
                           shard_bytes=args.shard_bytes, progress=not args.no_progress,
                           doc_per_line=getattr(args, "doc_per_line", False))
-    m = prepare(opts)
+    from mmscale.data.sources import NotUTF8Error
+
+    try:
+        m = prepare(opts)
+    except NotUTF8Error as e:  # the one command with a way around it
+        raise UserError(f"{e} or pass --errors replace") from None
     tr, va = m["splits"]["train"], m["splits"]["val"]
     print(f"wrote {opts.out}: {m['layout']}, n_ctx {m['n_ctx']}, {m['documents']} documents, "
           f"{m['source_tokens']} tokens -> train {tr['samples']} samples, val {va['samples']} samples "

@@ -19,12 +19,17 @@ from mmscale.errors import UserError
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
+class NotUTF8Error(UserError):
+    """A text input with a non-UTF-8 byte. The message names no option: only the command that has one (prepare's
+    --errors replace) adds it, so a caller without it (tokenizer train, experiment) never hints at one."""
+
+
 def _decode(raw: bytes, path: str, offset: int, errors: str) -> str:
     try:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise UserError(f"'{path}' is not valid UTF-8 at byte offset {offset + e.start}; "
-                        "fix the file or pass --errors replace") from None
+        raise NotUTF8Error(f"'{path}' is not valid UTF-8 at byte offset {offset + e.start}; "
+                           "fix the file (save it as UTF-8)") from None
 
 
 def _lines(path: str, errors: str) -> Iterator[str]:

@@ -306,10 +306,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise UserError(f"'{out}' already exists; pass --overwrite to replace it or choose another --out")
-        from mmscale.fsutil import check_output
-        check_output(out, args.input, "--out")  # never written over (or into) a training text
+        from mmscale.cli_conventions import check_output_path
+        check_output_path(out, "--out", kind="file", overwrite=args.overwrite, inputs=args.input)
         t0 = time.perf_counter()
         train_tokenizer(args.input, args.vocab_size, out, model_type=args.model_type,
                         separator=args.separator, seed=args.seed)

@@ -13,6 +13,7 @@ The first problem ends the check with one line naming the file (exit status 1).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,34 @@ def _tokens_of_shard(raw: bytes, shard: dict, path: Path, manifest: dict) -> np.
     return body[:, start:start + want_tokens * dtype.itemsize].copy().view(dtype)
 
 
+def _kind(mode: int) -> str | None:
+    import stat
+
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "a special file"
+
+
+def check_regular_files(root: Path) -> None:
+    """Every entry of a dataset folder is a regular file or a folder (links are followed): a FIFO, device or
+    socket (or a link to one, or a broken link) is refused, naming it, without opening it."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            try:
+                st = os.stat(p)
+            except OSError:
+                raise UserError(f"'{p}' is a broken link; the dataset must hold only regular files: remove it or "
+                                "prepare the dataset again") from None
+            what = _kind(st.st_mode)
+            if what is not None:
+                link = " (through a link)" if p.is_symlink() else ""
+                raise UserError(f"'{p}' is {what}{link}, not a data file; the dataset must hold only regular files: "
+                                "remove it or prepare the dataset again")
+
+
 def verify_dataset(path: str | Path) -> dict:
     """Check everything (see the module docstring); returns a summary, raises UserError at the first problem."""
     from mmscale.data._streaming import import_streaming
@@ -64,6 +93,7 @@ def verify_dataset(path: str | Path) -> dict:
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"dataset '{root}' is not a directory; pass a folder made by `mmscale prepare`")
+    check_regular_files(root)  # before anything is opened: a FIFO would block the check, /dev/zero never ends
     manifest = read_manifest(str(root))
     tok_name = str(manifest["tokenizer"].get("file") or "tokenizer.model")
     if Path(tok_name).name != tok_name or tok_name in (".", ".."):

@@ -236,13 +236,12 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = 
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    from mmscale.cli_conventions import check_output_path
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output directory '{out}' already exists; choose another path or pass --overwrite")
     step_dir = resolve_checkpoint(checkpoint)
-    if out.exists():  # --overwrite never removes the run being converted, nor a folder holding it
-        from mmscale.fsutil import check_output
-        check_output(out, [checkpoint, step_dir] + ([tokenizer] if tokenizer else []), "--out")
+    # never the run being converted nor a folder holding it; an existing file is not replaced by a folder
+    check_output_path(out, "--out", overwrite=overwrite, inputs=[step_dir] + ([tokenizer] if tokenizer else []))
     meta = ckpt.read_meta(step_dir)
     ckpt.verify_or_raise(step_dir)
     model_cfg = _model_config(meta, step_dir)

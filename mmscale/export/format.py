@@ -100,9 +100,11 @@ def load_export_config(path: str | os.PathLike) -> dict:
     if not cfg_file.is_file():
         raise UserError(f"export '{p}' has no {CONFIG}; re-run `mmscale convert` to write a complete export")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"export '{p}': {CONFIG} is not valid JSON; re-run `mmscale convert`") from None
+        meta = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except ValueError:  # not JSON, or not UTF-8
+        raise UserError(f"export '{p}': {CONFIG} is not valid JSON (UTF-8); re-run `mmscale convert`") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"export '{p}': {CONFIG} is not a JSON object; re-run `mmscale convert`")
     if meta.get("format") != FORMAT or "model" not in meta:
         raise UserError(f"export '{p}': {CONFIG} is not an mmscale export config (format {meta.get('format')!r})")
     if not (p / WEIGHTS).is_file():
