@@ -93,7 +93,11 @@ def machine(device="cpu") -> str:
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name()
     else:
-        name = f"{os.cpu_count()}-core CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+        from mmscale.precision import cpu_key
+
+        model, isa = cpu_key().split("|", 1)  # the CPU model and the ISA flags that decide its speed
+        name = (f"{model} ({platform.machine()}; {isa.replace('+', ', ')}), {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     return f"{name}, torch {torch.__version__}"
 
 

@@ -1,5 +1,6 @@
-"""`make demo` end to end, shrunk: corpus -> tokenizer -> shards -> deepspeed ZeRO-2 bf16 on 2 ranks ->
-export -> eval -> a generated story, and the paths it promises exist."""
+"""`make demo` end to end, shrunk: corpus -> tokenizer -> shards -> deepspeed ZeRO-2 on 2 ranks (precision auto:
+fp32 under the suite's pin, the path is the subject) -> export -> eval -> a generated story, and the paths it
+promises exist; the time sizing (probe, plan) and its summary."""
 from __future__ import annotations
 
 import os
@@ -38,3 +39,47 @@ def test_demo_pipeline_small(tmp_path):
                            str(tmp_path / "nope.txt")], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 1 and "nope.txt' does not exist" in proc.stderr
+
+
+def test_demo_sizes_training_by_time():
+    from mmscale import demo
+
+    # 240 s budget, 40 s spent, 12 process starts of 2 s: 176 s left; 0.5 s x 1.15 per step -> 306 steps
+    steps, why = demo.plan_steps(240, 40, 0.5, 2.0)
+    assert steps == int(176 / (0.5 * demo.RANK_OVERHEAD)) == 306 and "306 steps" in why
+    # a slow CPU (or a busy one) still trains the steps that show learning, and says it runs over
+    steps, why = demo.plan_steps(240, 40, 2.3, 2.0)
+    assert steps == demo.MIN_STEPS and "run over" in why
+    assert demo.plan_steps(240, 300, 0.5, 2.0)[0] == demo.MIN_STEPS  # nothing left at all
+    assert demo.plan_steps(3600, 0, 0.01, 1.0)[0] == demo.MAX_STEPS
+    # twice the budget, about twice the training time
+    assert demo.plan_steps(480, 40, 0.5, 2.0)[0] == int((480 - 40 - 24) / (0.5 * demo.RANK_OVERHEAD))
+
+
+def test_demo_probe_times_the_step_in_the_precision_auto_picks(monkeypatch):
+    from mmscale import demo
+
+    monkeypatch.setenv("MMSCALE_AUTO_PRECISION", "fp32")
+    step_s, startup_s, line = demo.probe_step_seconds(64, 1, steps=1)
+    assert 0 < step_s < 120 and 0 < startup_s < 300
+    assert "engine.precision: auto -> fp32" in line and "\n" not in line
+    assert demo.threads_per_rank(2) == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_demo_summary_reads_losses_and_step_time(tmp_path):
+    import json
+
+    from mmscale import demo
+
+    rows = [{"step": 0, "event": "start", "time": 100.0}, {"step": 10, "loss": 5.0, "time": 110.0},
+            {"step": 20, "loss": 4.0, "time": 125.0}, {"step": 20, "val_loss": 3.5, "time": 126.0},
+            {"step": 30, "loss": 3.0, "time": 140.0}, {"step": 30, "val_loss": 2.25, "time": 141.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
+    vals, per_step = demo.training_summary(tmp_path)
+    assert vals == "step 20: 3.500, step 30: 2.250" and per_step == pytest.approx(30 / 20)
+
+
+def test_demo_bad_minutes_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "mmscale.demo", "--minutes", "0"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "--minutes must be > 0" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
