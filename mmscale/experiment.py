@@ -427,6 +427,19 @@ def _synth_corpus(d: dict, data_dir: Path) -> Path:
     return corpus
 
 
+_FLAG_TO_SPEC = {"--vocab-size": "data.vocab_size", "--val-fraction": "data.val_fraction", "--n-ctx": "axes.n_ctx"}
+
+
+def _spec_keys_for_flags(msg: str) -> str:
+    """A data error worded for `mmscale prepare` / `tokenizer train`, reworded for a spec: flags with a spec key
+    become that key; a hint at an option the experiment does not have is dropped."""
+    import re
+
+    for flag, key in _FLAG_TO_SPEC.items():
+        msg = msg.replace(f"pass {flag}", f"set the spec's {key} to").replace(flag, f"the spec's {key}")
+    return re.sub(r"[;,]?\s*(or )?(pass |use )?--[a-z][a-z-]*[^;]*", "", msg)
+
+
 def _prepare_from_text(spec: Spec, data_dir: Path, n_ctx_values: list[int], progress: bool, out: dict) -> None:
     from mmscale.data.prepare import PrepareOptions, prepare
     from mmscale.data.tokenizer import train_tokenizer
@@ -443,19 +456,6 @@ def _prepare_from_text(spec: Spec, data_dir: Path, n_ctx_values: list[int], prog
     if not tok.is_file():
         train_tokenizer([text] if Path(text).is_file() else [str(p) for p in sorted(Path(text).glob("*.txt"))],
                         int(d.get("vocab_size", 1024)), tok)
-_FLAG_TO_SPEC = {"--vocab-size": "data.vocab_size", "--val-fraction": "data.val_fraction", "--n-ctx": "axes.n_ctx"}
-
-
-def _spec_keys_for_flags(msg: str) -> str:
-    """A data error worded for `mmscale prepare` / `tokenizer train`, reworded for a spec: flags with a spec key
-    become that key; a hint at an option the experiment does not have is dropped."""
-    import re
-
-    for flag, key in _FLAG_TO_SPEC.items():
-        msg = msg.replace(f"pass {flag}", f"set the spec's {key} to").replace(flag, f"the spec's {key}")
-    return re.sub(r"[;,]?\s*(or )?(pass |use )?--[a-z][a-z-]*[^;]*", "", msg)
-
-
     out["tokenizer"] = str(tok)
     other_text = d.get("other_text")
     if other_text == "synth":
@@ -1036,6 +1036,13 @@ def open_experiment(spec_path: str, out: str | None, resume: bool, overrides: li
         from mmscale.config import load_yaml_file
 
         old = load_yaml_file(saved) or {}
+        if _spec_hash(old, training=True) != _spec_hash(spec.raw, training=True) and not _runs_started(exp_dir):
+            # an earlier attempt failed before any run trained (bad data, a wrong key): start over with this spec;
+            # what was derived from the old one (plan, configs, and the data when data changed) is made again
+            _discard_derived(exp_dir, data_changed=old.get("data") != spec.raw.get("data"))
+            old = spec.raw
+            (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+            (exp_dir / "spec_dir.txt").write_text(str(spec.base_dir) + "\n")
         if _spec_hash(old, training=True) != _spec_hash(spec.raw, training=True):
             raise UserError(f"'{spec_path}' differs from the spec of the experiment in '{exp_dir}' (spec.yaml) outside "
                             f"{', '.join(MEASURE_SECTIONS)}; resume with the same data, arms, axes, budget, sweep and "
@@ -1049,32 +1056,6 @@ def open_experiment(spec_path: str, out: str | None, resume: bool, overrides: li
     return Experiment(spec, exp_dir)
 
 
-def reopen(exp_dir: str | Path) -> Experiment:
-    exp_dir = Path(exp_dir).resolve()
-    saved = exp_dir / "spec.yaml"
-    if not saved.is_file():
-        raise UserError(f"'{exp_dir}' is not an experiment directory (no spec.yaml); pass the --out of "
-                        "`mmscale experiment run`")
-        if _spec_hash(old, training=True) != _spec_hash(spec.raw, training=True) and not _runs_started(exp_dir):
-            # an earlier attempt failed before any run trained (bad data, a wrong key): start over with this spec;
-            # what was derived from the old one (plan, configs, and the data when data changed) is made again
-            _discard_derived(exp_dir, data_changed=old.get("data") != spec.raw.get("data"))
-            old = spec.raw
-            (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
-            (exp_dir / "spec_dir.txt").write_text(str(spec.base_dir) + "\n")
-    base = Path((exp_dir / "spec_dir.txt").read_text().strip()) if (exp_dir / "spec_dir.txt").is_file() else exp_dir
-    spec = load_spec_from(saved, base)
-    exp = Experiment(spec, exp_dir)
-    plan = exp_dir / "plan.json"
-    if plan.is_file():
-        exp.data = json.loads(plan.read_text()).get("data")
-        if exp.data:
-            exp.data["train"] = {_nc(k): v for k, v in exp.data["train"].items()}
-            exp.data["other"] = {_nc(k): v for k, v in exp.data["other"].items()}
-    return exp
-
-
-def _nc(k):
 def _runs_started(exp_dir: Path) -> bool:
     """Whether any run of the experiment has trained (logged a step or saved a checkpoint)."""
     runs = exp_dir / "runs"
@@ -1090,6 +1071,25 @@ def _discard_derived(exp_dir: Path, data_changed: bool) -> None:
             shutil.rmtree(exp_dir / name)
 
 
+def reopen(exp_dir: str | Path) -> Experiment:
+    exp_dir = Path(exp_dir).resolve()
+    saved = exp_dir / "spec.yaml"
+    if not saved.is_file():
+        raise UserError(f"'{exp_dir}' is not an experiment directory (no spec.yaml); pass the --out of "
+                        "`mmscale experiment run`")
+    base = Path((exp_dir / "spec_dir.txt").read_text().strip()) if (exp_dir / "spec_dir.txt").is_file() else exp_dir
+    spec = load_spec_from(saved, base)
+    exp = Experiment(spec, exp_dir)
+    plan = exp_dir / "plan.json"
+    if plan.is_file():
+        exp.data = json.loads(plan.read_text()).get("data")
+        if exp.data:
+            exp.data["train"] = {_nc(k): v for k, v in exp.data["train"].items()}
+            exp.data["other"] = {_nc(k): v for k, v in exp.data["other"].items()}
+    return exp
+
+
+def _nc(k):
     return None if k in ("None", "null") else int(k)
 
 

@@ -273,8 +273,7 @@ def _card(cfg: dict, meta: dict, position) -> str:
     load = ("AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)" if mixer
             else "AutoModelForCausalLM.from_pretrained(PATH)   # a native LlamaForCausalLM")
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation",
-        "tags: [mmscale, " + ("masked-mixer" if mixer else "llama") + "]", "---",
+        "---", "library_name: transformers", "tags: [mmscale, " + ("masked-mixer" if mixer else "llama") + "]", "---",
         f"# mmscale {'masked mixer' if mixer else 'Llama-style transformer'} (Hugging Face format)", "",
         f"d_model {cfg['d_model']}, {cfg['n_layers']} layers, n_ctx {cfg['n_ctx']}, vocab {cfg['vocab_size']}"
         + (f"; steps {meta['steps']}" if meta.get("steps") else "")
@@ -298,23 +297,12 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="au
 
     _require_hf()
     src, out = Path(source), Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output directory '{out}' already exists; choose another path or pass --overwrite")
     if not src.is_dir():
         raise UserError(f"'{src}' does not exist; pass an export (mmscale convert) or a run / checkpoint folder")
-    if out.exists():  # --overwrite never removes the source, nor a folder holding it
-        from mmscale.fsutil import check_output
-        check_output(out, [src] + ([tokenizer] if tokenizer else []), "--out")
+    from mmscale.cli_conventions import check_output_path  # never the source nor a folder holding it
+
+    check_output_path(out, "--out", overwrite=overwrite, inputs=[src] + ([tokenizer] if tokenizer else []))
     try:
-        f"- training data: {data_line}",
-        f"- tokens seen in training: {tokens:,}" if isinstance(tokens, int) else "- tokens seen in training: not recorded",
-        f"- window: {'fixed at' if mixer else 'trained at'} {cfg['n_ctx']} tokens"
-        + (" (prompt + new tokens <= n_ctx; longer inputs are an error)" if mixer else
-           " (RoPE; longer contexts were never trained)"),
-        f"- architecture: " + (f"masked mixer, B. L. Badger, \"Masked Mixers for Language Generation and Retrieval\", "
-                               f"arXiv 2409.01482 ({PAPER})" if mixer else "Llama-style decoder (the masked-mixer "
-                               f"paper's baseline, arXiv 2409.01482: {PAPER})"),
-        "- trained and exported with mmscale (a trainer for masked-mixer language models), `mmscale export-hf`", "",
         is_export = (src / CONFIG).is_file() and json.loads((src / CONFIG).read_text()).get("format") == FORMAT
     except (ValueError, AttributeError):
         is_export = False  # not an export's config.json: read SOURCE as a checkpoint (which says what is wrong)
