@@ -237,7 +237,7 @@ def test_tokenizer_round_trips_like_sentencepiece(exports, corpus, tmp_path):
     stories = Path(text).read_text()
     samples = TEXTS + stories.split("\n")[:200] + [stories[:5000]]
     tok = AutoTokenizer.from_pretrained(str(exports["flat"][1]))
-    assert type(tok).__name__ == "LlamaTokenizerFast" and tok.bos_token is None and tok.eos_token == "</s>"
+    assert type(tok).__name__ == "PreTrainedTokenizerFast" and tok.bos_token is None and tok.eos_token == "</s>"
     assert tok.model_max_length == N_CTX
     for s in samples:
         ids = tok(s)["input_ids"]  # default add_special_tokens: nothing added (mmscale's data has no BOS)
@@ -581,3 +581,210 @@ def test_stories260k_as_native_llama_tells_llama2c_story(tmp_path):
     text = tok.decode(out[0, 1:], skip_special_tokens=True)
     assert text.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside in "
                            "the park."), text
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 23: what a new user of the HF folder meets (gradient checkpointing, modes, provenance, card, config)
+
+@pytest.mark.parametrize("kind", ["flat", "multihead_k3"])
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients(exports, kind):
+    """gradient_checkpointing_enable() is accepted, each block runs again in the backward pass, and the
+    gradients are those without it."""
+    _, hf_dir = exports[kind]
+    ids = _ids(2)
+    grads, calls = [], []
+    for enable in (False, True):
+        hf = _hf(hf_dir).train()
+        if enable:
+            hf.gradient_checkpointing_enable()
+            assert hf.is_gradient_checkpointing
+        n = [0]
+        for block in hf.model.blocks:
+            block.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        hf(ids, labels=ids).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in hf.named_parameters() if p.grad is not None})
+        calls.append(n[0])
+    assert calls == [2, 4]  # 2 blocks, each forward twice under checkpointing
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5), k
+
+
+def test_trainer_with_gradient_checkpointing_steps_the_mixer(exports, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    _, hf_dir = exports["flat"]
+    hf = _hf(hf_dir).train()
+    before = hf.model.blocks[0].mixing.weight.detach().clone()
+    data = [{"input_ids": row, "labels": row} for row in _ids(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=2,
+                             gradient_checkpointing=True, report_to=[], save_strategy="no", use_cpu=True,
+                             learning_rate=1e-2, logging_strategy="no", dataloader_num_workers=0)
+    Trainer(model=hf, args=args, train_dataset=data).train()
+    assert hf.is_gradient_checkpointing
+    after = hf.model.blocks[0].mixing.weight.detach()
+    assert not torch.equal(before, after)
+    assert torch.equal(after.triu(1), torch.zeros_like(after.triu(1)))  # the causal half never moves
+
+
+def _prepared_like(root: Path, index_text: str) -> Path:
+    """The files training_data_record reads from a `mmscale prepare` folder (manifest + split indexes)."""
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({"format": "mmscale-mds", "splits": {"train": {"tokens": 12345}}}))
+    for split in ("train", "val"):
+        (root / split).mkdir()
+        (root / split / "index.json").write_text(index_text + split)
+    return root
+
+
+def test_hf_folder_modes_provenance_card_config(exports, tmp_path):
+    """Under umask 022 every file is 0644 and every folder 0755 (model.safetensors was 0600); the published
+    json names the training data and its content hash, not a local path; the card has the data, tokens,
+    paper, project, pipeline_tag and window; a flat mixer's config does not repeat model.heads; the config's
+    bos_token_id is not the EOS id (the tokenizer declares no BOS)."""
+    import hashlib
+    import stat
+
+    from mmscale.export.hf import export_hf
+    from mmscale.models import build_model
+
+    tok = exports["flat"][0] / "tokenizer.model"
+    data = _prepared_like(tmp_path / "private" / "where" / "stories-v1", "shards-a-")
+    cfg = ModelConfig(kind="mixer", d_model=16, n_layers=1, n_ctx=N_CTX, vocab_size=VOCAB, heads=4, mixer="flat")
+    torch.manual_seed(0)
+    save_export(tmp_path / "exp", build_model(cfg).state_dict(), cfg, tok,
+                info={"steps": 7, "tokens": 4096, "trained_on": str(data),
+                      "source": str(tmp_path / "runs" / "r1" / "checkpoints" / "step_00000007")})
+    old = os.umask(0o022)
+    try:
+        summary = export_hf(tmp_path / "exp", tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert summary["verify"]["ok"]
+    hf_dir = tmp_path / "hf"
+    for p in [hf_dir, *hf_dir.rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+    published = (hf_dir / "mmscale_export.json").read_text()
+    assert str(tmp_path) not in published and "private" not in published
+    rec = json.loads(published)
+    h = hashlib.sha256()  # by hand: manifest, then the split indexes in name order
+    for rel in ("manifest.json", "train/index.json", "val/index.json"):
+        h.update(rel.encode() + b"\0" + (data / rel).read_bytes() + b"\0")
+    assert rec["training_data"]["name"] == "stories-v1"
+    assert rec["training_data"]["content_hash"] == "sha256:" + h.hexdigest()
+    assert rec["training_data"]["tokens"] == 12345 and rec["source"] == "r1/step_00000007"
+    # the hash follows the content, not the place
+    from mmscale.export.format import training_data_record
+    moved = (tmp_path / "elsewhere").joinpath("stories-v1")
+    moved.parent.mkdir()
+    data.rename(moved)
+    assert training_data_record(moved)["content_hash"] == rec["training_data"]["content_hash"]
+    (moved / "train" / "index.json").write_text("shards-b-train")
+    assert training_data_record(moved)["content_hash"] != rec["training_data"]["content_hash"]
+    card = (hf_dir / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "pipeline_tag: text-generation" in front and "library_name: transformers" in front
+    for needle in ("stories-v1", rec["training_data"]["content_hash"], "12,345", "4,096", "arxiv.org/abs/2409.01482",
+                   "mmscale", f"fixed at {N_CTX} tokens"):
+        assert needle in card, needle
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["mixer"] == "flat" and config["heads"] == 1
+    gen = json.loads((hf_dir / "generation_config.json").read_text())
+    assert config["eos_token_id"] == 3 and config.get("bos_token_id") is None and gen.get("bos_token_id") is None
+    tok_cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["bos_token"] is None
+
+
+def test_llama_config_has_no_bos_standing_in_for_eos(exports):
+    _, hf_dir = exports["llama"]
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["eos_token_id"] is not None and config.get("bos_token_id") is None
+    card = (hf_dir / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and f"trained at {N_CTX} tokens" in card
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers 5 (the GPU image's and current users'): a throwaway venv, since make setup pins 4.x
+
+_TF5_CHECK = r'''
+import json, sys, torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+ref = torch.load(sys.argv[1])
+res = {"transformers": transformers.__version__}
+for kind, r in ref["kinds"].items():
+    m = AutoModelForCausalLM.from_pretrained(r["dir"], trust_remote_code=True).eval()
+    with torch.no_grad():
+        out = {"max_abs_diff": max((m(r["ids"][:, :n]).logits - want).abs().max().item()
+                                   for n, want in r["logits"].items())}
+    tok = AutoTokenizer.from_pretrained(r["dir"], trust_remote_code=True)
+    out["tokenizer"] = type(tok).__name__
+    out["tokens_equal"] = [tok.encode(t, add_special_tokens=False) for t in ref["texts"]] == r["text_ids"]
+    if r["causal"]:
+        out["generate"] = m.generate(r["ids"][:1, :5], max_new_tokens=4, do_sample=False)[0].tolist()
+    if kind != "llama":
+        m.train()
+        m.gradient_checkpointing_enable()
+        m(r["ids"], labels=r["ids"]).loss.backward()
+        out["grad_ckpt"] = bool(m.is_gradient_checkpointing) and all(
+            p.grad is not None for p in m.parameters() if p.requires_grad)
+    res[kind] = out
+print("RESULT " + json.dumps(res))
+'''
+
+
+def _transformers5_venv() -> Path:
+    """A venv without system site-packages: this torch (the CPU wheel from local disk), then transformers 5.x
+    constrained to it. Kept between runs (a stamp holds what it was made with): ~200 s to make on a 2-core
+    machine, the check itself ~30 s."""
+    venv = Path(os.environ.get("MMSCALE_TF5_VENV") or Path.home() / ".cache" / "mmscale" / "venv-transformers5")
+    torch_pin = torch.__version__.split("+")[0]
+    stamp = venv / ".mmscale-tf5"
+    if stamp.is_file() and stamp.read_text() == torch_pin:
+        return venv
+    import shutil
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    py = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run(pip + [f"torch=={torch_pin}"], check=True, timeout=900)
+    (venv / "constraints.txt").write_text(f"torch=={torch_pin}\n")
+    subprocess.run(pip + ["-c", str(venv / "constraints.txt"), "transformers>=5,<6"], check=True, timeout=900)
+    stamp.write_text(torch_pin)
+    return venv
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MMSCALE_TEST_TF5") != "1",
+                    reason="makes a transformers 5 venv (~200 s the first time): MMSCALE_TEST_TF5=1 runs it")
+def test_exports_load_and_match_under_transformers_5(exports, corpus, tmp_path):
+    """The folders written here (transformers 4.x) load under transformers 5 with the same logits (mixer remote
+    code, native Llama), the same token ids, generate, and gradient checkpointing."""
+    venv = _transformers5_venv()
+    _, _, sp = corpus
+    texts = TEXTS[:8]
+    kinds = {}
+    for kind, (src, hf_dir) in exports.items():
+        ref, _ = load_export(src)
+        ids = _ids(2)
+        with torch.no_grad():
+            kinds[kind] = {"dir": str(hf_dir), "ids": ids, "logits": {n: ref(ids[:, :n]) for n in (N_CTX, 11)},
+                           "causal": kind in CAUSAL,
+                           "text_ids": [sp.encode(t) for t in texts]}
+    torch.save({"kinds": kinds, "texts": texts}, tmp_path / "ref.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # remote code modules cached per run, not in the user's cache
+    p = subprocess.run([str(venv / "bin" / "python"), "-c", _TF5_CHECK, str(tmp_path / "ref.pt")], env=env,
+                       capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert res["transformers"].startswith("5."), res
+    for kind in KINDS:
+        r = res[kind]
+        assert r["max_abs_diff"] <= 1e-5, (kind, r)
+        assert r["tokens_equal"], (kind, r)
+        if kind in CAUSAL:
+            assert len(r["generate"]) == 9, (kind, r)
+        if kind != "llama":
+            assert r["grad_ckpt"], (kind, r)

@@ -30,6 +30,41 @@ TOKENIZER = "tokenizer.model"
 CARD = "README.md"
 
 
+def training_data_record(path) -> dict | None:
+    """What a published export says about its training data: a name and a content hash, never a local path.
+
+    A dataset of `mmscale prepare` (manifest.json): sha256 over manifest.json and each split's index.json (which
+    hold the shards' xxh64 digests, so the hash follows the content, not the folder's place), and its token
+    count; a file (retrieval pairs): sha256 of its bytes. A path that is gone keeps its name, hash None."""
+    import hashlib
+
+    if path in (None, ""):
+        return None
+    p = Path(str(path))
+    rec = {"name": p.name if p.name else str(path), "content_hash": None}
+    try:
+        if (p / "manifest.json").is_file():
+            h = hashlib.sha256()
+            for f in [p / "manifest.json"] + sorted(p.glob("*/index.json")):
+                h.update(f.relative_to(p).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+            rec["content_hash"] = "sha256:" + h.hexdigest()
+            rec["hashed"] = "manifest.json + */index.json (shard digests)"
+            manifest = json.loads((p / "manifest.json").read_text())
+            tokens = ((manifest.get("splits") or {}).get("train") or {}).get("tokens")
+            if isinstance(tokens, int):
+                rec["tokens"] = tokens
+        elif p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            rec["content_hash"] = "sha256:" + h.hexdigest()
+            rec["hashed"] = "file bytes"
+    except (OSError, ValueError):
+        rec["content_hash"] = None
+    return rec
+
+
 def _model_card(model_cfg: dict, info: dict) -> str:
     kind = "masked mixer" if model_cfg.get("kind") == "mixer" else "Llama-style transformer"
     lines = [
@@ -63,6 +98,8 @@ def save_export(out_dir: str | os.PathLike, state_dict: dict, model_cfg: Any, to
         raise UserError(f"output directory '{out}' already exists; choose another path or pass --overwrite")
     cfg = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
     info = dict(info or {})
+    if info.get("trained_on") and "training_data" not in info:  # hashed now, while the data is at hand
+        info["training_data"] = training_data_record(info["trained_on"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

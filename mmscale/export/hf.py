@@ -13,7 +13,8 @@ so the weights map one to one (the tests compare logits). The folder also holds
   - the tokenizer as HF files: tokenizer.json built from the sentencepiece model (normaliser, word
     splitting, BPE merges or unigram scores, byte fallback and decoder that reproduce sentencepiece;
     checked against it on probe texts before anything is written), tokenizer_config.json
-    (LlamaTokenizerFast, no BOS added: mmscale's data has none, a document starts after an EOS),
+    (PreTrainedTokenizerFast over that tokenizer.json, no BOS: mmscale's data has none, a document
+    starts after an EOS),
     and tokenizer.model; an HF tokenizer (tokenizer.json) is copied as it is;
   - generation_config.json (EOS stops, the mixer's max_length is its window);
   - modules.json, sentence_bert_config.json and 1_Pooling/ with mmscale_pooling.py, so that
@@ -166,7 +167,9 @@ def write_tokenizer(export: Path, out: Path, meta: dict, n_ctx: int) -> dict:
         check_tokenizer(tok, tk)
         tok.save(str(out / "tokenizer.json"))
         shutil.copyfile(src, out / "tokenizer.model")
-        config.update(tokenizer_class="LlamaTokenizerFast", legacy=True, sp_model_kwargs={})
+        # tokenizer.json as it is: transformers 5's LlamaTokenizer rebuilds the pre-tokenizer from its own
+        # settings (" leading space" then loses its first piece); the generic fast class does not, in 4.x or 5.x
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = {f"{k}_token": config[f"{k}_token"] for k in ("eos", "unk", "pad") if config[f"{k}_token"] is not None}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
@@ -187,16 +190,24 @@ def _load_modeling(path: Path, name: str):
     return mod
 
 
+def _bos(ids: dict):
+    """The config's bos_token_id: the tokenizer files declare no BOS (mmscale's data has none, see
+    write_tokenizer), so neither does the config; not the EOS id, which tools would then prepend as a BOS."""
+    return None
+
+
 def mixer_hf_config(cfg: dict, ids: dict, dtype):
     mod = _load_modeling(_HERE / "hf_modeling_mixer.py", "mmscale_hf_modeling_mixer")
     eos = ids.get("eos") if ids.get("eos", -1) >= 0 else None
     pad = ids.get("pad") if ids.get("pad", -1) >= 0 else eos
+    # a flat mixer has one T x T matrix per tap whatever model.heads says (heads only shape the multihead mixer)
+    heads = cfg["heads"] if cfg["mixer"] == "multihead" else 1
     config = mod.MaskedMixerConfig(
         vocab_size=cfg["vocab_size"], d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_ctx=cfg["n_ctx"],
-        mixer=cfg["mixer"], heads=cfg["heads"], kernel_size=cfg["kernel_size"],
+        mixer=cfg["mixer"], heads=heads, kernel_size=cfg["kernel_size"],
         ffn_hidden=cfg.get("ffn_hidden") or cfg["ffn_mult"] * cfg["d_model"], bidirectional=cfg["bidirectional"],
         final_norm=cfg["final_norm"], norm_eps=cfg["norm_eps"], init_std=cfg.get("init_std", 0.02),
-        tie_word_embeddings=cfg["tie_embeddings"], pad_token_id=pad, bos_token_id=eos, eos_token_id=eos)
+        tie_word_embeddings=cfg["tie_embeddings"], pad_token_id=pad, bos_token_id=_bos(ids), eos_token_id=eos)
     config.architectures = ["MaskedMixerForCausalLM"]
     config.auto_map = {"AutoConfig": "modeling_mmscale_mixer.MaskedMixerConfig",
                        "AutoModel": "modeling_mmscale_mixer.MaskedMixerModel",
@@ -224,7 +235,7 @@ def llama_hf_config(cfg: dict, ids: dict, dtype):
         num_key_value_heads=cfg.get("kv_heads") or cfg["heads"], head_dim=cfg["d_model"] // cfg["heads"],
         max_position_embeddings=cfg["n_ctx"], rms_norm_eps=cfg["norm_eps"], rope_theta=cfg["rope_theta"],
         hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg["tie_embeddings"],
-        initializer_range=cfg.get("init_std", 0.02), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+        initializer_range=cfg.get("init_std", 0.02), bos_token_id=_bos(ids), eos_token_id=eos, pad_token_id=pad,
         architectures=["LlamaForCausalLM"])
 
 
@@ -268,18 +279,46 @@ def _write_sentence_transformers(out: Path, d_model: int, n_ctx: int, position) 
         json.dumps({"dimension": d_model, "position": position, "normalize": True}, indent=2) + "\n")
 
 
+PAPER = "https://arxiv.org/abs/2409.01482"
+
+
+def _training_data(meta: dict):
+    """The export's training-data record (name + content hash; format.training_data_record), never a path."""
+    from mmscale.export.format import training_data_record
+
+    rec = meta.get("training_data")
+    return rec if isinstance(rec, dict) else training_data_record(meta.get("trained_on"))
+
+
 def _card(cfg: dict, meta: dict, position) -> str:
     mixer = cfg["kind"] == "mixer"
     load = ("AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)" if mixer
             else "AutoModelForCausalLM.from_pretrained(PATH)   # a native LlamaForCausalLM")
+    data = _training_data(meta)
+    data_line = ("unknown (exported from a model with no recorded training data)" if not data else
+                 f"`{data['name']}` (content hash {data.get('content_hash') or 'not available'}"
+                 + (f"; {data['tokens']:,} tokens in its train split" if data.get("tokens") else "") + ")")
+    tokens = meta.get("tokens")
     lines = [
-        "---", "library_name: transformers", "tags: [mmscale, " + ("masked-mixer" if mixer else "llama") + "]", "---",
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags: [mmscale, " + ("masked-mixer" if mixer else "llama") + "]", "---",
         f"# mmscale {'masked mixer' if mixer else 'Llama-style transformer'} (Hugging Face format)", "",
         f"d_model {cfg['d_model']}, {cfg['n_layers']} layers, n_ctx {cfg['n_ctx']}, vocab {cfg['vocab_size']}"
         + (f"; steps {meta['steps']}" if meta.get("steps") else "")
         + (f"; validation loss {meta['val_loss']:.4f}" if isinstance(meta.get("val_loss"), (int, float)) else ""), "",
+        f"- training data: {data_line}",
+        f"- tokens seen in training: {tokens:,}" if isinstance(tokens, int) else "- tokens seen in training: not recorded",
+        f"- window: {'fixed at' if mixer else 'trained at'} {cfg['n_ctx']} tokens"
+        + (" (prompt + new tokens <= n_ctx; longer inputs are an error)" if mixer else
+           " (RoPE; longer contexts were never trained)"),
+        f"- architecture: " + (f"masked mixer, B. L. Badger, \"Masked Mixers for Language Generation and Retrieval\", "
+                               f"arXiv 2409.01482 ({PAPER})" if mixer else "Llama-style decoder (the masked-mixer "
+                               f"paper's baseline, arXiv 2409.01482: {PAPER})"),
+        "- trained and exported with mmscale (a trainer for masked-mixer language models), `mmscale export-hf`", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = {load}", "tok = AutoTokenizer.from_pretrained(PATH)", "```", "",
+        f"model = {load}",
+        # transformers 5 asks before it reads a folder whose config.json names remote code, tokenizer included
+        f"tok = AutoTokenizer.from_pretrained(PATH{', trust_remote_code=True' if mixer else ''})", "```", "",
         "Text encodes as mmscale's tokenizer encodes it (no BOS; a document starts after an EOS).",
     ]
     if mixer:
@@ -369,9 +408,16 @@ def _export(src: Path, out: Path, position, overwrite: bool, verify: bool, tmp: 
         shutil.copyfile(_HERE / "hf_modeling_mixer.py", stage / MIXER_MODELING)
     _write_sentence_transformers(stage, cfg["d_model"], cfg["n_ctx"], position)
     (stage / "README.md").write_text(_card(cfg, meta, position))
+    source = meta.get("source")  # the checkpoint it was converted from: RUN/step_N, not the machine's path
+    if source:
+        parts = Path(str(source)).parts
+        source = f"{parts[-3]}/{parts[-1]}" if len(parts) >= 3 and parts[-2] == "checkpoints" else parts[-1]
     (stage / "mmscale_export.json").write_text(json.dumps(
-        {"model": cfg, **{k: meta.get(k) for k in ("steps", "tokens", "val_loss", "trained_on", "source")},
-         "embedding_position": position}, indent=2, default=str) + "\n")
+        {"model": cfg, **{k: meta.get(k) for k in ("steps", "tokens", "val_loss")},
+         "training_data": _training_data(meta), "source": source, "embedding_position": position},
+        indent=2, default=str) + "\n")
+    from mmscale.fsutil import apply_umask_tree
+    apply_umask_tree(stage)  # the staging dir is 0700 and save_pretrained's files 0600: modes as the umask gives
     summary = {"export": str(out), "kind": cfg["kind"], "dtype": str(dtype).replace("torch.", ""),
                "position": position, "tensors": len(hf_sd)}
     if verify:

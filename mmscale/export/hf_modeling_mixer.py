@@ -19,6 +19,8 @@ mixing: padding after position i cannot change position i); longer inputs are an
 whose attention_mask is 0 are treated as absent: the real tokens of each row are moved to the start
 of the window, so left-padded batches give the same result as unpadded rows. generate() works
 through GenerationMixin without a cache (each step recomputes the window), up to n_ctx tokens.
+gradient_checkpointing_enable() (and Trainer(gradient_checkpointing=True)) recompute each block in the
+backward pass. Written for transformers 4.45+ and 5.x alike (tied weights as a mapping, return_dict).
 """
 from __future__ import annotations
 
@@ -136,6 +138,9 @@ class MixerBlock(nn.Module):
 class MaskedMixerPreTrainedModel(PreTrainedModel):
     config_class = MaskedMixerConfig
     base_model_prefix = "model"
+    # transformers sets `gradient_checkpointing` and `_gradient_checkpointing_func` on every module that has the
+    # attribute (4.x and 5.x alike): MaskedMixerModel has it and wraps each block
+    supports_gradient_checkpointing = True
     _no_split_modules = ["MixerBlock"]
     _supports_cache_class = False
 
@@ -168,7 +173,17 @@ class MaskedMixerModel(MaskedMixerPreTrainedModel):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(MixerBlock(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps) if config.final_norm else nn.Identity()
+        self.gradient_checkpointing = False
         self.post_init()
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            func = getattr(self, "_gradient_checkpointing_func", None)
+            if func is None:  # set without gradient_checkpointing_enable(): torch's own, non-reentrant
+                from torch.utils.checkpoint import checkpoint
+                return checkpoint(block, x, use_reentrant=False)
+            return func(block.__call__, x)
+        return block(x)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
@@ -181,7 +196,7 @@ class MaskedMixerModel(MaskedMixerPreTrainedModel):
                 return_dict: Optional[bool] = None, **kwargs):
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if input_ids is not None else inputs_embeds
@@ -211,7 +226,7 @@ class MaskedMixerModel(MaskedMixerPreTrainedModel):
         for block in self.blocks:
             if output_hidden_states:
                 states.append(restore(x))
-            x = block(x)
+            x = self._run_block(block, x)
         last = restore(self.norm(x))
         if output_hidden_states:
             states.append(last)
@@ -222,7 +237,9 @@ class MaskedMixerModel(MaskedMixerPreTrainedModel):
 
 
 class MaskedMixerForCausalLM(MaskedMixerPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = ["lm_head.weight"]
+    # target -> source (transformers 5 reads a mapping; 4.x iterates the keys); tied only when
+    # config.tie_word_embeddings
+    _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
 
     def __init__(self, config: MaskedMixerConfig):
         super().__init__(config)
@@ -246,7 +263,7 @@ class MaskedMixerForCausalLM(MaskedMixerPreTrainedModel, GenerationMixin):
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
         """labels [B, L] (HF convention): position t predicts labels[:, t + 1]; -100 is ignored."""
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.lm_head(out.last_hidden_state)
