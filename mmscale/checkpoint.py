@@ -43,6 +43,16 @@ the newest checkpoint and, when it is damaged, says so in one line and falls bac
 an explicit `run.resume=PATH` to a damaged one is a one-line error. Checkpoints without "files" (older
 mmscale) are checked for presence only.
 
+Cost, independent of the rank count (issue 24). Each file belongs to the rank that writes it (`writer`: its
+rank_NNNNN.pt, its DCP shard `__R_*.distcp`, its DeepSpeed partition `*zero_pp_rank_R_*`; every other file,
+e.g. model.pt, DCP's .metadata, DeepSpeed's mp_rank_00_model_states.pt, to rank 0). At save each rank hashes
+and fsyncs only the files it wrote, on a few threads, and rank 0 gathers the digests into meta.json: a rank
+reads back what it wrote, once. At resume each rank stats every file (sizes, no reads) and hashes only the
+files it reads: its own files and the files of the whole checkpoint (`reads`; when the world size changed,
+the per-rank files are dealt out over the ranks so that each is still hashed once); the ranks then agree
+(one all-reduce) before loading, and `auto` falls back together. So a rank reads at save the bytes it
+wrote, and at resume the bytes it loads, never N x the checkpoint.
+
 Loading runs no code: rank files hold only tensors, numbers and strings and are read with
 `torch.load(weights_only=True)`; DeepSpeed and DCP files are read under `safe_unpickling()`, which allows
 only the classes those formats need (ALLOWED_GLOBALS). `latest` must name a step_XXXXXXXX folder beside it.
@@ -120,9 +130,44 @@ def read_latest(root: Path) -> str | None:
     return name if STEP_RE.match(name) else None
 
 
-def verify(step_dir: str | os.PathLike) -> str | None:
-    """None when the checkpoint is intact, else what is wrong (one phrase): meta.json, then the size and
-    xxh64 digest of every file it lists (presence only for checkpoints written before digests)."""
+_RANK_FILE = (re.compile(r"^rank_(\d+)\.pt$"), re.compile(r"^__(\d+)_\d+\.distcp$"),
+              re.compile(r"(?:^|_)zero_pp_rank_(\d+)_"))
+
+
+def file_rank(rel: str) -> int | None:
+    """The rank a per-rank file belongs to (rank_NNNNN.pt, a DCP shard `__R_I.distcp`, a DeepSpeed ZeRO partition
+    `*zero_pp_rank_R_*`), or None for a file of the whole checkpoint."""
+    name = rel.rsplit("/", 1)[-1]
+    for pattern in _RANK_FILE:
+        m = pattern.search(name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def writer(rel: str, world_size: int) -> int:
+    """The rank that wrote `rel` at save (rank 0 for the files of the whole checkpoint)."""
+    r = file_rank(rel)
+    return r if r is not None and 0 <= r < world_size else 0
+
+
+def reads(rels, rank: int, world_size: int, saved_world_size: int | None) -> list[str]:
+    """The files of a checkpoint (relative paths) that `rank` of `world_size` verifies at resume: the files of the
+    whole checkpoint (every rank loads them) and its own per-rank files; written by another world size, the
+    per-rank files dealt out over the ranks (each verified by one rank)."""
+    rels = sorted(rels)
+    own = [r for r in rels if file_rank(r) is not None]
+    if saved_world_size == world_size:
+        mine = {r for r in own if file_rank(r) == rank}
+    else:
+        mine = {r for i, r in enumerate(own) if i % world_size == rank}
+    return [r for r in rels if file_rank(r) is None or r in mine]
+
+
+def verify(step_dir: str | os.PathLike, rank: int = 0, world_size: int = 1, digests: bool = True) -> str | None:
+    """None when the checkpoint is intact, else what is wrong (one phrase): meta.json, then the size of every
+    file it lists and the xxh64 digest of those this rank reads at resume (`reads`; every file for one rank;
+    none with digests=False) (presence only for checkpoints written before digests)."""
     step_dir = Path(step_dir)
     try:
         meta = json.loads((step_dir / META).read_text())
@@ -138,7 +183,7 @@ def verify(step_dir: str | os.PathLike) -> str | None:
         return None
     if not isinstance(files, dict):
         return f"{META} has a bad file list"
-    for rel, info in files.items():
+    for rel, info in files.items():  # every rank: presence and sizes (stat only)
         p = step_dir / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(info, dict):
             return f"{META} lists a bad path '{rel}'"
@@ -146,17 +191,26 @@ def verify(step_dir: str | os.PathLike) -> str | None:
             return f"'{rel}' is missing"
         try:
             size = p.stat().st_size
-            if size != info.get("size"):
-                return f"'{rel}' has {size} bytes, {info.get('size')} were written"
-            if fsutil.digest(p)[1] != info.get("xxh64"):
-                return f"'{rel}' does not match its checksum (bit rot or an overwrite)"
         except OSError as e:
             return f"'{rel}' cannot be read ({e.strerror})"
+        if size != info.get("size"):
+            return f"'{rel}' has {size} bytes, {info.get('size')} were written"
+    if not digests:
+        return None
+    saved = meta.get("world_size") if isinstance(meta.get("world_size"), int) else None
+    mine = reads(files, rank, world_size, saved)
+    try:
+        got = fsutil.digest_files(step_dir, mine)
+    except OSError as e:
+        return f"a file cannot be read ({e.strerror}: {e.filename})"
+    for rel in mine:
+        if got[rel]["xxh64"] != files[rel].get("xxh64"):
+            return f"'{rel}' does not match its checksum (bit rot or an overwrite)"
     return None
 
 
-def verify_or_raise(step_dir: str | os.PathLike) -> None:
-    problem = verify(step_dir)
+def verify_or_raise(step_dir: str | os.PathLike, digests: bool = True) -> None:
+    problem = verify(step_dir, digests=digests)
     if problem:
         raise UserError(f"checkpoint '{step_dir}' is damaged or incomplete: {problem}; resume or convert from an "
                         "earlier step folder (run.resume=PATH)")
@@ -183,13 +237,14 @@ def read_meta(step_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def resolve_resume(cfg: Any, announce: bool = True) -> Path | None:
+def resolve_resume(cfg: Any, announce: bool = True, digests: bool = True) -> Path | None:
     """The checkpoint to resume from per `run.resume`, or None for a fresh start.
 
     Refuses (UserError) a `never` start in a run dir that already holds checkpoints, so no
     checkpoint of an earlier run is ever overwritten or deleted. `auto` takes the newest intact
     checkpoint (a damaged newer one is named in one line on stderr when `announce`); an explicit
-    path must be intact.
+    path must be intact. digests=False checks presence and sizes only (several ranks: each verifies the
+    digests of what it reads later, together, in Checkpointer.restore).
     """
     root = checkpoints_root(cfg.run.dir)
     mode = cfg.run.resume
@@ -199,7 +254,7 @@ def resolve_resume(cfg: Any, announce: bool = True) -> Path | None:
                             "choose a new run.dir or set run.resume=auto to continue")
         return None
     if mode == "auto":
-        return newest_intact(root, announce)
+        return newest_intact(root, announce, digests)
     path = Path(mode)
     if not path.is_dir():
         raise UserError(f"run.resume: checkpoint '{mode}' does not exist; use auto, never or a step_XXXXXXXX folder")
@@ -210,20 +265,27 @@ def resolve_resume(cfg: Any, announce: bool = True) -> Path | None:
                             "point run.resume at a step folder")
         path = path / name
     if (path / META).is_file():
-        verify_or_raise(path)
+        verify_or_raise(path, digests=digests)
     return path
 
 
-def newest_intact(root: Path, announce: bool = True) -> Path | None:
-    """The checkpoint `latest` names, else the newest complete one, skipping damaged ones (each named in
-    one line on stderr). UserError when every checkpoint is damaged."""
+def resume_candidates(root: Path) -> list[Path]:
+    """The checkpoint `latest` names (else the newest complete one), then the older complete ones, newest first."""
     first = find_latest(root)
     if first is None:
+        return []
+    return [first] + [p for p in reversed(list_complete(root)) if p != first]
+
+
+def newest_intact(root: Path, announce: bool = True, digests: bool = True) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete one, skipping damaged ones (each named in
+    one line on stderr). UserError when every checkpoint is damaged."""
+    candidates = resume_candidates(root)
+    if not candidates:
         return None
-    candidates = [first] + [p for p in reversed(list_complete(root)) if p != first]
     damaged = []
     for path in candidates:
-        problem = verify(path)
+        problem = verify(path, digests=digests)
         if problem is None:
             if damaged and announce:
                 print(f"mmscale train: warning: checkpoint '{damaged[0][0]}' is damaged ({damaged[0][1]}); "
@@ -262,19 +324,32 @@ def prepare_tmp_dir(root: Path, step: int) -> Path:
     return tmp
 
 
-def finalize(root: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
-    """Rank 0, after every rank has written its files into `tmp`: digests (and fsync) of every file,
-    meta.json, rename, `latest`, retention."""
-    files = {}
+def saved_files(tmp: Path) -> list[str]:
+    """Every file of a checkpoint folder but meta.json (relative posix paths, sorted)."""
+    out = []
     for dirpath, dirnames, filenames in os.walk(tmp):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            rel = p.relative_to(tmp).as_posix()
-            if rel == META:
-                continue
-            size, xxh = fsutil.digest(p, sync=True)
-            files[rel] = {"size": size, "xxh64": xxh}
+        for name in filenames:
+            rel = (Path(dirpath) / name).relative_to(tmp).as_posix()
+            if rel != META:
+                out.append(rel)
+    return sorted(out)
+
+
+def hash_own_files(tmp: Path, rank: int, world_size: int) -> dict:
+    """Every rank, after all ranks wrote into `tmp`: digests of the files this rank wrote (`writer`), each fsynced
+    by the rank that wrote it, on a few threads."""
+    return fsutil.digest_files(tmp, [r for r in saved_files(tmp) if writer(r, world_size) == rank], sync=True)
+
+
+def finalize(root: Path, tmp: Path, step: int, meta: dict, keep: int, digests: dict | None = None) -> Path:
+    """Rank 0, after every rank has written its files into `tmp`: meta.json with the digests of every file
+    (`digests`: those the ranks computed of their own files; any file they miss is hashed and fsynced here),
+    rename, `latest`, retention."""
+    digests = dict(digests or {})
+    rels = saved_files(tmp)
+    digests.update(fsutil.digest_files(tmp, [r for r in rels if r not in digests], sync=True))
+    files = {rel: digests[rel] for rel in rels}
+    for dirpath, _, _ in os.walk(tmp):
         fsutil.fsync_dir(dirpath)
     meta = {"format": FORMAT, "version": VERSION, **meta, "files": files,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -315,8 +390,9 @@ class Checkpointer:
         self.root = checkpoints_root(cfg.run.dir)
 
     def find(self) -> tuple[Path | None, dict | None]:
-        """(the step folder to resume per run.resume, its meta) or (None, None); refuses an incompatible one."""
-        step_dir = resolve_resume(self.cfg, announce=self.info.rank == 0)
+        """(the step folder to resume per run.resume, its meta) or (None, None); refuses an incompatible one.
+        One rank verifies digests here; several ranks check sizes here, digests in restore (together)."""
+        step_dir = resolve_resume(self.cfg, announce=self.info.rank == 0, digests=self.info.world_size == 1)
         if step_dir is None:
             return None, None
         meta = read_meta(step_dir)
@@ -327,8 +403,39 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return find_latest(self.root)
 
+    def agree_intact(self, engine, step_dir: Path, meta: dict) -> tuple[Path, dict]:
+        """Several ranks: each verifies the digests of the files it reads (`reads`), and all agree (one all-reduce
+        per checkpoint tried) on the first one intact for every rank: `step_dir` itself, or with run.resume=auto
+        the next older intact one (named in one line by rank 0). Returns it and its meta."""
+        from mmscale import distributed
+
+        if self.info.world_size == 1:
+            return step_dir, meta  # (verified whole in find)
+        auto = self.cfg.run.resume == "auto"
+        candidates = [step_dir] + ([p for p in resume_candidates(self.root) if p.name < step_dir.name] if auto else [])
+        damaged = []
+        for path in candidates:
+            problem = verify(path, self.info.rank, self.info.world_size)
+            n_bad = distributed.ranks_flagging(problem is not None, engine.device)
+            if n_bad == 0:
+                if damaged and self.info.rank == 0:
+                    print(f"mmscale train: warning: checkpoint '{damaged[0][0]}' is damaged (a file failed its "
+                          f"check on {damaged[0][1]} rank(s)); resuming from '{path}'"
+                          + (f" ({len(damaged)} damaged skipped)" if len(damaged) > 1 else ""),
+                          file=sys.stderr, flush=True)
+                return path, (meta if path == step_dir else read_meta(path))
+            if not auto:
+                raise UserError(f"checkpoint '{path}' is damaged or incomplete: "
+                                f"{problem or f'a file another rank reads failed its check ({n_bad} rank(s))'}; "
+                                "resume or convert from an earlier step folder (run.resume=PATH)")
+            damaged.append((path, n_bad))
+        raise UserError(f"every checkpoint in '{self.root}' is damaged (newest: '{damaged[0][0]}'); move them away to "
+                        "start afresh, or point run.resume at a folder you trust")
+
     def restore(self, engine, step_dir: Path, meta: dict, loader) -> tuple[int, int]:
-        """Load the engine's files, this rank's RNG and the loader's position; returns (step, tokens seen)."""
+        """Load the engine's files, this rank's RNG and the loader's position; returns (step, tokens seen).
+        With several ranks the digests of what each rank reads are checked first (agree_intact)."""
+        step_dir, meta = self.agree_intact(engine, step_dir, meta)
         try:
             with safe_unpickling():  # DeepSpeed and DCP unpickle: only allow-listed classes
                 engine.load(step_dir)
@@ -376,6 +483,13 @@ class Checkpointer:
         except (OSError, RuntimeError) as e:
             failure = e
         self._agree_saved(failure, engine)  # (a barrier that also tells every rank whether a write failed)
+        digests = {}
+        try:  # each rank hashes and fsyncs what it wrote, in parallel with the others
+            digests = hash_own_files(tmp, info.rank, info.world_size)
+        except OSError as e:
+            failure = e
+        self._agree_saved(failure, engine)
+        digests = _gather_to_rank0(digests, info)
         final = self.root / step_dir_name(step)
         if info.rank == 0:
             meta = {"step": step, "tokens_seen": tokens, "engine": engine.kind, "precision": cfg.engine.precision,
@@ -384,7 +498,7 @@ class Checkpointer:
                     "rank_files": [rank_file_name(r) for r in range(info.world_size)],
                     "config": cfg.to_dict(), "model": cfg.to_dict()["model"]}
             try:
-                final = finalize(self.root, tmp, step, meta, cfg.checkpoint.keep)
+                final = finalize(self.root, tmp, step, meta, cfg.checkpoint.keep, digests)
             except (OSError, RuntimeError) as e:
                 failure = e
         self._agree_saved(failure, engine)
@@ -420,6 +534,20 @@ class Checkpointer:
             return 12 * sum(p.numel() for p in engine.module().parameters())
         except Exception:
             return 0
+
+
+def _gather_to_rank0(digests: dict, info: Any) -> dict:
+    """Rank 0: the union of every rank's digests (small: one entry per file); other ranks: their own."""
+    import torch.distributed as dist
+
+    if info.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return digests
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, digests)
+    merged = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged
 
 
 def rng_state() -> dict:

@@ -3,7 +3,9 @@ remove an input, and permissions from the umask.
 
 - `fsync_file(path)` / `fsync_dir(path)`: flush a file's data (or a folder's entries) to the disk, so a
   rename that follows cannot publish truncated files after a power loss.
-- `digest(path)`: (size, xxh64 hex) of a file, read in 4 MiB blocks.
+- `digest(path)`: (size, xxh64 hex) of a file, read in 4 MiB blocks; `digest_files(root, rels)` many at once,
+  on a few threads (file reads and xxhash run outside the GIL). `bytes_hashed()` counts what this process
+  hashed (the checkpoint tests compare it with what each rank wrote and read).
 - `check_output(out, inputs, flag)`: refuse an output that would remove (with --overwrite) or write into
   one of the command's inputs: a path that equals, contains or lies inside an input.
 - `umask_mode(dir=True)`: the mode a plain `mkdir` / `open` would give, for folders made by `mkdtemp`
@@ -12,6 +14,7 @@ remove an input, and permissions from the umask.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from mmscale.errors import UserError
@@ -40,6 +43,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+_HASHED = [0]  # bytes digest() read in this process
+_HASHED_LOCK = threading.Lock()
+
+
+def bytes_hashed() -> int:
+    """Bytes `digest` has read in this process so far."""
+    return _HASHED[0]
+
+
 def digest(path: str | os.PathLike, sync: bool = False) -> tuple[int, str]:
     """(size in bytes, xxh64 hex digest) of a file; `sync` also fsyncs it (one pass over the data)."""
     import xxhash
@@ -52,7 +64,25 @@ def digest(path: str | os.PathLike, sync: bool = False) -> tuple[int, str]:
             size += len(block)
         if sync:
             os.fsync(f.fileno())
+    with _HASHED_LOCK:
+        _HASHED[0] += size
     return size, h.hexdigest()
+
+
+def digest_files(root: str | os.PathLike, rels, sync: bool = False, threads: int = 4) -> dict:
+    """{rel: {"size": bytes, "xxh64": hex}} of the files `root/rel`, hashed on up to `threads` threads (one file
+    each); `sync` also fsyncs every file. The first OSError is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rels = list(rels)
+    if not rels:
+        return {}
+
+    def one(rel):
+        return rel, digest(Path(root) / rel, sync=sync)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rels)))) as pool:
+        return {rel: {"size": size, "xxh64": xxh} for rel, (size, xxh) in pool.map(one, rels)}
 
 
 def write_text_durable(path: Path, text: str) -> None:

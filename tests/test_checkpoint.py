@@ -188,3 +188,85 @@ def test_resume_path_may_name_the_checkpoints_folder(tmp_path):
     shutil.rmtree(root / "step_00000007")
     cfg = config_from_dict(tiny_config(tmp_path / "run"))
     assert ckpt.resolve_resume(cfg) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# verification that does not grow with the rank count (issue 24)
+
+def test_each_file_is_hashed_by_one_writer_and_verified_by_its_readers():
+    """On random checkpoints: at save every file has exactly one writer; at resume onto the same world size each
+    rank verifies the files of the whole checkpoint and its own, onto another one each per-rank file once."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        saved, world = rng.randint(1, 9), rng.randint(1, 9)
+        own = [f"rank_{r:05d}.pt" for r in range(saved)] + [f"model/__{r}_0.distcp" for r in range(saved)]
+        own += [f"ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(saved)]
+        shared = ["model/.metadata", "model.pt", "ds/mp_rank_00_model_states.pt"]
+        files = own + shared
+        rng.shuffle(files)
+        # save: hand count of who writes what
+        for f in files:
+            want = next((r for r in range(saved) if f in (f"rank_{r:05d}.pt", f"model/__{r}_0.distcp",
+                                                           f"ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt")), 0)
+            assert ckpt.writer(f, saved) == want, f
+        verified = [ckpt.reads(files, r, world, saved) for r in range(world)]
+        for f in shared:
+            assert all(f in v for v in verified)
+        for f in own:
+            by = [r for r in range(world) if f in verified[r]]
+            assert len(by) == 1, (f, by)
+            if world == saved:
+                assert by == [ckpt.file_rank(f)]
+
+
+def counted_train_runs(payload: dict) -> dict:
+    """tests._dist.train_runs on this rank, recording every file fsutil.digest reads: (path, bytes, fsync)."""
+    from mmscale import fsutil
+
+    real, records = fsutil.digest, []
+
+    def counting(path, sync=False):
+        out = real(path, sync)
+        records.append([str(path), out[0], bool(sync)])
+        return out
+
+    fsutil.digest = counting
+    start = fsutil.bytes_hashed()
+    try:
+        statuses = train_runs(payload)
+    finally:
+        fsutil.digest = real
+    return {"statuses": statuses, "hashed": records, "bytes": fsutil.bytes_hashed() - start}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_hash_what_they_wrote_and_verify_what_they_read(tmp_path):
+    """FSDP2 on 2 ranks: at save each rank hashes (and fsyncs) exactly the files it wrote, at resume exactly the
+    files it reads; bytes counted per rank equal those files' sizes; the resume stays exact."""
+    runs = _resume_pair(tmp_path, "fsdp", {"engine.kind": "fsdp"})
+    out = run_distributed("tests.test_checkpoint:counted_train_runs", {"runs": runs}, timeout=600)
+    assert [o["statuses"] for o in out] == [[0, 0]] * 2
+    _assert_exact(tmp_path, "fsdp")
+    cut = tmp_path / "fsdp_full" / "checkpoints" / ckpt.step_dir_name(CUT)
+    meta = json.loads((cut / "meta.json").read_text())
+    # by hand: what FSDP2 + DCP write on each rank; rank 0 also writes DCP's .metadata
+    wrote = {r: {f"model/__{r}_0.distcp", f"optimizer/__{r}_0.distcp", f"rank_{r:05d}.pt"} for r in (0, 1)}
+    wrote[0] |= {"model/.metadata", "optimizer/.metadata"}
+    assert set(meta["files"]) == wrote[0] | wrote[1]
+    read = {r: wrote[r] | {"model/.metadata", "optimizer/.metadata"} for r in (0, 1)}
+    tmp_cut = cut.parent / f".tmp_{cut.name}"
+    for r, o in enumerate(out):
+        at_save = {os.path.relpath(p, tmp_cut) for p, _, sync in o["hashed"] if sync and p.startswith(str(tmp_cut))}
+        at_resume = [(os.path.relpath(p, cut), n) for p, n, sync in o["hashed"] if not sync and p.startswith(str(cut))]
+        assert at_save == wrote[r], r
+        assert sorted(f for f, _ in at_resume) == sorted(read[r]), r
+        assert sum(n for _, n in at_resume) == sum(meta["files"][f]["size"] for f in read[r])
+        # every byte this rank hashed in both runs: 3 saves (steps 3 and 6, and 6 again resumed) of what it
+        # wrote, and one verification of what it read
+        saves = sum(n for _, n, sync in o["hashed"] if sync)
+        assert o["bytes"] == saves + sum(n for _, n in at_resume)
+        assert sum(n for p, n, sync in o["hashed"] if sync and p.startswith(str(tmp_cut))) == sum(
+            meta["files"][f]["size"] for f in wrote[r])

@@ -181,19 +181,96 @@ def test_local_path_as_remote_with_cache_dir(packed, tmp_path):
     assert any((tmp_path / "cache").rglob("*.mds*"))
 
 
-def test_a_read_only_dataset_directory_asks_for_a_cache(packed, monkeypatch):
+def _zstd_only_copy(src, dst):
+    """A copy of a prepared dataset without the raw shards an earlier read decompressed."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n.endswith(".mds")])
+    return dst
+
+
+def test_a_read_only_dataset_directory_asks_for_a_cache(packed, tmp_path, monkeypatch):
+    import tempfile
+
+    data = _zstd_only_copy(packed, tmp_path / "ro")
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # (chmod does not stop root, who runs CI)
+        if dir is not None and Path(dir).resolve().is_relative_to(data.resolve()):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(UserError, match="not writable.*set data.cache_dir"):
+        loader_for(data)
+    # through a cache it reads, and nothing is written into the dataset
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    with loader_for(data, cache_dir=str(tmp_path / "cache")) as cached:
+        assert len(take(cached, 2)) == 8
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_no_lock_file_or_temporary_file_is_left_in_the_dataset(packed, tmp_path):
+    """Streaming's lock files live on this node's /dev/shm (one folder for every loader there), never in the
+    dataset; decompressing writes only the raw shards, under their final names."""
     from mmscale.data import loader as loader_module
 
-    real_mkdir = Path.mkdir
+    data = _zstd_only_copy(packed, tmp_path / "d")
+    before = {p.relative_to(data) for p in data.rglob("*")}
+    with loader_for(data, endless=False) as loader:
+        prefix = loader.dataset._shm_prefix_int
+        locks = loader_module.lock_root()
+        assert json.loads((locks / f"{prefix:06}.owner").read_text())["pid"] == os.getpid()
+        n = 0
+        for batch in loader:  # (streaming takes its locks when it starts iterating)
+            n += len(batch["input_ids"])
+            assert (locks / f"{prefix:06}_barrier_filelock").exists()
+    assert n > 0
+    added = {p.relative_to(data) for p in data.rglob("*")} - before
+    assert added and all(p.suffix == ".mds" and p.parent.name == "train" for p in added), sorted(map(str, added))
+    assert not [p for p in locks.iterdir() if p.name.startswith(f"{prefix:06}")]
 
-    def read_only(self, *args, **kwargs):  # (chmod does not stop root, who runs CI)
-        if self.name == loader_module.LOCK_DIR:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_mkdir(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", read_only)
-    with pytest.raises(UserError, match="not writable.*set data.cache_dir"):
-        loader_for(packed)
+def test_concurrent_decompression_of_one_shard_leaves_one_complete_file(packed, tmp_path):
+    """Two streams decompressing the same shard at once (two nodes on one dataset) each write a private file and
+    rename it into place: no shared `raw.tmp`, and the result is the complete shard."""
+    import threading
+
+    from mmscale.data._streaming import import_streaming
+    from mmscale.data.loader import _atomic_stream_class
+
+    data = _zstd_only_copy(packed, tmp_path / "d")
+    index = json.loads((data / "train" / "index.json").read_text())
+    sh = index["shards"][0]
+    raw_info = type("Info", (), {"basename": sh["raw_data"]["basename"], "bytes": sh["raw_data"]["bytes"],
+                                 "hashes": sh["raw_data"].get("hashes", {})})()
+    zip_info = type("Info", (), {"basename": sh["zip_data"]["basename"], "bytes": sh["zip_data"]["bytes"],
+                                 "hashes": sh["zip_data"].get("hashes", {})})()
+    cls = _atomic_stream_class(import_streaming())
+    streams = [cls(local=str(data), split="train", validate_hash="xxh64", keep_zip=True) for _ in range(2)]
+    start, errors = threading.Barrier(2), []
+
+    def run(stream):
+        start.wait()
+        try:
+            for _ in range(20):
+                stream._decompress_shard_part(zip_info, str(data / "train" / zip_info.basename),
+                                              str(data / "train" / raw_info.basename), "zstd")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    from mmscale.fsutil import digest
+
+    # the size and digest `prepare` recorded for the raw shard when it wrote it
+    assert digest(data / "train" / raw_info.basename) == (raw_info.bytes, raw_info.hashes["xxh64"])
+    assert sorted(p.name for p in (data / "train").iterdir()) == sorted(
+        {p.name for p in (packed / "train").iterdir() if p.name.endswith((".zstd", ".json"))} | {raw_info.basename})
 
 
 def test_remote_with_a_url_scheme_is_cached(packed, tmp_path, monkeypatch):

@@ -35,10 +35,22 @@ batch so every batch has B samples).
 mosaicml-streaming reads the world from RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; this
 module sets them from its arguments through mmscale.distributed.enter_world_env (and refuses values that
 contradict ones already set), and the last loader to close gives the caller's environment back.
-Streaming's lock files go to `.streaming-locks/` in the local directory (removed by `close()`), its
-shared memory is freed by `close()`: call it on every rank at shutdown. Each loader also writes
-`<prefix>.owner` (host and pid) there; a later loader removes the lock files of owners on this host whose
-process is gone (a killed run), and nothing else.
+
+Many jobs and nodes on one dataset (issue 24). Streaming names its shared-memory segments and its two
+lock files by a prefix (000000, 000001, ...) that is unique only among the datasets that share one
+/dev/shm, i.e. one node (or one SLURM job with a private /dev/shm). So its lock files go to a folder on
+that same /dev/shm (`lock_root()`: `/dev/shm/mmscale-streaming-locks-<uid>/`, the temp dir where there
+is no /dev/shm), never into the dataset directory, where two nodes or jobs with the same prefix shared
+them and the first to close deleted the other's (FileNotFoundError on `.streaming-locks/...`). Every
+file streaming creates in a dataset or cache directory (a decompressed shard, a downloaded shard or
+index) is written under a name of its own process and renamed into place (`_AtomicStream`), so any
+number of readers on any number of nodes may decompress or download the same shard at once (streaming
+itself writes all of them through one `<file>.tmp`); nothing is ever deleted there (`keep_zip`). A
+dataset on a shared filesystem is therefore read in place: the first reader of each zstd shard
+decompresses it next to itself once, and every later job reads it without writing. `close()` removes the
+loader's lock files and frees its shared memory: call it on every rank at shutdown. Each loader also
+writes `<prefix>.owner` (host and pid) beside its lock files; a later loader removes the lock files of
+owners on this host whose process is gone (a killed run), and nothing else.
 
 Damage: the manifest is checked for its keys and types, every shard of the split for presence and size
 before streaming starts, shard digests (`prepare` writes xxh64) are checked by streaming when it
@@ -66,7 +78,16 @@ from mmscale.errors import UserError
 
 IGNORE_INDEX = -100
 _LOCK_NAMES = ("barrier_filelock", "cache_filelock")
-LOCK_DIR = ".streaming-locks"
+SHM_DIR = "/dev/shm"
+
+
+def lock_root() -> Path:
+    """Where streaming's lock files go: a folder on this node's /dev/shm, whose scope is exactly that of
+    streaming's prefixes (jobs or nodes with private /dev/shm get private lock folders too); the temp dir
+    where there is no writable /dev/shm (streaming's shared memory then lives elsewhere on this host)."""
+    shm = Path(SHM_DIR)
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())
+    return base / f"mmscale-streaming-locks-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
 def _is_remote(path: str) -> bool:
@@ -235,6 +256,26 @@ def _hash_algo(index: dict | None) -> str | None:
             if part and "xxh64" not in (part.get("hashes") or {}):
                 return None
     return "xxh64"
+
+
+def _needs_decompressing(index: dict | None, local: str, split: str) -> bool:
+    """Whether some shard of the split exists only compressed (streaming will write its raw form)."""
+    for sh in (index or {}).get("shards", []):
+        if not (Path(local) / split / sh["raw_data"]["basename"]).is_file():
+            return True
+    return False
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (tried: permission bits do not stop root, a read-only mount
+    does)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".mmscale-write-check-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 def _shard_cache(cache_dir: str, remote: str, manifest: dict) -> str:
@@ -426,10 +467,8 @@ class StreamingLoader:
                     (self._lock_dir / f"{prefix:06}_{name}").unlink(missing_ok=True)
             if prefix is not None:
                 (self._lock_dir / f"{prefix:06}.owner").unlink(missing_ok=True)
-            try:
-                self._lock_dir.rmdir()
-            except OSError:
-                pass
+            # (the lock folder itself stays: it is shared by every loader on this /dev/shm, and removing it
+            # while another loader creates its lock there was the race of issue 24)
         if distributed:
             # the next dataset's ranks must all see the freed prefix, or they pick different ones
             torch.distributed.barrier()
@@ -509,6 +548,72 @@ def clean_stale_locks(lock_dir: Path) -> list[str]:
     return cleaned
 
 
+def _private_name(path: str) -> str:
+    """A sibling name of `path` that no other process, thread or host uses at the same time."""
+    import threading
+
+    return f"{path}.mmscale-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+
+
+_ATOMIC_STREAM = None
+
+
+def _atomic_stream_class(streaming):
+    """streaming's Stream, writing every file it creates under a private name and renaming it into place.
+
+    streaming decompresses a shard through `<raw>.tmp` and downloads through `<file>.tmp` (then renames):
+    two processes doing the same shard at once (two nodes on one dataset, two jobs on one cache) truncate
+    and rename each other's temporary file, and one of them reads a partial shard or fails with
+    FileNotFoundError. Here each process writes its own temporary file and `os.replace`s it over the
+    final name: a complete file either way, whoever finishes last."""
+    global _ATOMIC_STREAM
+    if _ATOMIC_STREAM is None:
+        class _AtomicStream(streaming.Stream):
+            def _decompress_shard_part(self, zip_info, zip_filename, raw_filename, compression):
+                mine = _private_name(raw_filename)
+                try:
+                    super()._decompress_shard_part(zip_info, zip_filename, mine, compression)
+                    os.replace(mine, raw_filename)
+                finally:
+                    for left in (mine, mine + ".tmp"):
+                        with _suppress_missing():
+                            os.unlink(left)
+
+            def _download_file(self, from_basename, to_basename=None):
+                final = os.path.join(self.local, self.split, to_basename or from_basename)
+                mine = _private_name(final)
+                try:
+                    got = super()._download_file(from_basename, os.path.relpath(mine, os.path.join(
+                        self.local, self.split)))
+                    os.replace(got, final)
+                finally:
+                    for left in (mine, mine + ".tmp"):
+                        with _suppress_missing():
+                            os.unlink(left)
+                return final
+
+        _ATOMIC_STREAM = _AtomicStream
+    return _ATOMIC_STREAM
+
+
+class _suppress_missing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, *rest):
+        return typ is not None and issubclass(typ, FileNotFoundError)
+
+
+def _fetch_index(stream, split: str) -> None:
+    """Put the remote's `<split>/index.json` into the cache before streaming looks for it (its own fetch goes
+    through one shared `index.json.tmp`, which two nodes or jobs on one cache would race on)."""
+    path = Path(stream.local) / split / "index.json"
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream._download_file("index.json")
+
+
 def _split_location(data_cfg, split: str) -> tuple[str, str]:
     if split not in ("train", "val"):
         raise UserError(f"split must be 'train' or 'val', got {split!r}")
@@ -547,31 +652,40 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
             raise UserError(f"dataset '{root}' is remote; set data.cache_dir to a local directory for its cache")
         remote = root.rstrip("/") if _is_remote(root) else str(Path(root).resolve())
         local = _shard_cache(data_cfg.cache_dir, remote, manifest)
-        stream_args = dict(remote=remote, local=local)
     else:
         remote, local = None, str(Path(root).resolve())
-        stream_args = dict(local=local)
-    # streaming's lock files go next to the data (the same directory for every rank of a node, and
-    # writable: streaming decompresses shards there too), not into /tmp, where a killed run would
-    # leave them behind
-    lock_dir = Path(local) / LOCK_DIR
+        if _needs_decompressing(index, local, split) and not _writable(Path(local) / split):
+            raise UserError(f"dataset directory '{local}' is not writable and its {split} shards are compressed "
+                            "(streaming decompresses them next to themselves once); set data.cache_dir to a "
+                            "writable node-local directory to read it as a remote")
+    validate = _hash_algo(index) if index is not None else ("xxh64" if manifest.get("shard_hash") == "xxh64" else None)
+    stream = _atomic_stream_class(streaming)(remote=remote, local=local, split=split, validate_hash=validate,
+                                             keep_zip=True, download_retry=2, download_timeout=60)
+    # streaming's lock files go to this node's /dev/shm (see the module docstring), not next to the data
+    lock_dir = lock_root()
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
         if local_rank == 0:
             clean_stale_locks(lock_dir)
-    except OSError:
-        raise UserError(f"dataset directory '{local}' is not writable (streaming decompresses shards next to "
-                        "them); set data.cache_dir to a writable directory to read it as a remote") from None
+        if remote is not None and local_rank == 0:
+            _fetch_index(stream, split)
+    except OSError as e:
+        raise UserError(f"cannot prepare '{lock_dir}' or the cache '{local}' ({e.strerror or type(e).__name__}); "
+                        "set data.cache_dir to a writable directory") from None
+    except Exception as e:
+        text = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise UserError(f"cannot fetch the {split} index of dataset '{root}' ({type(e).__name__}: "
+                        f"{(text[-1] if text else '')[:200]}); check the remote path and its client library"
+                        ) from None
     saved_tempdir = tempfile.tempdir
     tempfile.tempdir = str(lock_dir)  # streaming puts its lock files in gettempdir()
     enter_world_env(world_env)  # left as the caller had it when the last loader closes
     try:
         dataset = streaming.StreamingDataset(
-            **stream_args, split=split, shuffle=data_cfg.shuffle if split == "train" else False,
+            streams=[stream], shuffle=data_cfg.shuffle if split == "train" else False,
             shuffle_seed=seed, num_canonical_nodes=data_cfg.num_canonical_nodes,
             shuffle_block_size=data_cfg.shuffle_block_size, batch_size=micro_batch_size,
-            predownload=max(8 * micro_batch_size, 64),
-            validate_hash=_hash_algo(index) if index is not None else ("xxh64" if manifest.get("shard_hash") == "xxh64" else None),
+            predownload=max(8 * micro_batch_size, 64), keep_zip=True,
         )
     except UserError:
         leave_world_env()
