@@ -31,7 +31,7 @@ from mmscale.errors import UserError
 MARKER = ".mmscale-run"
 LOCK = ".mmscale-lock"
 # names mmscale itself may leave in a run dir before its first run starts (lock, write probe, launch's job folder)
-_OURS_BEFORE_START = {MARKER, LOCK, "submitit"}
+_OURS_BEFORE_START = {MARKER, LOCK, "submitit", "slurm-logs"}  # (slurm/pretrain.sh links its log first)
 _CONFIG_SECTIONS = {"model", "data", "train", "engine", "checkpoint", "run", "log"}
 
 
