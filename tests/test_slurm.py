@@ -248,6 +248,42 @@ def test_preempted_jobs_requeue_and_end_with_the_uninterrupted_losses(cluster, d
         assert _own_shm_dirs(jobs[name]) == []
 
 
+def test_concurrent_jobs_train_from_one_dataset_directory(cluster, dataset, tmp_path):
+    """Issue 24: two 2-node jobs (each node with its own /dev/shm, so every loader gets streaming's prefix
+    000000) start together on one dataset directory whose shards are compressed only, so both also decompress
+    the same shards at once; both train and evaluate to the end with the same losses, and the dataset holds
+    nothing of streaming's afterwards but the raw shards (no lock folder, no temporary file).
+    MMSCALE_SLURM_SHARED_DATA_ROUNDS=20 repeats it (README: the stress record)."""
+    rounds = int(os.environ.get("MMSCALE_SLURM_SHARED_DATA_ROUNDS", "1"))
+    env = cluster.job_env(tmp_path)
+    steps = 20
+    for r in range(rounds):
+        data = tmp_path / f"data-{r}"
+        shutil.copytree(dataset, data, ignore=lambda d, names: [n for n in names if n.endswith(".mds")])
+        zipped = sorted(p.relative_to(data) for p in data.rglob("*"))
+        jobs = {}
+        for name in ("a", "b"):
+            run_dir = tmp_path / f"{name}-{r}"
+            jobs[name] = (cluster.sbatch(_sbatch_args(tmp_path, 2, 1, f"{name}{r}")
+                                         + ["slurm/pretrain.sh", "configs/tiny.yaml",
+                                            *_train_overrides(run_dir, data, "ddp", steps), "train.eval_every=10"],
+                                         env), run_dir)
+        for name, (jid, run_dir) in jobs.items():
+            info = cluster.wait(jid, 300)
+            log = (tmp_path / f"{name}{r}-{jid}.out").read_text()
+            assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"round {r + 1}: {log[-3000:]}"
+            assert [s for s, _ in _losses(run_dir)] == list(range(1, steps + 1))
+            assert _own_shm_dirs(jid) == []
+        a, b = (_losses(run_dir) for _, run_dir in jobs.values())
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5, (a, b)
+        added = sorted(set(p.relative_to(data) for p in data.rglob("*")) - set(zipped))
+        assert added and all(p.suffix == ".mds" for p in added), added
+        for _, run_dir in jobs.values():
+            shutil.rmtree(run_dir)
+        shutil.rmtree(data)
+        print(f"round {r + 1}/{rounds}: both jobs completed", flush=True)
+
+
 def test_bad_input_to_sbatch_and_launch(cluster, tmp_path):
     env = cluster.job_env(tmp_path)
     out = cluster.run("sbatch", "--partition=nope", "--gpus-per-node=0", "slurm/pretrain.sh", "configs/tiny.yaml",
