@@ -131,11 +131,12 @@ def _block_saved_bytes(m, B: int, fp32: bool) -> int:
         return 2 * (4 * BT * d + 8 * BT) + mixing + a * BT * d + 2 * a * BT * H
     kv = (m.kv_heads or m.heads) * (d // m.heads)
     norms = 2 * (4 * BT * d + 4 * BT * d + 4 * BT)        # RMSNorm: its input, the normalised x, rsqrt
-    attn_in = 3 * a * BT * d                               # wq, wk, wv each save their own cast of the input
+    casts = 1 if fp32 else 3                               # bf16: wq, wk, wv each save their own cast of the input
+    attn_in = casts * a * BT * d
     kv_saved = d if kv != d else kv                        # GQA: SDPA sees the repeated k and v (d wide)
     sdpa = a * BT * (d + 2 * kv_saved + d) + 4 * B * m.heads * T   # q, k, v, output, logsumexp
     wo = a * BT * d
-    ffn = 2 * a * BT * d + 4 * a * BT * H                  # w1 and w3 inputs; silu in, silu out, w3 out, w2 in
+    ffn = (1 if fp32 else 2) * a * BT * d + 4 * a * BT * H  # w1 and w3 input(s); silu in, silu out, w3 out, w2 in
     return norms + attn_in + sdpa + wo + ffn
 
 
@@ -492,6 +493,8 @@ def _slower(r: dict, rec: dict) -> str:
     if r["step_time_s"] is not None and rec["step_time_s"] is not None and r["step_time_s"] > rec["step_time_s"] * 1.02:
         return (f"fits, but slower: {r['step_time_s']:.3g} s/step against {rec['step_time_s']:.3g} "
                 f"({_dominant_comm(r)})")
+    if r["step_time_s"] is None:
+        return f"fits; with no step time (no peak FLOP/s) the simpler layout, {rec['name']}, is preferred"
     return f"fits, about as fast; {rec['name']} is the simpler layout"
 
 

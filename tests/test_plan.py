@@ -97,7 +97,7 @@ def test_activation_count_matches_the_tensors_a_forward_saves(kind, precision):
     fp32 = precision == "fp32"
     saved_loss, _ = pl._loss_bytes(m, 1, "cpu")
     plan = pl._block_saved_bytes(m, 1, fp32) * m.n_layers + 4 * m.n_ctx * m.d_model + saved_loss
-    assert abs(plan / per_sample - 1) < 0.15, (plan, per_sample)
+    assert abs(plan / per_sample - 1) < 0.08, (plan, per_sample)  # measured 0.7-3.6%
 
 
 def test_plan_params_and_optimizer_match_a_real_runs_checkpoint_files(tmp_path):
