@@ -13,9 +13,10 @@
 # the limit the whole group gets SIGTERM, then SIGKILL 5 s later, and so does any process that carries
 # the step's tag in its environment (torchrun starts its workers in new sessions). Budgets (seconds),
 # each also cut to what is left of the 480 s total:
-#   wheels install 30 | versions 20 | Triton vs float64 45 | op benchmark 45 | fullgraph compile 45 |
-#   smoke dataset 20 | 5 torchrun runs (single ddp fsdp zero2 zero3, bf16, n_ctx 1024) 35 each |
-#   MFU single 45, ZeRO-2 45                                             = 465 s of limits
+#   wheels install 30 | versions 30 | Triton vs float64 45 | op benchmark 45 | fullgraph compile 45 |
+#   smoke dataset 20 | torchrun runs (bf16, n_ctx 1024): single 60 (the first compiles the Triton kernels
+#   for T 1024; the cache serves the rest), ddp, fsdp, zero2, zero3 30 each | MFU single 45, ZeRO-2 45
+#                                                                        = 475 s of limits
 set -uo pipefail
 START=$(date +%s)
 TOTAL=${GPU_CHECK_TOTAL_S:-480}
@@ -119,7 +120,7 @@ SMOKE=("$PY" tools/gpu_smoke.py --rows "$ROWS" --md "$RES")
 } >> "$RES"
 
 # 1. versions and what is missing
-step "versions" 20 "${SMOKE[@]}" versions
+step "versions" 30 "${SMOKE[@]}" versions
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >> "$LOG" 2>&1 || true
 
 # 2. Triton vs float64: T 1000, 1030, 4096; fp32 and bf16; dw upper triangle; dw twice
@@ -141,7 +142,8 @@ else
   step "smoke dataset" 20 "${SMOKE[@]}" prepare --work "$WORK"
 fi
 for engine in single ddp fsdp zero2 zero3; do
-  gpu_step "train $engine" 35 "${SMOKE[@]}" train --work "$WORK" --engine "$engine"
+  gpu_step "train $engine" "$( [[ $engine == single ]] && echo 60 || echo 30 )" "${SMOKE[@]}" train --work "$WORK" \
+    --engine "$engine"
 done
 
 # 6. MFU of the real loop (benchmarks/bench_mfu.py runs mmscale.train.train), through one-process torchrun
