@@ -247,3 +247,18 @@ def test_auto_micro_batch_halves_on_out_of_memory_against_the_rss_limit():
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
     with pytest.raises(UserError, match="not even one sample fits"):
         pl.resolve_auto_micro_batch(cfg, model, info, dev, limit=0)
+
+
+@pytest.mark.distributed
+def test_auto_micro_batch_on_two_fsdp_ranks_agrees_and_keeps_the_global_batch(tmp_path):
+    import yaml
+
+    from tests._dist import run_distributed, tiny_config
+
+    cfg = tiny_config(tmp_path / "run", **{"engine.kind": "fsdp", "train.micro_batch_size": "auto",
+                                           "train.global_batch_size": 8, "train.max_steps": 2})
+    assert run_distributed("tests._dist:train_runs", {"runs": [{"config": cfg}]}) == [[0], [0]]
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
+    assert (resolved["micro_batch_size"], resolved["grad_accum"]) == (4, 1)  # 8 over 2 ranks, all fit
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows if "loss" in r] == [8 * 16, 16 * 16]
