@@ -272,8 +272,8 @@ class RetrievalConfig:
     temperature: float = opt(0.02, "InfoNCE temperature on cosine similarity", "> 0")
     group_size: int = opt(32, "one query, one positive and group_size - 2 negatives per example", ">= 2")
     gather_negatives: bool = opt(False, "also use the other examples' passages on every rank as negatives")
-    position: str = opt("last", "which token embeds a sequence: the last real token, or an integer index "
-                                "(the paper: -2)", "last or an integer")
+    position: str = opt("mean", "what embeds a sequence: the mean over its real tokens, the last real token, or an "
+                                "integer index (the paper: -2); see docs/retrieval-collapse.md", "mean, last or an integer")
     collection: str = opt("", "a BEIR-layout collection directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); "
                               "instead of pairs")
     split: str = opt("", "the qrels split to train on (empty: train, or the only one)")

@@ -58,7 +58,7 @@ BUDGET_KEYS = {"rule", "flops", "tokens", "seconds", "reference_arm", "reference
 SWEEP_KEYS = {"lr", "fraction", "steps", "min_steps"}
 EVAL_KEYS = {"batches", "batch_size", "points"}
 RETRIEVAL_KEYS = {"enabled", "steps", "group_size", "temperature", "lr", "candidates", "micro_batch_size",
-                  "negatives", "warmup_steps"}
+                  "negatives", "warmup_steps", "pairs", "position", "gather_negatives", "passage_mode"}
 REPR_KEYS = {"enabled", "samples", "steps"}
 LAUNCHER_KEYS = {"jobs", "slurm"}
 SLURM_KEYS = {"partition", "gpus_per_node", "cpus_per_task", "time_min", "mem_gb", "array_parallelism", "arms"}
@@ -312,6 +312,22 @@ def _parse_retrieval(raw: dict, data: dict) -> dict:
     ret["negatives"] = ret.get("negatives", "random")
     _need(ret["negatives"] in ("random", "bm25", "model"),
           f"spec key 'retrieval.negatives' must be random, bm25 or model, got {ret['negatives']!r}")
+    # issue 29: mean pooling (the last token of a small causal model does not say what a document is about) and
+    # pairs made from the corpus itself (a collection has tens of judged queries), mixed with the judged ones
+    ret["pairs"] = ret.get("pairs", "")
+    if ret["pairs"]:
+        from mmscale.retrieval import parse_corpus_pairs
+        try:
+            parse_corpus_pairs(str(ret["pairs"]))
+        except UserError as e:
+            raise SpecError(f"spec key 'retrieval.pairs': {e}") from None
+    ret["position"] = str(ret.get("position", "mean"))
+    _need(ret["position"] in ("last", "mean") or ret["position"].lstrip("-").isdigit(),
+          f"spec key 'retrieval.position' must be last, mean or an integer index, got {ret['position']!r}")
+    ret["gather_negatives"] = bool(ret.get("gather_negatives", True))
+    ret["passage_mode"] = ret.get("passage_mode", "truncate")
+    _need(ret["passage_mode"] in ("truncate", "first_window", "max_chunk"),
+          f"spec key 'retrieval.passage_mode' must be truncate, first_window or max_chunk, got {ret['passage_mode']!r}")
     cands = ret.get("candidates", [32])
     cands = cands if isinstance(cands, list) else [cands]
     _need(all(isinstance(c, int) and c >= 2 for c in cands),
@@ -816,10 +832,12 @@ def retrieval_measure(exp: Experiment, run: Run, export: Path) -> dict:
                              f"train.micro_batch_size={r['micro_batch_size']}", "train.eval_every=0",
                              "checkpoint.every=0", f"retrieval.group_size={r['group_size']}",
                              f"retrieval.temperature={r['temperature']}", "log.progress=false",
+                             f"retrieval.position={r['position']}", f"retrieval.gather_negatives={r['gather_negatives']}",
+                             f"retrieval.passage_mode={r['passage_mode']}",
                              "log.wandb=disabled",
                              *[f"{k}={v}" for k, v in run.overrides.items() if k.startswith("engine.")]])
-    cfg = prepare_config(cfg, str(export), None, coll, "train" if (Path(coll) / "qrels" / "train.tsv").is_file()
-                         else None, r["negatives"])
+    cfg = prepare_config(cfg, str(export), r["pairs"] or None, coll,
+                         "train" if (Path(coll) / "qrels" / "train.tsv").is_file() else None, r["negatives"])
     if run_state(ret_dir, r["steps"])[0] != "finished":
         status = train_retrieval(cfg)
         if status != 0:
@@ -828,9 +846,10 @@ def retrieval_measure(exp: Experiment, run: Run, export: Path) -> dict:
     ret_export = ret_dir / "export"
     if not (ret_export / "model.safetensors").is_file():
         convert(ret_dir, ret_export, overwrite=ret_export.exists(), progress=False)
-    res = evaluate_export(str(ret_export), coll, r["candidates"], seed=0, progress=False,
-                          cache_dir=ret_dir / "retrieval_cache", device="auto")
-    return {k: res[k] for k in ("n_queries", "n_corpus", "split", "metrics", "results", "baseline", "truncated")}
+    res = evaluate_export(str(ret_export), coll, r["candidates"], seed=0, progress=False, position=r["position"],
+                          passage_mode=r["passage_mode"], cache_dir=ret_dir / "retrieval_cache", device="auto")
+    return {k: res.get(k) for k in ("n_queries", "n_corpus", "split", "metrics", "results", "baseline", "truncated",
+                                    "hybrid", "paired_ndcg@10")}
 
 
 def execute_run(exp: Experiment, run: Run, *, evaluate: bool, progress: bool = False) -> str:

@@ -236,8 +236,8 @@ class CorpusPairs:
     """(query, positive) views of a corpus's documents for InfoNCE, deterministic in (seed, stream position t):
 
     title-body  the title -> the text (first n_ctx tokens), for documents with both;
-    crop        a random span of 10-50% of the document (title + text) -> an independent random window of n_ctx
-                tokens of it (the whole document when shorter), as unsupervised dense retrievers train
+    crop        a random span of 10-50% of the document (title + text), at most n_ctx tokens -> an independent
+                random window of n_ctx tokens of it (the whole document when shorter), as unsupervised dense retrievers train
                 (Izacard et al. 2021); documents of at least 8 tokens;
     ict         one sentence (starting in the first 3/4 of the window) -> the title and the rest of the document
                 without it, cut to n_ctx (inverse cloze, Lee et al. 2019); documents of 2+ sentences.
@@ -301,7 +301,7 @@ class CorpusPairs:
         if mode == "crop":
             doc = self.titles[d] + self.texts[d]
             L = len(doc)
-            lo = max(1, math.ceil(0.1 * L))
+            lo = min(n, max(1, math.ceil(0.1 * L)))
             hi = max(lo, min(n, math.ceil(0.5 * L)))
             ql = int(rng.integers(lo, hi + 1))
             qs = int(rng.integers(0, L - ql + 1))
@@ -939,9 +939,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--candidates", default="32", help="comma-separated n of top-1 among n, e.g. 32,64,128 (default 32)")
     e.add_argument("--seed", type=int, default=0, help="seed of the distractor sampling")
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--position", default="last", help="embedding token: last or an index such as -2")
+    e.add_argument("--position", default="mean",
+                   help="what embeds a text: mean (over its real tokens; what retrieval train uses by default), last, "
+                        "or a token index such as -2; use the run's retrieval.position")
     e.add_argument("--passage-mode", default="truncate", choices=list(PASSAGE_MODES),
-                   help="long documents: truncate, first_window, or max_chunk (best of n_ctx windows)")
+                   help="long documents: truncate (the first n_ctx tokens of title + text), max_chunk (the best of "
+                        "title-prefixed windows), or first_window (max_chunk's first window: the same tokens as "
+                        "truncate unless the title has n_ctx/2 tokens or more, which it cuts to n_ctx/2)")
     e.add_argument("--cache-dir", default=None,
                    help="where corpus embeddings are cached (default: retrieval_cache/ beside --json)")
     e.add_argument("--no-cache", action="store_true", help="embed the corpus without reading or writing a cache")
