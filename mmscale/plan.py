@@ -637,11 +637,14 @@ def probe_fits(model, cfg, device, mb: int, limit: int, base: int | None = None)
            else torch.autocast(device.type, enabled=False))
     loss = None
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _checkpointed(model, cfg):
             with ctx:
                 loss = model(ids[:, :-1], ids)
             loss.backward()
-        ok = used() <= limit
+        # on a GPU the limit already holds the layout's own gradients: the plain model's full ones are not counted
+        grads = 0 if cpu else sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+                                  if p.grad is not None)
+        ok = used() - grads <= limit
     except (_ProbeOOM, torch.OutOfMemoryError):
         ok = False
     finally:
@@ -652,6 +655,42 @@ def probe_fits(model, cfg, device, mb: int, limit: int, base: int | None = None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return ok
+
+
+class _checkpointed:
+    """With engine.activation_checkpointing, the probe's blocks recompute in backward as the engine's will
+    (torch.utils.checkpoint around each block's forward); the blocks are restored afterwards."""
+
+    def __init__(self, model, cfg):
+        self.blocks = list(model.blocks) if cfg.engine.activation_checkpointing else []
+
+    def __enter__(self):
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        self.had = [("forward" in b.__dict__, b.__dict__.get("forward")) for b in self.blocks]
+        for b in self.blocks:
+            b.forward = functools.partial(checkpoint, b.forward, use_reentrant=False)
+        return self
+
+    def __exit__(self, *exc):
+        for b, (had, fwd) in zip(self.blocks, self.had):
+            if had:
+                b.forward = fwd
+            else:
+                del b.forward
+        return False
+
+
+def _planned_micro_batch(cfg, sizes, lay, world, limit, per_rank) -> int:
+    """The largest micro-batch dividing the per-rank batch whose planned activations fit under `limit`."""
+    fp32 = cfg.engine.precision == "fp32"
+    for mb in _divisors_desc(per_rank):
+        if activation_bytes(cfg.model, mb, checkpointing=cfg.engine.activation_checkpointing, fp32=fp32,
+                            device="cuda") <= limit:
+            return mb
+    return 0
 
 
 def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = None):
@@ -670,10 +709,11 @@ def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = No
            "hsdp_replicas": cfg.engine.hsdp_replicas}
     st = model_states(sizes, lay, info.world_size, device="cpu" if device.type == "cpu" else "cuda")
     was_cpu = next(model.parameters()).device
+    cuda = device.type == "cuda"
     if limit is None:
-        if device.type == "cuda":
+        if cuda:  # the layout's own per-rank states (plan) plus what the attempt adds must fit
             total = torch.cuda.get_device_properties(device).total_memory
-            limit = int(total * (1 - DEFAULT_MARGIN)) - st["optimizer"] - st["buffers"]
+            limit = int(total * (1 - DEFAULT_MARGIN)) - sum(st.values()) - RUNTIME_BYTES["cuda"]
         else:
             from mmscale.train import _available_memory  # noqa: PLC0415
 
@@ -681,21 +721,29 @@ def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = No
             share = int(avail * (1 - DEFAULT_MARGIN)) // max(1, info.local_world_size or 1)
             # states the probe's plain model does not hold yet: AdamW moments and the engine's buffers
             limit = _current_bytes(device) + share - st["optimizer"] - st["buffers"]
-    probe_model = model.to(device) if device.type == "cuda" else model
-    base = _current_bytes(device)
     tried, mb = [], per_rank
     chosen = 0
+    base = 0 if cuda else _current_bytes(device)
+    if cuda:
+        try:
+            model.to(device)  # the probe runs the plain model: a sharded layout's whole model may not fit
+        except torch.OutOfMemoryError:
+            model.to(was_cpu)
+            torch.cuda.empty_cache()
+            mb = 0
+            chosen = _planned_micro_batch(cfg, sizes, lay, info.world_size, limit, per_rank)
+            tried.append(f"the whole model does not fit one GPU: planned {chosen or 'none'}")
     while mb >= 1:
         if per_rank % mb:
             mb -= 1
             continue
-        ok = probe_fits(probe_model, cfg, device, mb, limit, base)
+        ok = probe_fits(model, cfg, device, mb, limit, base)
         tried.append(f"{mb} {'fits' if ok else 'out of memory'}")
         if ok:
             chosen = mb
             break
         mb //= 2
-    if device.type == "cuda":
+    if cuda:
         model.to(was_cpu)
     agreed = chosen
     if info.world_size > 1:

@@ -262,3 +262,17 @@ def test_auto_micro_batch_on_two_fsdp_ranks_agrees_and_keeps_the_global_batch(tm
     assert (resolved["micro_batch_size"], resolved["grad_accum"]) == (4, 1)  # 8 over 2 ranks, all fit
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in rows if "loss" in r] == [8 * 16, 16 * 16]
+
+
+def test_probe_recomputes_blocks_under_activation_checkpointing_and_restores_them():
+    from mmscale.models import build_model
+
+    on = load_config(None, TINY + ["engine.activation_checkpointing=true"])
+    torch.manual_seed(0)
+    model = build_model(on.model)
+    plain = _saved_bytes(model, 4, 16, 64, "fp32")
+    with pl._checkpointed(model, on):
+        recomputed = _saved_bytes(model, 4, 16, 64, "fp32")
+    assert recomputed < plain  # only block inputs (and the loss) are kept
+    assert all("forward" not in b.__dict__ for b in model.blocks)  # the engine applies its own checkpointing
+    assert _saved_bytes(model, 4, 16, 64, "fp32") == plain
