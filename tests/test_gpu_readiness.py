@@ -386,3 +386,38 @@ def test_gpu_smoke_train_step_on_cpu_checkpoints_resumes_and_reports_a_bf16_line
     assert [r[:2] for r in got] == [["smoke dataset", "OK"], ["train single", "OK"]], got
     assert "resumed" in got[1][2] and "Linear output torch.bfloat16" in got[1][2]
     assert (tmp_path / "run-single" / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_gpu_wheel_list_closes_the_requirements_of_mmscale_and_of_what_it_carries():
+    """tools/gpu_wheels.sh: every non-optional requirement of mmscale (pyproject) and of each carried package
+    (as installed here, the same pins) is on the GPU image, carried, or named as not needed with a reason."""
+    import re
+    from importlib import metadata
+    from pathlib import Path
+
+    text = (Path(REPO) / "tools" / "gpu_wheels.sh").read_text()
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    carried = {norm(m) for m in re.findall(r'^\s+"([A-Za-z0-9_.\-]+)==', text, re.M)}
+    carried.add(norm(re.search(r"^DEEPSPEED=([A-Za-z0-9_.\-]+)==", text, re.M).group(1)))
+    image = {norm(n) for n in re.search(r'IMAGE_HAS="([^"]+)"', text).group(1).split()}
+    not_carried = {norm(n) for n in re.search(r'NOT_CARRIED="([^"]+)"', text).group(1).split()}
+    known = carried | image | not_carried
+    assert "wandb" not in carried and {"deepspeed", "mosaicml-streaming", "hjson", "pydantic"} <= carried
+
+    from packaging.requirements import Requirement
+
+    def names(reqs):  # as pip would resolve them on the image: Python 3.12, Linux, no extras
+        env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+               "platform_system": "Linux", "extra": ""}
+        parsed = [Requirement(r) for r in reqs or []]
+        return {norm(r.name) for r in parsed if r.marker is None or r.marker.evaluate(env)}
+
+    import tomllib
+    project = tomllib.loads((Path(REPO) / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert names(project) - known == set()
+    for pkg in carried:
+        try:
+            reqs = metadata.requires(pkg)
+        except metadata.PackageNotFoundError:
+            continue  # not installed here (e.g. a setup without the ecosystem extra)
+        assert names(reqs) - known == set(), pkg

@@ -37,6 +37,17 @@ WHEELS=(
   "bm25s==0.3.16                the lexical baseline of mmscale retrieval eval"
 )
 DEEPSPEED=deepspeed==0.19.8   # engine.kind=deepspeed (ZeRO-2/3 rows); an sdist on PyPI: built as a wheel below
+# What the GPU image already has, of what the packages above and pyproject.toml require (read off the image
+# on 2026-11-17, /work/.library/device/KINDS.md); tests/test_gpu_readiness.py checks that every non-optional
+# requirement of the carried packages and of mmscale itself is here or carried.
+IMAGE_HAS="torch triton numpy pyyaml tqdm safetensors xxhash sentencepiece transformers tokenizers accelerate
+  sentence-transformers pyarrow pytest pytest-timeout matplotlib tensorboard pillow einops msgpack ninja psutil
+  py-cpuinfo nvidia-ml-py packaging filelock cloudpickle typing-extensions scipy requests huggingface-hub
+  torchvision jinja2 fsspec"
+# Not carried: wandb (nothing runs it: log.wandb=disabled), and streaming's cloud SDKs (boto3, paramiko,
+# google-cloud-storage, oci, azure-*), needed for remote object stores only.
+NOT_CARRIED="wandb boto3 paramiko google-cloud-storage oci azure-storage-blob azure-storage-file-datalake
+  azure-identity"
 
 PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
