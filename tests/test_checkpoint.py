@@ -232,13 +232,32 @@ def counted_train_runs(payload: dict) -> dict:
         records.append([str(path), out[0], bool(sync)])
         return out
 
+    import mmscale.engines
+
+    build, mixing = mmscale.engines.build_engine, []
+
+    def build_and_measure(cfg, model, info, device):  # FSDP2's own storage of the [h, k, T, T] mixing weights
+        engine = build(cfg, model, info, device)
+        held = total = 0
+        for m in engine.module().modules():
+            get = getattr(m, "_get_fsdp_state", None)
+            group = get()._fsdp_param_group if get is not None else None
+            for fp in (group.fsdp_params if group is not None else []):
+                if len(fp._orig_size) == 4:
+                    held += fp._sharded_param_data.numel()
+                    total += fp._orig_size.numel()
+        mixing.append([held, total])
+        return engine
+
     fsutil.digest = counting
+    mmscale.engines.build_engine = build_and_measure
     start = fsutil.bytes_hashed()
     try:
         statuses = train_runs(payload)
     finally:
         fsutil.digest = real
-    return {"statuses": statuses, "hashed": records, "bytes": fsutil.bytes_hashed() - start}
+        mmscale.engines.build_engine = build
+    return {"statuses": statuses, "hashed": records, "bytes": fsutil.bytes_hashed() - start, "mixing": mixing}
 
 
 @pytest.mark.slow
@@ -250,6 +269,9 @@ def test_two_ranks_hash_what_they_wrote_and_verify_what_they_read(tmp_path):
     out = run_distributed("tests.test_checkpoint:counted_train_runs", {"runs": runs}, timeout=600)
     assert [o["statuses"] for o in out] == [[0, 0]] * 2
     _assert_exact(tmp_path, "fsdp")
+    # each rank holds half of every mixing weight (FSDP2 pads uneven shards to the first chunk: it must not)
+    for o in out:
+        assert len(o["mixing"]) == 2 and all(total > 0 and 2 * held == total for held, total in o["mixing"])
     cut = tmp_path / "fsdp_full" / "checkpoints" / ckpt.step_dir_name(CUT)
     meta = json.loads((cut / "meta.json").read_text())
     # by hand: what FSDP2 + DCP write on each rank; rank 0 also writes DCP's .metadata

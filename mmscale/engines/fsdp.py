@@ -42,6 +42,26 @@ def placement_fn(shard_size: int):
     return place
 
 
+def uneven_mixing_note(model, shard_size: int) -> str | None:
+    """One line when a token-mixing weight [heads, k, T, T] cannot be split evenly over `shard_size` ranks (T not
+    a multiple, fewer heads than ranks), else None.
+
+    FSDP2 then shards it on dim 0 and pads every rank's storage to the first chunk (torch's _fsdp_param.py,
+    `_init_sharded_param`: `padded_sharded_size = chunks[0].size()`): with one head each rank holds a whole
+    T x T matrix per layer and the all-gather moves shard_size x T x T (benchmarks/bench_fsdp_shards.py measures
+    it: 3 ranks, T 512 hold 1.00 of the weights each, 2 and 4 ranks 0.50 and 0.25)."""
+    for name, p in model.named_parameters():
+        if p.dim() == 4 and p.shape[2] == p.shape[3] and shard_size > 1 and p.shape[2] % shard_size:
+            chunk = -(-p.shape[0] // shard_size)
+            held = chunk / p.shape[0]
+            if held > 1.5 / shard_size:
+                return (f"FSDP: n_ctx {p.shape[2]} is not a multiple of the {shard_size} ranks of a shard group, so "
+                        f"each rank holds {held:.0%} of every token-mixing weight ({name}: {tuple(p.shape)}) instead "
+                        f"of 1/{shard_size}; use a rank count (or engine.hsdp_replicas) whose shard group divides "
+                        "n_ctx")
+    return None
+
+
 def precision_policies(precision: str):
     """(blocks' policy, root's policy): mmscale's one mixed-precision policy (ARCHITECTURE.md) under FSDP2.
 
@@ -65,6 +85,11 @@ def _norms(block) -> list:
 def shard_with_fsdp(model, mesh, precision: str):
     blocks_mp, root_mp = precision_policies(precision)
     place = placement_fn(mesh.size(mesh.ndim - 1))
+    note = uneven_mixing_note(model, mesh.size(mesh.ndim - 1))
+    if note and mesh.get_rank() == 0:
+        import sys
+
+        print(f"mmscale train: warning: {note}", file=sys.stderr, flush=True)
     for block in model.blocks:
         # norms keep fp32 weights (their own small FSDP groups): a norm computes in fp32 on the fp32
         # residual stream, and CPU autocast, unlike CUDA's, does not cast a bf16 norm weight up
