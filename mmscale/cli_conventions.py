@@ -122,7 +122,7 @@ class Conventions:
                         a.nargs, a.const = "?", "-"
                         a.help = "print the result as JSON on stdout, or write it to FILE"
                         self.json_takes_file = True
-                if a.type is int and a.option_strings and a.help is not argparse.SUPPRESS:
+                if a.type in (int, float) and a.option_strings and a.help is not argparse.SUPPRESS:
                     self.counts.append((a, _smallest(a)))
                 if a.dest == "overrides" and not a.option_strings:
                     p.epilog = CONFIG_EPILOG
@@ -164,11 +164,19 @@ class Conventions:
             print(f"mmscale {self.command}: note: {msg}", file=sys.stderr)
 
     def check_counts(self, args: argparse.Namespace) -> None:
-        """Every integer option is a count, a size or a seed: 0 only where its help gives 0 a meaning, never < 0."""
+        """Every integer option is a count, a size or a seed: 0 only where its help gives 0 a meaning, never < 0.
+        Every number option (fractions, rates, temperatures, minutes, memory) is a finite number >= 0; a learning
+        rate > 0. The command's own checks (upper bounds) follow."""
+        import math
+
         for a, low in self.counts:
             v = getattr(args, a.dest, None)
-            if isinstance(v, int) and v < low:
-                flag = max(a.option_strings, key=len)
+            flag = max(a.option_strings, key=len)
+            if isinstance(v, float):
+                if not math.isfinite(v) or v < 0 or (v == 0 and a.dest in ("lr", "learning_rate")):
+                    bound = "> 0" if a.dest in ("lr", "learning_rate") else ">= 0"
+                    raise UserError(f"{flag} must be a number {bound}, got {v}", 2)
+            elif isinstance(v, int) and v < low:
                 what = "a count or size" if low == 1 else "0 or more"
                 raise UserError(f"{flag} must be >= {low} ({what}), got {v}", 2)
 

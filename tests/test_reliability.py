@@ -869,6 +869,30 @@ def _(w, d):
         "--batch-size must be >= 1"
 
 
+@case("representation --lr -1", 2)
+def _(w, d):
+    return ["representation", str(w.export), "--data", str(w.data), "--lr", "-1"], "--lr must be a number > 0"
+
+
+@case("representation --lr 0", 2)
+def _(w, d):
+    return ["representation", str(w.export), "--data", str(w.data), "--lr", "0"], "--lr must be a number > 0"
+
+
+@case("prepare --val-fraction nan", 2)
+def _(w, d):
+    (d / "in.txt").write_text("a\n\nb\n")
+    return ["prepare", "--data", str(d / "in.txt"), "--tokenizer", str(w.data / "tokenizer.model"), "--n-ctx", "16",
+            "--out", str(d / "out"), "--val-fraction", "nan"], "--val-fraction must be a number >= 0"
+
+
+@case("retrieval import --test-fraction -0.5", 2)
+def _(w, d):
+    (d / "p.jsonl").write_text("".join(json.dumps({"query": f"q{i}", "passage": f"p{i}"}) + "\n" for i in range(4)))
+    return ["retrieval", "import", "--format", "pairs", "--pairs", str(d / "p.jsonl"), "--out", str(d / "c"),
+            "--test-fraction", "-0.5"], "--test-fraction must be a number >= 0"
+
+
 # --- an output that holds its input is refused with and without --overwrite
 @case("prepare --out the folder holding its input (no --overwrite)", 2)
 def _(w, d):
