@@ -810,7 +810,8 @@ def format_plan(p: dict) -> str:
              f"per rank, {_gib(cl['usable_bytes'])} usable ({cl['margin']:.0%} margin); interconnect "
              f"{cl['interconnect_intra']}" + (f" inside a node, {cl['interconnect_inter']} between nodes"
                                               if cl["nodes"] > 1 else ""),
-             f"step time: {a['flops_per_token_training_causal']:,} training FLOPs/token (live) at MFU "
+             f"step time: {a['flops_per_token_training_causal']:,} training FLOPs/token (live; dense "
+             f"{a['flops_per_token_training_dense']:,}) at MFU "
              f"{a['mfu']:.0%} ({a['mfu_source']}) of {a['peak_flops'] / 1e12:,.1f} TFLOP/s"
              if a["peak_flops"] else f"step time: n/a ({a['peak_source']})",
              f"overlap: {a['overlap']}", "",

@@ -173,7 +173,8 @@ def test_more_nodes_add_hsdp_and_slow_communication():
 def test_json_interface(capsys):
     from mmscale.cli import main
 
-    assert main(["plan", "--config", "configs/tiny.yaml", "--gpus", "2", "--device", "cpu", "--json"]) == 0
+    tiny = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+    assert main(["plan", "--config", tiny, "--gpus", "2", "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"layouts", "recommended"}
     for r in out["layouts"]:
