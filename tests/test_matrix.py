@@ -242,10 +242,18 @@ def matrix_worker(payload: dict) -> list:
         BINDINGS.clear()
         comm.clear()
         cfg = config_from_dict(run["config"])
+        section = ds_engine = None
+        if run.get("control") == "deepspeed_without_torch_autocast":  # the DeepSpeed config before the fix
+            import mmscale.engines.deepspeed as ds_engine
+
+            section, ds_engine.torch_autocast_section = ds_engine.torch_autocast_section, lambda precision: {}
         try:
             status = train(cfg, model_factory=_hooked_model(dtypes), data_factory=synthetic_data)
         except UserError as e:
             status = f"UserError: {e}"
+        finally:
+            if section is not None:
+                ds_engine.torch_autocast_section = section
         out.append({"status": status, "dtypes": {k: sorted(v) for k, v in dtypes.items()},
                     "bindings": list(BINDINGS), "reduce_dtypes": list(comm)})
     return out
@@ -354,6 +362,7 @@ def _tokenizer_dir(root: Path) -> None:
     shutil.copy(tok, root / "tokenizer_dir" / "tokenizer.model")
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_matrix(tmp_path):
     rows, refusals, _ = build_matrix()
@@ -389,6 +398,12 @@ def run_matrix(tmp_path: Path, rows: list, refusals: list) -> list:
                 step_dir = tmp_path / row["name"] / "full" / "checkpoints" / f"step_{SAVE_AT:08d}"
                 runs.append({"config": _config(tmp_path, row, "elastic", **{"run.resume": str(step_dir)})})
                 keys.append((row["name"], "elastic"))
+        if world == 1:  # negative control: the emulation shows DeepSpeed's fp32 compute without the fix
+            control = {"name": "control-deepspeed-bf16-without-torch_autocast", "precision": "bf16", "world": 1,
+                       "overrides": {"engine.kind": "deepspeed", "engine.zero_stage": 2}, "ac": False,
+                       "accum2": False, "compile": False, "elastic": False}
+            runs.append({"config": _config(tmp_path, control, "full"), "control": "deepspeed_without_torch_autocast"})
+            keys.append((control["name"], "control"))
         for cell in [c for c in refusals if c["world"] == world]:
             cell = {**cell, "name": f"refused-{cell['engine']}-{cell['precision']}-w{world}", "ac": False,
                     "accum2": False, "compile": False, "elastic": False}
@@ -404,4 +419,7 @@ def run_matrix(tmp_path: Path, rows: list, refusals: list) -> list:
             msg = str(r["status"])
             if not (msg.startswith("UserError: ") and "\n" not in msg and "cannot run on" in msg):
                 problems.append(f"{key[0]}: want a one-line refusal at start-up, got {msg!r}")
+        if key[1] == "control" and r["dtypes"].get("train") != ["torch.float32"]:
+            problems.append(f"{key[0]}: the emulated CUDA autocast query did not show DeepSpeed computing fp32 "
+                            f"without its torch_autocast section: {r}")
     return problems
