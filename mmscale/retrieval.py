@@ -786,8 +786,12 @@ def top1_table(query_emb, passage_emb, candidates: list[int], seed: int = 0, chu
 def evaluate_export(export: str, collection: str, candidates: list[int], *, seed: int = 0, batch_size: int = 32,
                     position: str = "last", progress: bool = True, split: str | None = None,
                     passage_mode: str = "truncate", cache_dir: str | os.PathLike | None = None,
-                    baseline: bool = True, device: str = "auto", record: bool = False) -> dict:
-    """Full-corpus metrics and top-1 among n of an export (and of BM25) on a collection; see the module docstring."""
+                    baseline: bool = True, device: str = "auto", record: bool = False,
+                    hybrid_split: str | None = None, hybrid_fixed: float | None = None) -> dict:
+    """Full-corpus metrics and top-1 among n of an export (and of BM25) on a collection; see the module docstring.
+
+    The hybrid row's weight: `hybrid_fixed` when given, else chosen on the qrels split `hybrid_split` (default: dev
+    when the collection has one, else train), else reciprocal-rank fusion."""
     from mmscale import ir_metrics
     from mmscale.embedder import Embedder
 
@@ -828,7 +832,13 @@ def evaluate_export(export: str, collection: str, candidates: list[int], *, seed
         # the hybrid: BM25 and the model interpolated with a weight chosen on the collection's train queries,
         # or fused by reciprocal rank when it has none (never tuned on the queries it is measured on)
         lex_scores = lambda idx: index.scores([coll.queries[i] for i in idx])  # noqa: E731
-        weight, how = hybrid_weight(emb, coll, collection, index, passage_mode, d, starts, batch_size)
+        if hybrid_fixed is not None:
+            if not 0 <= hybrid_fixed <= 1:
+                raise UserError(f"--hybrid-weight must be in [0, 1], got {hybrid_fixed}")
+            weight, how = hybrid_fixed, "weight given"
+        else:
+            weight, how = hybrid_weight(emb, coll, collection, index, passage_mode, d, starts, batch_size,
+                                        hybrid_split)
         if weight is None:
             fused, name = ir_metrics.rrf_scorer([lex_scores, scorer]), \
                 f"BM25 + model, reciprocal-rank fusion (k {ir_metrics.RRF_K}; {how})"
@@ -852,20 +862,31 @@ def evaluate_export(export: str, collection: str, candidates: list[int], *, seed
     return out
 
 
-def hybrid_weight(emb, coll: Collection, collection: str, index, passage_mode: str, d, starts, batch_size: int) -> tuple[float | None, str]:
-    """(the model's weight in the BM25 + model interpolation, chosen on the collection's train queries; or None
-    when there are none besides the evaluated ones, then the hybrid is reciprocal-rank fusion), and how."""
+def hybrid_weight(emb, coll: Collection, collection: str, index, passage_mode: str, d, starts, batch_size: int,
+                  split: str | None = None) -> tuple[float | None, str]:
+    """(the model's weight in the BM25 + model interpolation, chosen on the queries of another qrels split of the
+    collection: `split`, else dev, else train; or None when there is none besides the evaluated one, then the
+    hybrid is reciprocal-rank fusion), and how. A model fine-tuned on the judged train queries looks better on
+    them than on new queries: give it a dev split (or --hybrid-weight) for an unbiased weight."""
     from mmscale import ir_metrics
     from mmscale.retrieval_data import load_collection
 
     root = Path(collection)
-    if not (root.is_dir() and (root / "qrels" / "train.tsv").is_file()) or coll.split == "train":
-        return None, "no train queries to choose an interpolation weight on"
-    train = load_collection(root, "train")
+    if split:
+        if not (root.is_dir() and (root / "qrels" / f"{split}.tsv").is_file()):
+            raise UserError(f"--hybrid-split {split}: '{collection}' has no qrels/{split}.tsv")
+        if split == coll.split:
+            raise UserError(f"--hybrid-split {split} is the evaluated split; choose the weight on other queries")
+    else:
+        split = next((n for n in ("dev", "train") if root.is_dir() and (root / "qrels" / f"{n}.tsv").is_file()
+                      and n != coll.split), None)
+        if split is None:
+            return None, "no other split to choose an interpolation weight on"
+    train = load_collection(root, split)
     q = emb.encode_ids(query_sequences(emb.tokenizer, train, emb.n_ctx)[0], batch_size=batch_size)
     dense = ir_metrics.dot_scorer(q, d, starts if passage_mode == "max_chunk" else None)(np.arange(len(q)))
     w, _ = ir_metrics.choose_weight(index.scores(train.queries), dense, train.relevant)
-    return w, f"weight chosen on the {len(train.queries)} train queries"
+    return w, f"weight chosen on the {len(train.queries)} {split} queries"
 
 
 def format_table(result: dict) -> str:
@@ -949,7 +970,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--cache-dir", default=None,
                    help="where corpus embeddings are cached (default: retrieval_cache/ beside --json)")
     e.add_argument("--no-cache", action="store_true", help="embed the corpus without reading or writing a cache")
-    e.add_argument("--no-baseline", action="store_true", help="skip the BM25 row")
+    e.add_argument("--no-baseline", action="store_true", help="skip the BM25 and hybrid rows")
+    e.add_argument("--hybrid-split", default=None,
+                   help="the qrels split whose queries choose the hybrid's interpolation weight (default: dev, else "
+                        "train; never the evaluated split; reciprocal-rank fusion when there is none)")
+    e.add_argument("--hybrid-weight", type=float, default=None,
+                   help="the model's weight in the hybrid (0..1) instead of choosing it")
     e.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     e.add_argument("--json", default=None, help="also write the results as JSON to FILE (bare --json: JSON on stdout); "
                    "without it only the table is printed and nothing is written")
@@ -998,7 +1024,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_export(args.export, args.collection or args.pairs, candidates, seed=args.seed,
                              batch_size=args.batch_size, position=args.position, split=args.split,
                              passage_mode=args.passage_mode, cache_dir=cache, baseline=not args.no_baseline,
-                             device=args.device, progress=not (getattr(args, "no_progress", False)
+                             device=args.device, hybrid_split=args.hybrid_split,
+                             hybrid_fixed=args.hybrid_weight, progress=not (getattr(args, "no_progress", False)
                                                                 or getattr(args, "_no_progress", False)))
     print(format_table(result), file=sys.stderr if json_to_stdout else sys.stdout)
     if out is None:

@@ -740,6 +740,14 @@ def test_eval_has_a_hybrid_row_and_paired_comparison(export, small, tmp_path, ca
     for q in range(3):
         assert res["_evaluators"]["hybrid"].per_query[q] == pytest.approx(
             ir_metrics.query_metrics(fused[q], c.relevant[q]), abs=1e-6)
+    # a dev split is preferred (a model fine-tuned on the train queries overrates itself there); or a given weight
+    (small / "qrels" / "dev.tsv").write_text("qa\td0\t1\n")
+    res = evaluate_export(str(export), str(small), [3], progress=False, split="test")
+    assert "chosen on the 1 dev queries" in res["hybrid"]["name"]
+    res = evaluate_export(str(export), str(small), [3], progress=False, split="test", hybrid_fixed=0.0)
+    assert res["hybrid"]["weight"] == 0.0 and res["hybrid"]["metrics"] == pytest.approx(res["baseline"]["metrics"])
+    with pytest.raises(UserError, match="is the evaluated split"):
+        evaluate_export(str(export), str(small), [3], progress=False, split="test", hybrid_split="test")
 
 
 def test_interpolation_weight_by_hand():
