@@ -214,6 +214,28 @@ def _iter_training_documents(paths: list[str], separator: str):
         yield from iter_text_documents(path, separator=separator, errors="strict")
 
 
+def _interruptible(fn, **kwargs):
+    """fn(**kwargs) in a daemon thread while this (main) thread waits: sentencepiece's C++ training runs for
+    minutes on large inputs without returning to Python, so a Ctrl-C or SIGTERM would wait for it; here the
+    signal's exception is raised at once in the main thread (the process then ends, and the thread with it)."""
+    import threading
+
+    result: dict = {}
+
+    def target():
+        try:
+            fn(**kwargs)
+        except BaseException as e:  # handed to the main thread
+            result["error"] = e
+
+    t = threading.Thread(target=target, name="sentencepiece-train", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    if "error" in result:
+        raise result["error"]
+
+
 def train_tokenizer(inputs: list[str], vocab_size: int, out: str | os.PathLike, *,
                     model_type: str = "bpe", separator: str = DEFAULT_SEPARATOR,
                     max_sentence_length: int = 1 << 16, input_sentence_size: int = 2_000_000,
@@ -245,7 +267,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | os.PathLike, 
     out.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)  # sentence sampling is the only randomness
     try:
-        spm.SentencePieceTrainer.Train(
+        _interruptible(spm.SentencePieceTrainer.Train,
             sentence_iterator=sentences, model_writer=model,
             vocab_size=vocab_size, model_type=model_type,
             # lossless: no normalisation, whitespace as is, unknown characters as bytes
