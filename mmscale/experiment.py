@@ -888,21 +888,36 @@ def run_local(exp: Experiment, runs: list[Run], evaluate: bool, jobs: int, log) 
             log(f"[{i + 1}/{len(runs)}] {run.phase}/{run.name}: {did} ({time.time() - t0:.0f} s)")
         return
     pending, active, failed = list(runs), {}, []
-    while pending or active:
-        while pending and len(active) < jobs:
-            run = pending.pop(0)
-            run.dir(exp.exp).parent.mkdir(parents=True, exist_ok=True)
-            logf = open(run.dir(exp.exp).parent / f"{run.name}.log", "a")
-            active[run.name] = (subprocess.Popen(_child_command(exp.exp, run.phase, run.name), stdout=logf,
-                                                 stderr=subprocess.STDOUT, cwd=os.getcwd()), logf, run)
-        time.sleep(0.5)
-        for name, (proc, logf, run) in list(active.items()):
-            if proc.poll() is not None:
-                logf.close()
-                del active[name]
-                log(f"{run.phase}/{run.name}: exit {proc.returncode}")
-                if proc.returncode != 0:
-                    failed.append(run.name)
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.pop(0)
+                run.dir(exp.exp).parent.mkdir(parents=True, exist_ok=True)
+                logf = open(run.dir(exp.exp).parent / f"{run.name}.log", "a")
+                active[run.name] = (subprocess.Popen(_child_command(exp.exp, run.phase, run.name), stdout=logf,
+                                                     stderr=subprocess.STDOUT, cwd=os.getcwd()), logf, run)
+            time.sleep(0.5)
+            for name, (proc, logf, run) in list(active.items()):
+                if proc.poll() is not None:
+                    logf.close()
+                    del active[name]
+                    log(f"{run.phase}/{run.name}: exit {proc.returncode}")
+                    if proc.returncode != 0:
+                        failed.append(run.name)
+    except BaseException:  # interrupted: the running trainers checkpoint and stop (75), never left orphaned
+        import signal
+
+        for proc, _, _ in active.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, logf, _ in active.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            logf.close()
+        raise
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see their .log files under "
                         f"{exp.exp / 'runs'} and rerun with --resume")
