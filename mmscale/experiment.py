@@ -54,8 +54,10 @@ DATA_KEYS = {"train", "text", "synth_stories", "vocab_size", "val_fraction", "ot
              "retrieval_test_fraction"}
 AXES_KEYS = {"seeds", "n_ctx", "shape"}
 BUDGET_KEYS = {"rule", "flops", "tokens", "seconds", "reference_arm", "reference_steps", "count",
-               "params_tolerance"}
-SWEEP_KEYS = {"lr", "fraction", "steps", "min_steps"}
+               "params_tolerance", "match", "match_keys", "views"}
+SWEEP_KEYS = {"lr", "fraction", "steps", "min_steps", "extend_factor", "max_extend", "lr_min", "lr_max"}
+MATCHES = ("none", "params", "flops")
+MATCH_KEYS = ("ffn_hidden", "d_model", "n_layers")  # the order in which a sized arm's shape is changed
 EVAL_KEYS = {"batches", "batch_size", "points"}
 RETRIEVAL_KEYS = {"enabled", "steps", "group_size", "temperature", "lr", "candidates", "micro_batch_size",
                   "negatives", "warmup_steps", "pairs", "position", "gather_negatives", "passage_mode"}
@@ -267,6 +269,21 @@ def _parse_budget(raw: dict, arms: dict) -> dict:
                                               f"(or budget.reference_arm + budget.reference_steps)")
         budget[amount] = _num(budget, amount, "budget", None, float, 1e-9)
     budget["params_tolerance"] = _num(budget, "params_tolerance", "budget", 0.1, float, 0)
+    budget["match"] = str(budget.get("match", "none")).lower() if budget.get("match") is not None else "none"
+    _need(budget["match"] in MATCHES, f"spec key 'budget.match' must be one of {', '.join(MATCHES)}, "
+                                      f"got {budget.get('match')!r}")
+    keys = budget.get("match_keys", list(MATCH_KEYS))
+    keys = keys if isinstance(keys, list) else [keys]
+    _need(bool(keys) and all(k in MATCH_KEYS for k in keys) and len(set(keys)) == len(keys),
+          f"spec key 'budget.match_keys' must be a list of distinct keys from {', '.join(MATCH_KEYS)}, "
+          f"got {budget.get('match_keys')!r}")
+    budget["match_keys"] = keys
+    views = budget.get("views", [])
+    views = views if isinstance(views, list) else [views]
+    _need(all(v in RULES for v in views) and len(set(views)) == len(views),
+          f"spec key 'budget.views' must be a list of distinct views from {', '.join(RULES)}, "
+          f"got {budget.get('views')!r}")
+    budget["views"] = views
     return budget
 
 
@@ -286,6 +303,14 @@ def _parse_sweep(raw: dict, rule: str) -> dict:
     sweep["min_steps"] = _num(sweep, "min_steps", "sweep", 5, int, 1)
     _need(rule != "wall_clock" or sweep["steps"] is not None,
           "spec key 'sweep.steps' is needed with budget.rule wall_clock (the sweep measures each arm's throughput)")
+    sweep["extend_factor"] = _num(sweep, "extend_factor", "sweep", 3.0, float, 1.0)
+    _need(sweep["extend_factor"] > 1, f"spec key 'sweep.extend_factor' must be > 1, got {sweep['extend_factor']}")
+    # 0 by default: an experiment made before the sweep could extend itself resumes with the grid it had
+    sweep["max_extend"] = _num(sweep, "max_extend", "sweep", 0, int, 0)
+    sweep["lr_min"] = _num(sweep, "lr_min", "sweep", 1e-6, float, 1e-300)
+    sweep["lr_max"] = _num(sweep, "lr_max", "sweep", 1.0, float, 1e-300)
+    _need(sweep["lr_min"] < sweep["lr_max"], f"spec key 'sweep.lr_min' ({sweep['lr_min']}) must be below "
+                                             f"sweep.lr_max ({sweep['lr_max']})")
     return sweep
 
 
@@ -549,7 +574,10 @@ def _point_key(n_ctx, shape) -> str:
 
 
 def _lr_tag(lr: float) -> str:
-    return f"lr{lr:.0e}".replace("+", "").replace("-0", "-")
+    short = f"{lr:.0e}"
+    if float(short) != lr:  # a rate the sweep added (x extend_factor): enough digits to tell it from the grid's
+        short = f"{lr:.4g}" if "e" in f"{lr:.4g}" else f"{lr:.3e}"
+    return f"lr{short}".replace("+", "").replace("-0", "-")
 
 
 def budget_steps(spec: Spec, numbers: dict, arm: str, throughput: float | None = None) -> int:
@@ -579,6 +607,145 @@ def budget_target(spec: Spec, numbers: dict) -> float | None:
     return b["flops"] if b["rule"] == "flops" else b["tokens"]
 
 
+# ----------------------------------------------------------------------------------------------
+# budget.match: one arm sized so its parameters (or FLOPs per token) match the reference arm's
+
+def match_reference(spec: Spec) -> str:
+    """The arm the others are sized against: budget.reference_arm, else the baseline."""
+    return spec.budget.get("reference_arm") or spec.baseline
+
+
+def _match_value(overrides: dict, match: str, count: str) -> float | None:
+    """The matched quantity of a config, counted by the model itself (None: the shape is not a valid config)."""
+    from mmscale.config import ConfigError
+
+    try:
+        n = _model_numbers(overrides)
+    except (ConfigError, ValueError):
+        return None
+    return float(n["params"] if match == "params" else n["flops_" + count])
+
+
+def _valid_shape(ov: dict) -> bool:
+    from mmscale.config import ConfigError, config_from_dict
+
+    try:
+        config_from_dict({}, _override_list(ov))
+    except (ConfigError, ValueError):
+        return False
+    return True
+
+
+def _closest(candidates: list[int], key: str, ov: dict, target: float, match: str, count: str):
+    """(value, matched quantity) of the candidate (ascending; the quantity grows with it) closest to the target,
+    found by bisection on the models' own counts; ties go to the smaller value. None: no valid candidate."""
+    if key != "ffn_hidden":  # d_model must divide by heads (and by 2 x heads for RoPE): keep valid shapes only
+        candidates = [c for c in candidates if _valid_shape({**ov, f"model.{key}": c})]
+    if not candidates:
+        return None
+    memo: dict = {}
+
+    def q(i):
+        if i not in memo:
+            memo[i] = _match_value({**ov, f"model.{key}": candidates[i]}, match, count)
+        return memo[i]
+
+    lo, hi = 0, len(candidates) - 1
+    if q(lo) >= target:
+        return candidates[lo], q(lo)
+    if q(hi) <= target:
+        return candidates[hi], q(hi)
+    while hi - lo > 1:  # invariant: q(lo) < target < q(hi)
+        mid = (lo + hi) // 2
+        if q(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return min(((candidates[i], q(i)) for i in (lo, hi)), key=lambda t: (abs(t[1] - target), t[0]))
+
+
+def size_arm(ov: dict, target: float, match: str, count: str, tol: float, keys: list[str],
+             fixed: set[str]) -> dict:
+    """Size one arm's shape so its parameter count (match params) or training FLOPs per token (match flops)
+    is as close as the shape allows to `target`, by this rule: try the keys in order (budget.match_keys, default
+    FFN hidden size in multiples of 8, then d_model in multiples of 8, then n_layers), each alone from the arm's
+    own shape, and keep the first whose closest value is within the tolerance; when none is, keep the closest of
+    all. A key in `fixed` (set by the arm itself: the user's shape) is never changed; with every key fixed the arm
+    is left as it is. Deterministic: the same spec gives the same shape. Returns {"overrides", "changed" {key:
+    [old, new]}, "value", "target", "ratio", "within", "rule"}."""
+    from mmscale.config import config_from_dict
+
+    cfg = config_from_dict({}, _override_list(ov)).model
+    now = _match_value(ov, match, count)
+    tried = []
+    for key in keys:
+        if key in fixed:
+            continue
+        if key == "ffn_hidden":
+            old = cfg.ffn_hidden or cfg.ffn_mult * cfg.d_model
+            top = max(old * 8, 64)
+            cands = list(range(8, top + 1, 8))
+        elif key == "d_model":
+            old = cfg.d_model
+            cands = list(range(8, max(old * 4, 64) + 1, 8))
+        else:
+            old = cfg.n_layers
+            cands = list(range(1, max(old * 4, 8) + 1))
+        best = _closest(cands, key, ov, target, match, count)
+        if best is None:
+            continue
+        tried.append((key, old, best[0], best[1]))
+        if abs(best[1] / target - 1) <= tol:
+            break
+    if not tried:
+        return {"overrides": dict(ov), "changed": {}, "value": now, "target": target,
+                "ratio": now / target - 1, "within": abs(now / target - 1) <= tol,
+                "rule": "every sizable key is set by the arm (" + ", ".join(sorted(fixed)) + "): not sized"}
+    within = [t for t in tried if abs(t[3] / target - 1) <= tol]
+    key, old, new, value = within[0] if within else min(tried, key=lambda t: abs(t[3] - target))
+    if abs(now - target) <= abs(value - target) and not within:
+        key, old, new, value = key, old, old, now
+    out = dict(ov)
+    if new != old:
+        out[f"model.{key}"] = new
+    return {"overrides": out, "changed": {key: [old, new]} if new != old else {}, "value": value, "target": target,
+            "ratio": value / target - 1, "within": abs(value / target - 1) <= tol,
+            "rule": (f"model.{key} sized" + (f" (the first of {', '.join(k for k in keys if k not in fixed)} to come "
+                                            "within the tolerance)" if within else
+                                            " (the closest of every key tried; none came within the tolerance)"))
+            if new != old else f"model.{key} already closest"}
+
+
+def _fixed_keys(arm_ov: dict) -> set[str]:
+    """The sizable keys an arm sets itself (the user fixed them: the harness does not change them)."""
+    fixed = set()
+    if "model.ffn_hidden" in arm_ov or "model.ffn_mult" in arm_ov:
+        fixed.add("ffn_hidden")
+    for k in ("d_model", "n_layers"):
+        if f"model.{k}" in arm_ov:
+            fixed.add(k)
+    return fixed
+
+
+def match_arms(spec: Spec, overrides: dict) -> dict:
+    """{arm: sizing record} for budget.match params|flops (the reference arm: {}); `overrides` (arm -> the arm's
+    config overrides at one axis point) is updated in place with the sized shapes."""
+    b = spec.budget
+    if b["match"] == "none":
+        return {}
+    ref = match_reference(spec)
+    target = _match_value(overrides[ref], b["match"], b["count"])
+    out = {ref: {}}
+    for an in spec.arms:
+        if an == ref:
+            continue
+        rec = size_arm(overrides[an], target, b["match"], b["count"], b["params_tolerance"], b["match_keys"],
+                       _fixed_keys(spec.arms[an]))
+        overrides[an] = rec.pop("overrides")
+        out[an] = rec
+    return out
+
+
 @dataclass
 class Run:
     name: str
@@ -600,9 +767,15 @@ class Experiment:
         self.points = [(nc, sh) for nc in spec.n_ctx for sh in spec.shapes]
         self.data: dict | None = None
         self.numbers = {}  # point -> arm -> model numbers
+        self.arm_ovs = {}  # point -> arm -> config overrides (the sized shape under budget.match)
+        self.sizing = {}  # point -> arm -> what budget.match changed
+        self.sweep_ext: dict = {}  # point -> arm -> learning rates the sweep added to the grid (sweep.extend_factor)
         for nc, sh in self.points:
             pk = _point_key(nc, sh)
-            self.numbers[pk] = {an: _model_numbers(arm_overrides(spec, an, nc, sh)) for an in spec.arms}
+            ovs = {an: arm_overrides(spec, an, nc, sh) for an in spec.arms}
+            self.sizing[pk] = match_arms(spec, ovs)
+            self.arm_ovs[pk] = ovs
+            self.numbers[pk] = {an: _model_numbers(ovs[an]) for an in spec.arms}
 
     # ---- runs
     def _common(self, run_dir: Path, steps: int, seed: int, lr: float | None, train_data: str) -> dict:
@@ -624,14 +797,14 @@ class Experiment:
         runs = []
         for nc, sh in self.points:
             pk = _point_key(nc, sh)
-            lrs = self.spec.sweep["lr"] or [None]
             for an in self.spec.arms:
                 steps = self.sweep_steps(pk, an)
+                lrs = sorted(set(self.spec.sweep["lr"]) | set(self.sweep_ext.get(pk, {}).get(an, []))) or [None]
                 for lr in lrs:
                     if lr is None and self.spec.budget["rule"] != "wall_clock":
                         continue  # no grid: nothing to sweep
                     name = f"{an}-{pk}-{_lr_tag(lr) if lr else 'lr-base'}"
-                    ov = arm_overrides(self.spec, an, nc, sh)
+                    ov = dict(self.arm_ovs[pk][an])
                     ov.update(self._common(self.exp / "runs" / "sweep" / name, steps, self.spec.seeds[0], lr,
                                            self.data["train"][nc] if self.data else ""))
                     runs.append(Run(name, "sweep", an, pk, self.spec.seeds[0], lr, steps, ov))
@@ -648,7 +821,7 @@ class Experiment:
                                            if self.spec.budget["rule"] != "wall_clock" else 0)
                 for seed in self.spec.seeds:
                     name = f"{an}-{pk}-s{seed}"
-                    ov = arm_overrides(self.spec, an, nc, sh)
+                    ov = dict(self.arm_ovs[pk][an])
                     ov.update(self._common(self.exp / "runs" / "main" / name, steps, seed, lr,
                                            self.data["train"][nc] if self.data else ""))
                     runs.append(Run(name, "main", an, pk, seed, lr, steps, ov))
@@ -1116,6 +1289,7 @@ def reopen(exp_dir: str | Path) -> Experiment:
     exp = Experiment(spec, exp_dir)
     plan = exp_dir / "plan.json"
     if plan.is_file():
+        exp.sweep_ext = json.loads(plan.read_text()).get("sweep_extensions") or {}
         exp.data = json.loads(plan.read_text()).get("data")
         if exp.data:
             exp.data["train"] = {_nc(k): v for k, v in exp.data["train"].items()}
@@ -1131,6 +1305,62 @@ def load_spec_from(path: Path, base_dir: Path) -> Spec:
     from mmscale.config import load_yaml_file
 
     return parse_spec(load_yaml_file(path) or {}, base_dir)
+
+
+def next_sweep_lr(results: list[tuple[float, float | None]], factor: float, lr_min: float, lr_max: float,
+                  extended: int, max_extend: int) -> tuple[float | None, str]:
+    """The sweep's next learning rate (None: the sweep is done) and why, from the (lr, final val loss) pairs tried
+    so far: when the best finite loss is at the top of the rates tried, try best x factor; at the bottom,
+    best / factor; when every run diverged, lowest / factor. Stops when the best is interior (a diverged rate
+    above or below counts as a bracket), after max_extend added rates, or when the next rate would pass
+    lr_min / lr_max. A one-rate grid is not extended (nothing to bracket)."""
+    lrs = sorted({lr for lr, _ in results})
+    if len(lrs) < 2:
+        return None, "one rate: not a sweep, not extended"
+    ok = [(loss, lr) for lr, loss in results if loss is not None and math.isfinite(loss)]
+    if not ok:
+        new, where = lrs[0] / factor, "every rate diverged"
+    else:
+        best = min(ok)[1]
+        if lrs[0] < best < lrs[-1]:
+            return None, "best is interior"
+        new, where = (best * factor, "best at the top") if best == lrs[-1] else (best / factor, "best at the bottom")
+    new = float(f"{new:.12g}")
+    if extended >= max_extend:
+        return None, f"{where}; sweep.max_extend ({max_extend}) rates added, not extended further"
+    if new > lr_max * (1 + 1e-9) or new < lr_min * (1 - 1e-9):
+        return None, (f"{where}; the next rate {new:.3g} is beyond sweep.{'lr_max' if new > lr_max else 'lr_min'} "
+                      f"({lr_max if new > lr_max else lr_min:g}), not extended")
+    return new, where
+
+
+def sweep_bracket(results: list[tuple[float, float | None]]) -> tuple[float | None, float | None, float | None]:
+    """(lower neighbour, best, upper neighbour) of the best finite loss among the rates tried."""
+    lrs = sorted({lr for lr, _ in results})
+    ok = [(loss, lr) for lr, loss in results if loss is not None and math.isfinite(loss)]
+    if not ok:
+        return None, None, None
+    best = min(ok)[1]
+    i = lrs.index(best)
+    return (lrs[i - 1] if i > 0 else None), best, (lrs[i + 1] if i + 1 < len(lrs) else None)
+
+
+def extend_sweep(exp: Experiment, sweep: list[Run]) -> list[str]:
+    """Add the next rate to every (point, arm) sweep whose best is at an edge (exp.sweep_ext); returns what was
+    added, one line each (empty: every sweep is done)."""
+    s = exp.spec.sweep
+    added = []
+    groups: dict = {}
+    for run in sweep:
+        if run.lr is not None:
+            groups.setdefault((run.point, run.arm), []).append((run.lr, last_val_loss(run.dir(exp.exp))))
+    for (pk, an), results in groups.items():
+        ext = exp.sweep_ext.setdefault(pk, {}).setdefault(an, [])
+        new, why = next_sweep_lr(results, s["extend_factor"], s["lr_min"], s["lr_max"], len(ext), s["max_extend"])
+        if new is not None and new not in {lr for lr, _ in results}:
+            ext.append(new)
+            added.append(f"{pk}/{an}: {why}; adding lr {new:.4g}")
+    return added
 
 
 def choose_lrs(exp: Experiment, sweep: list[Run]) -> dict:
@@ -1149,6 +1379,15 @@ def choose_lrs(exp: Experiment, sweep: list[Run]) -> dict:
                                 "the data's val split")
             best = min(ok, key=lambda s: s["val_loss"])
             entry["lr"] = best["lr"]
+            entry["sweep"].sort(key=lambda s: s["lr"] or 0)
+            results = [(x["lr"], x["val_loss"]) for x in entry["sweep"] if x["lr"] is not None]
+            if results:
+                sw = exp.spec.sweep
+                ext = exp.sweep_ext.get(pk, {}).get(an, [])
+                entry["bracket"] = list(sweep_bracket(results))
+                entry["extended"] = list(ext)
+                entry["stop"] = next_sweep_lr(results, sw["extend_factor"], sw["lr_min"], sw["lr_max"], len(ext),
+                                              sw["max_extend"])[1]
             tps = best["tokens_per_s"]
             entry["steps"] = budget_steps(exp.spec, exp.numbers[pk], an, tps)
     return choice
@@ -1159,7 +1398,7 @@ def write_plan(exp: Experiment, choice: dict | None) -> None:
     data["train"] = {str(k): v for k, v in data["train"].items()}
     data["other"] = {str(k): v for k, v in data["other"].items()}
     plan = {"name": exp.spec.name, "budget": exp.spec.budget, "baseline": exp.spec.baseline, "data": data,
-            "numbers": exp.numbers, "choice": choice,
+            "numbers": exp.numbers, "choice": choice, "sizing": exp.sizing, "sweep_extensions": exp.sweep_ext,
             "runs": [{"phase": r.phase, "name": r.name, "arm": r.arm, "point": r.point, "seed": r.seed,
                       "lr": r.lr, "steps": r.steps} for r in exp.sweep_runs() + exp.main_runs(choice)]}
     _atomic_json(exp.exp / "plan.json", plan)
@@ -1180,14 +1419,26 @@ def run_experiment(spec_path: str, out: str | None = None, *, launcher: str = "l
     _log_command(exp.exp, argv or ["experiment", "run", spec_path])
     jobs = jobs or exp.spec.launcher["jobs"]
     exp.data = prepare_data(exp.spec, exp.exp, exp.spec.n_ctx)
-    sweep = exp.sweep_runs()
-    for r in sweep:
-        exp.write_config(r)
-    write_plan(exp, None)
-    log(f"experiment {exp.spec.name}: {len(sweep)} sweep run(s) in {exp.exp}")
-    todo = [r for r in sweep if run_state(r.dir(exp.exp), r.steps)[0] != "finished"]
-    if todo:
-        (run_slurm(exp, todo, log) if launcher == "slurm" else run_local(exp, todo, False, jobs, log))
+    for pk, rec in exp.sizing.items():
+        for an, r in rec.items():
+            if r:
+                log(f"budget.match {exp.spec.budget['match']}: {pk}/{an} " + (", ".join(
+                    f"model.{k} {a} -> {b}" for k, (a, b) in r["changed"].items()) or "unchanged")
+                    + f" ({r['ratio']:+.2%} vs {match_reference(exp.spec)})")
+    while True:  # the sweep, extended while a best rate sits at an edge of the rates tried (resumable: the
+        sweep = exp.sweep_runs()  # same finished runs give the same decisions)
+        for r in sweep:
+            exp.write_config(r)
+        write_plan(exp, None)
+        log(f"experiment {exp.spec.name}: {len(sweep)} sweep run(s) in {exp.exp}")
+        todo = [r for r in sweep if run_state(r.dir(exp.exp), r.steps)[0] != "finished"]
+        if todo:
+            (run_slurm(exp, todo, log) if launcher == "slurm" else run_local(exp, todo, False, jobs, log))
+        added = extend_sweep(exp, sweep)
+        if not added:
+            break
+        for line in added:
+            log(f"sweep: {line}")
     choice = choose_lrs(exp, sweep) if sweep else {}
     if not sweep:  # no grid: the base config's learning rate for every arm
         for pk in exp.numbers:
@@ -1226,6 +1477,101 @@ def status_rows(exp_dir: str | Path) -> list[dict]:
         rows.append({**r, "state": state, "step": step, "measured": bool(done),
                      "val_loss": last_val_loss(rd)})
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# budget views: the same runs read at equal FLOPs, equal tokens and equal wall-clock
+
+VIEW_LABELS = {"flops": "training FLOPs", "tokens": "training tokens", "wall_clock": "training seconds"}
+
+
+def training_seconds(train_rows: list[dict]) -> list[tuple[int, float]]:
+    """[(step, seconds spent training up to that step)], starting at (0, 0): each logged row's step time stands
+    for every step since the previous logged row (rows come every log.every steps); evaluation, checkpoint
+    pauses and the gaps of a resume are not counted."""
+    out, total, prev, last = [(0, 0.0)], 0.0, 0, 0.0
+    for r in sorted(train_rows, key=lambda r: int(r["step"])):
+        st = r.get("step_time")
+        st = float(st) if isinstance(st, (int, float)) and math.isfinite(st) and st >= 0 else last
+        step = int(r["step"])
+        if step <= prev:
+            continue
+        total += (step - prev) * st
+        out.append((step, total))
+        prev, last = step, st
+    return out
+
+
+def _linear_at(points: list[tuple[float, float]], x: float) -> float | None:
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def loss_at(curve: list[tuple[float, float]], x: float) -> float | None:
+    """The val loss at budget x read off a curve [(budget, loss)] of evaluation points: linear in log(loss)
+    against the budget between the two points around x (a point's own loss at a point); None when x lies before
+    the first or beyond the last point (never extrapolated). x within 1e-9 (relative) of an end counts as it."""
+    pts = sorted((float(b), float(v)) for b, v in curve if v is not None and v > 0 and math.isfinite(v))
+    if not pts:
+        return None
+    eps = 1e-9 * max(abs(pts[-1][0]), 1e-300)
+    if x < pts[0][0] - eps or x > pts[-1][0] + eps:
+        return None
+    x = min(max(x, pts[0][0]), pts[-1][0])
+    y = _linear_at([(b, math.log(v)) for b, v in pts], x)
+    return None if y is None else math.exp(y)
+
+
+def view_axis(spec: Spec, view: str) -> str:
+    return {"flops": "flops_" + spec.budget["count"], "tokens": "tokens", "wall_clock": "seconds"}[view]
+
+
+def read_views(spec: Spec, runs: list[dict]) -> dict:
+    """{view: {"at": the common budget, "not_read": [why, ...]}} for one axis point's main runs, and each run's
+    r["views"][view] = its loss there (None: not read). The common budget of a view is the smallest budget the
+    finished runs all reached (the last evaluation point of the shortest one), so no finished run is read beyond
+    its curve; a run that stops short of it (unfinished, or no curve) is named instead of extrapolated."""
+    out = {}
+    finished = [r for r in runs if r["curve"] and r["summary"].get("status") == "finished"] or \
+        [r for r in runs if r["curve"]]
+    for view in spec.budget["views"]:
+        axis = view_axis(spec, view)
+        ends = [r["curve"][-1].get(axis) for r in finished if r["curve"][-1].get(axis) is not None]
+        at = min(ends) if ends else None
+        notes = []
+        for r in runs:
+            pts = [(c.get(axis), c["val_loss"]) for c in r["curve"] if c.get(axis) is not None]
+            v = loss_at(pts, at) if at is not None and pts else None
+            r.setdefault("views", {})[view] = v
+            if v is None and at is not None:
+                where = (f"beyond its curve, which ends at {_fmt(float(pts[-1][0]))}" if pts and at > pts[-1][0] else
+                         f"before its first evaluation point, at {_fmt(float(pts[0][0]))}" if pts else
+                         "outside its curve: it has no val-loss curve")
+                notes.append(f"{r['arm']} seed {r['seed']}: the common budget lies {where}; not read (never "
+                             "extrapolated)")
+        out[view] = {"at": at, "axis": axis, "not_read": notes}
+    return out
+
+
+def _md_views(data: dict, pk: str) -> list[str]:
+    spec = data["exp"].spec
+    views = data.get("views", {}).get(pk) or {}
+    if not views:
+        return []
+    L = ["### Held-out loss under each budget view (read off the val-loss curves)", "",
+         "The same main runs, read at a common budget on each axis: the trainer's val loss (metrics.jsonl) at the "
+         "smallest budget every finished run reached, interpolated linearly in log(loss) against the budget "
+         "between the two evaluation points around it, never extrapolated. Training seconds: each logged step "
+         "time times the steps it stands for (evaluation and checkpoint pauses excluded).", ""]
+    for view, v in views.items():
+        at = "–" if v["at"] is None else _fmt(float(v["at"]))
+        note = "; ".join(v["not_read"])
+        L += _md_claim(data, pk, f"Held-out loss at equal {view.replace('_', '-')} ({at} {VIEW_LABELS[view]})",
+                       lambda r, view=view: (r.get("views") or {}).get(view), True, " nats",
+                       note=(note + ".") if note else "")
+    return L
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1294,7 +1640,9 @@ def collect(exp_dir: str | Path) -> dict:
         rd = exp.exp / "runs" / "main" / r["name"]
         if not (rd / "metrics.jsonl").is_file():
             continue
-        summ = summarize(load_run(rd))
+        loaded = load_run(rd)
+        summ = summarize(loaded)
+        secs = training_seconds(loaded["train"])
         nums = plan["numbers"][r["point"]][r["arm"]]
         rows = _read_jsonl(rd / "metrics.jsonl")
         curve = sorted((int(x["step"]), x["val_loss"]) for x in rows if x.get("val_loss") is not None)
@@ -1305,8 +1653,10 @@ def collect(exp_dir: str | Path) -> dict:
                      "flops_causal": (summ["tokens"] or 0) * nums["flops_causal"],
                      "flops_dense": (summ["tokens"] or 0) * nums["flops_dense"],
                      "curve": [{"step": s, "tokens": s * tps, "flops_causal": s * tps * nums["flops_causal"],
-                                "flops_dense": s * tps * nums["flops_dense"], "val_loss": v} for s, v in curve]})
-    return {"exp": exp, "plan": plan, "choice": choice, "runs": runs}
+                                "flops_dense": s * tps * nums["flops_dense"], "seconds": _linear_at(secs, s),
+                                "val_loss": v} for s, v in curve]})
+    views = {pk: read_views(exp.spec, [r for r in runs if r["point"] == pk]) for pk in {r["point"] for r in runs}}
+    return {"exp": exp, "plan": plan, "choice": choice, "runs": runs, "views": views}
 
 
 def _plots(data: dict, out: Path) -> list[tuple[str, str]]:
@@ -1354,6 +1704,7 @@ def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
         L += _md_budget_table(data, pk, plan["numbers"][pk])
         L += _md_sweep_table(data, pk)
         L += _md_claims(data, pk)
+        L += _md_views(data, pk)
         L += _md_retrieval_claims(data, pk)
         L += _md_representation_claims(data, pk)
     L += _md_how_made(exp, pngs)
@@ -1375,6 +1726,13 @@ def _md_intro(exp) -> list[str]:
           f"Held-out sets: the first {spec.eval['batches']} x {spec.eval['batch_size']} windows of each val split, "
           "unshuffled, the same for every run. Spread: mean ± sample standard deviation over seeds; verdicts compare "
           "means with the standard error of their difference (within 2 SE: no difference within noise).", ""]
+    if b.get("match", "none") != "none":
+        L += [f"Shapes: `budget.match: {b['match']}` sized each arm's shape to match `{match_reference(spec)}`'s "
+              + ("parameter count" if b["match"] == "params" else "training FLOPs per token")
+              + " (what changed: each point's budget table).", ""]
+    if b.get("views"):
+        L += ["Budget views: the same runs also read at equal " + ", equal ".join(
+            v.replace("_", "-") for v in b["views"]) + " (one verdict per view; each point's budget views).", ""]
     return L
 
 
@@ -1400,6 +1758,24 @@ def _md_budget_table(data: dict, pk: str, nums: dict) -> list[str]:
                  f"{_fmt(rs[0]['flops_causal']) if rs else '–'} | {_fmt(rs[0]['flops_dense']) if rs else '–'} | "
                  f"{_fmt(wc, 1)} | {_fmt(statistics.median(tp), 0) if tp else '–'} |")
     L.append("")
+    sizing = (data["plan"].get("sizing") or {}).get(pk) or {}
+    match = spec.budget.get("match", "none")
+    if any(sizing.values()):
+        what = "parameters" if match == "params" else f"training FLOPs per token ({spec.budget['count']} count)"
+        L.append(f"Shapes sized by `budget.match: {match}` ({what} of each arm matched to `{match_reference(spec)}`'s, "
+                 f"tolerance ±{tol:.0%}; the rule: FFN hidden size in multiples of 8, else d_model in multiples of 8, "
+                 "else n_layers, whichever first comes within the tolerance, counted by the models themselves; a key "
+                 "an arm sets itself is never changed):")
+        L.append("")
+        for an, rec in sizing.items():
+            if not rec:
+                continue
+            ch = ", ".join(f"`model.{k}` {a} -> {b}" for k, (a, b) in rec["changed"].items()) or "no change"
+            L.append(f"- `{an}`: {ch}; {_fmt(rec['value'])} vs {_fmt(rec['target'])} ({rec['ratio']:+.2%}"
+                     + ("" if rec["within"] else ", **not within the tolerance**") + f"); {rec['rule']}.")
+        L.append("")
+    if match == "flops":
+        L += ["Parameters are not matched here by design (`budget.match: flops` matches FLOPs per token).", ""]
     return L
 
 
@@ -1417,8 +1793,20 @@ def _md_sweep_table(data: dict, pk: str) -> list[str]:
     L.append("")
     grid = sorted(spec.sweep["lr"])
     for an in spec.arms:
-        lr = data["choice"].get(pk, {}).get(an, {}).get("lr")
-        if lr is not None and len(grid) > 1 and lr in (grid[0], grid[-1]):
+        c = data["choice"].get(pk, {}).get(an, {})
+        lr = c.get("lr")
+        if "bracket" in c:  # the final bracket: the best rate and its neighbours among every rate tried
+            lo, best, hi = c["bracket"]
+            ext = c.get("extended") or []
+            L += [f"`{an}`: grid {', '.join(_fmt(x) for x in grid)}"
+                  + (f", extended (x{spec.sweep['extend_factor']:g} or ÷{spec.sweep['extend_factor']:g} a step) "
+                     "with " + ", ".join(_fmt(x) for x in ext) if ext else "")
+                  + f"; final bracket [{_fmt(lo) if lo else 'none'}, **{_fmt(best)}**, {_fmt(hi) if hi else 'none'}]"
+                  + f" ({c.get('stop', '')}).", ""]
+            if lo is None or hi is None:
+                L += [f"Note: `{an}`'s best learning rate {_fmt(lr)} is still at the "
+                      f"{'top' if hi is None else 'bottom'} of the rates tried; a better one may lie beyond.", ""]
+        elif lr is not None and len(grid) > 1 and lr in (grid[0], grid[-1]):
             L += [f"Note: `{an}`'s best learning rate {_fmt(lr)} is at the {'top' if lr == grid[-1] else 'bottom'} "
                   "of the grid; a wider grid may find a better one for this arm.", ""]
     return L

@@ -4,6 +4,7 @@ the local cluster (tests/test_slurm.py's fixture)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -281,3 +282,181 @@ def test_slurm_launcher_runs_a_two_run_array_on_the_local_cluster(cluster, tmp_p
 
 
 from tests.test_slurm import cluster  # noqa: E402,F401  (the module-scoped local SLURM cluster fixture)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 27: parameter-matched arms, a self-extending learning-rate sweep, budget views
+
+def _tiny_match_spec(match="params", arms=None, **budget):
+    return X.parse_spec({"data": {"train": "x"}, "axes": {"n_ctx": [16]},
+                         "arms": arms or {"mixer": {"model.kind": "mixer"},
+                                          "transformer": {"model.kind": "transformer", "model.heads": 2}},
+                         "base": {"model.d_model": 32, "model.n_layers": 2, "model.vocab_size": 512},
+                         "budget": {"rule": "flops", "flops": 1e9, "match": match, **budget}})
+
+
+def _count(overrides: dict) -> tuple[int, float]:
+    """Parameters and causal FLOPs/token of a config, counted another way: a real (CPU) model's tensors."""
+    import torch
+
+    from mmscale.config import config_from_dict
+    from mmscale.models import build_model
+
+    cfg = config_from_dict({}, X._override_list(overrides))
+    torch.manual_seed(0)
+    m = build_model(cfg.model)
+    return sum(p.numel() for p in m.parameters()), float(m.flops_per_token()["causal"])
+
+
+def test_budget_match_params_sizes_the_other_arm_to_the_closest_ffn_width():
+    spec = _tiny_match_spec("params", params_tolerance=0.02)
+    exp = X.Experiment(spec, Path("/nonexistent"))
+    sized = exp.sizing["ctx16"]
+    assert sized["transformer"] == {} and set(sized["mixer"]["changed"]) == {"ffn_hidden"}
+    ov = exp.arm_ovs["ctx16"]
+    target = _count(ov["transformer"])[0]
+    got = _count(ov["mixer"])[0]
+    assert got == exp.numbers["ctx16"]["mixer"]["params"] == sized["mixer"]["value"]
+    assert abs(got / target - 1) <= 0.02 and sized["mixer"]["within"]
+    # the closest multiple of 8, by brute force over every width (the harness bisects)
+    base = X.arm_overrides(spec, "mixer", 16, {})
+    brute = min(range(8, 257, 8), key=lambda h: (abs(_count({**base, "model.ffn_hidden": h})[0] - target), h))
+    assert ov["mixer"]["model.ffn_hidden"] == brute
+    # match flops: FLOPs per token (causal count) matched instead
+    exp = X.Experiment(_tiny_match_spec("flops", params_tolerance=0.02), Path("/nonexistent"))
+    ov = exp.arm_ovs["ctx16"]
+    assert abs(_count(ov["mixer"])[1] / _count(ov["transformer"])[1] - 1) <= 0.02
+    # match none: nothing changes
+    exp = X.Experiment(_tiny_match_spec("none"), Path("/nonexistent"))
+    assert exp.sizing["ctx16"] == {} and "model.ffn_hidden" not in exp.arm_ovs["ctx16"]["mixer"]
+
+
+def test_budget_match_leaves_keys_the_arm_sets_itself():
+    # the arm fixes its FFN: the next key in the rule (d_model) is sized
+    arms = {"mixer": {"model.kind": "mixer", "model.ffn_mult": 4},
+            "transformer": {"model.kind": "transformer", "model.heads": 2, "model.d_model": 64}}
+    exp = X.Experiment(_tiny_match_spec("params", arms), Path("/nonexistent"))
+    rec = exp.sizing["ctx16"]["mixer"]
+    assert "ffn_hidden" not in rec["changed"] and set(rec["changed"]) <= {"d_model", "n_layers"} and rec["changed"]
+    assert "model.ffn_hidden" not in exp.arm_ovs["ctx16"]["mixer"]
+    # every sizable key fixed by hand: not sized, and the report's MISMATCH stays
+    arms["mixer"].update({"model.d_model": 32, "model.n_layers": 2})
+    exp = X.Experiment(_tiny_match_spec("params", arms), Path("/nonexistent"))
+    rec = exp.sizing["ctx16"]["mixer"]
+    assert rec["changed"] == {} and not rec["within"] and "not sized" in rec["rule"]
+    assert exp.arm_ovs["ctx16"]["mixer"] == X.arm_overrides(exp.spec, "mixer", 16, {})
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"match": "weights"}, "budget.match"), ({"views": ["flops", "steps"]}, "budget.views"),
+    ({"match_keys": ["heads"]}, "budget.match_keys")])
+def test_bad_budget_match_and_views_keys(change, key):
+    with pytest.raises(UserError, match=re.escape(key)):
+        X.parse_spec({"data": {"train": "x"}, "axes": {"n_ctx": [16]},
+                      "arms": {"a": {"model.kind": "mixer"}, "b": {"model.kind": "transformer"}},
+                      "budget": {"rule": "flops", "flops": 1e9, **change}})
+    with pytest.raises(UserError, match="sweep.extend_factor"):
+        X.parse_spec({"data": {"train": "x"}, "arms": {"a": {}, "b": {}}, "budget": {"rule": "tokens", "tokens": 9},
+                      "sweep": {"lr": [1e-3], "extend_factor": 1}})
+
+
+def test_sweep_extends_toward_the_edge_until_the_best_is_interior_or_a_bound():
+    nxt = X.next_sweep_lr
+    assert nxt([(1e-3, 5.0), (3e-3, 4.5), (1e-2, 4.3)], 3, 1e-6, 1, 0, 3) == (0.03, "best at the top")
+    assert nxt([(1e-3, 4.0), (3e-3, 4.5), (1e-2, 4.9)], 3, 1e-6, 1, 0, 3)[0] == pytest.approx(1e-3 / 3)
+    assert nxt([(1e-3, 4.6), (3e-3, 4.5), (1e-2, 4.9)], 3, 1e-6, 1, 0, 3) == (None, "best is interior")
+    # a diverged rate above the best brackets it; every rate diverged: go down
+    assert nxt([(1e-3, 5.0), (1e-2, 4.0), (3e-2, float("nan"))], 3, 1e-6, 1, 0, 3)[0] is None
+    assert nxt([(1e-2, None), (3e-2, float("inf"))], 3, 1e-6, 1, 0, 3)[0] == pytest.approx(1e-2 / 3)
+    # bounds: sweep.max_extend, sweep.lr_max / lr_min, a one-rate grid
+    new, why = nxt([(1e-3, 5.0), (1e-2, 4.0)], 3, 1e-6, 1, 3, 3)
+    assert new is None and "max_extend" in why
+    new, why = nxt([(0.1, 5.0), (0.5, 4.0)], 3, 1e-6, 1.0, 0, 3)
+    assert new is None and "lr_max" in why
+    new, why = nxt([(1e-6, 4.0), (1e-5, 5.0)], 3, 1e-6, 1.0, 0, 3)
+    assert new is None and "lr_min" in why
+    assert nxt([(1e-3, 4.0)], 3, 1e-6, 1, 0, 3)[0] is None
+    # the whole loop on a synthetic U-shaped loss (minimum at 0.05): the sweep walks up x3 and stops bracketed
+    loss = lambda lr: 4 + (math.log(lr / 0.05)) ** 2  # noqa: E731
+    tried = [1e-3, 3e-3, 1e-2]
+    while True:
+        new, why = nxt([(lr, loss(lr)) for lr in tried], 3, 1e-6, 1, len(tried) - 3, 5)
+        if new is None:
+            break
+        tried.append(new)
+    assert tried[3:] == [pytest.approx(0.03), pytest.approx(0.09)] and why == "best is interior"
+    assert X.sweep_bracket([(lr, loss(lr)) for lr in tried]) == (0.01, pytest.approx(0.03), pytest.approx(0.09))
+
+
+def test_loss_at_interpolates_in_log_loss_and_never_extrapolates():
+    curve = [(100.0, 4.0), (300.0, 2.0), (500.0, 1.5)]
+    assert X.loss_at(curve, 200.0) == pytest.approx(math.sqrt(4.0 * 2.0))  # geometric mean at the midpoint
+    assert X.loss_at(curve, 400.0) == pytest.approx(math.exp(0.5 * math.log(2.0) + 0.5 * math.log(1.5)))
+    assert X.loss_at(curve, 150.0) == pytest.approx(4.0 ** 0.75 * 2.0 ** 0.25)
+    assert X.loss_at(curve, 300.0) == 2.0 and X.loss_at(curve, 500.0 * (1 + 1e-12)) == 1.5
+    assert X.loss_at(curve, 99.0) is None and X.loss_at(curve, 501.0) is None and X.loss_at([], 1.0) is None
+    # training seconds: each logged step time stands for the steps since the previous logged row
+    rows = [{"step": 10, "step_time": 0.5}, {"step": 20, "step_time": 0.7}, {"step": 25, "step_time": 1.0}]
+    assert X.training_seconds(rows) == [(0, 0.0), (10, 5.0), (20, 12.0), (25, 17.0)]
+
+
+def test_budget_views_read_every_run_at_the_common_budget_and_name_the_short_ones():
+    import random
+
+    rng = random.Random(5)
+    spec = _tiny_match_spec("none", views=["flops", "tokens", "wall_clock"])
+
+    def run(arm, seed, steps, finished=True):
+        curve, loss = [], 6.0
+        for s in range(10, steps + 1, 10):
+            loss *= rng.uniform(0.85, 0.99)
+            curve.append({"step": s, "tokens": s * 64, "flops_causal": s * 64 * (1e6 if arm == "a" else 2e6),
+                          "seconds": s * (0.1 if arm == "a" else 0.3), "val_loss": loss})
+        return {"arm": arm, "seed": seed, "curve": curve,
+                "summary": {"status": "finished" if finished else "stopped at step 20"}}
+
+    runs = [run("a", 0, 100), run("a", 1, 100), run("b", 0, 50), run("b", 1, 50), run("b", 2, 20, False)]
+    views = X.read_views(spec, runs)
+    assert views["tokens"]["at"] == 50 * 64 and views["flops"]["at"] == 50 * 64 * 2e6
+    assert views["wall_clock"]["at"] == pytest.approx(100 * 0.1)
+    for r in runs[:4]:  # the hand reading: the arm-a runs between their steps 30 and 40 (tokens), ...
+        pts = {c["tokens"]: c["val_loss"] for c in r["curve"]}
+        assert r["views"]["tokens"] == pytest.approx(pts[50 * 64])
+        x = views["flops"]["at"]
+        if r["arm"] == "a":  # flops 6.4e9 = step 100 for a: its last point
+            assert r["views"]["flops"] == pytest.approx(r["curve"][-1]["val_loss"])
+    b0 = runs[2]["curve"]  # wall-clock 10 s = step 33.3 of arm b: between its steps 30 and 40, in log(loss)
+    t = (10.0 - 9.0) / (12.0 - 9.0)
+    assert runs[2]["views"]["wall_clock"] == pytest.approx(
+        math.exp((1 - t) * math.log(b0[2]["val_loss"]) + t * math.log(b0[3]["val_loss"])))
+    # the unfinished run stops short: not read, and the view says so
+    assert runs[4]["views"]["tokens"] is None
+    assert any("b seed 2" in n and "beyond its curve" in n and "not read" in n for n in views["tokens"]["not_read"])
+    assert x == 50 * 64 * 2e6
+
+
+@pytest.mark.slow
+def test_tiny_experiment_with_matched_arms_extended_sweep_and_views_resumes_without_retraining(
+        tmp_path, monkeypatch):
+    spec = tiny_spec(retrieval=None, representation={"enabled": False},
+                     data={"text": "synth", "synth_stories": 200, "vocab_size": 512},
+                     sweep={"lr": [1e-5, 1e-4], "steps": 4, "max_extend": 1},
+                     axes={"seeds": [0], "n_ctx": [16]})
+    spec["budget"].update({"match": "params", "views": ["flops", "tokens", "wall_clock"]})
+    spec_path = write_spec(tmp_path, spec)
+    exp_dir = X.run_experiment(str(spec_path), str(tmp_path / "exp"), log=lambda m: None)
+    plan = json.loads((exp_dir / "plan.json").read_text())
+    sweep_runs = [r for r in plan["runs"] if r["phase"] == "sweep"]
+    for arm in ("mixer", "transformer"):  # the best of 1e-5, 1e-4 after 4 steps is the top: one rate added
+        assert sorted(r["lr"] for r in sweep_runs if r["arm"] == arm) == [1e-5, 1e-4, pytest.approx(3e-4)]
+    assert plan["sizing"]["ctx16"]["mixer"]["within"]
+    md = (exp_dir / "report" / "report.md").read_text()
+    assert "Shapes sized by `budget.match: params`" in md and "MISMATCH" not in md
+    assert "final bracket" in md and md.count("lr") > 0
+    for view in ("flops", "tokens", "wall-clock"):
+        assert f"### Held-out loss at equal {view} (" in md
+    assert md.count("**Verdict (mixer vs transformer):**") >= 6
+    # a rerun reuses every finished sweep point (extended ones too) and main run: nothing trains
+    monkeypatch.setattr(X, "train_run", lambda cfg: (_ for _ in ()).throw(AssertionError(f"retrained {cfg}")))
+    X.run_experiment(str(spec_path), str(tmp_path / "exp"), resume=True, log=lambda m: None)
+    assert json.loads((exp_dir / "plan.json").read_text())["runs"] == plan["runs"]
