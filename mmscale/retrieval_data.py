@@ -354,8 +354,9 @@ def write_beir(out: str | os.PathLike, doc_ids, titles, texts, queries: dict[str
     if (root / "corpus.jsonl").exists() and not overwrite:
         raise UserError(f"'{root}' already holds a collection; pass --overwrite or another --out")
     (root / "qrels").mkdir(parents=True, exist_ok=True)
-    _write_atomic(root / "corpus.jsonl", "".join(json.dumps({"_id": i, "title": t, "text": x}, ensure_ascii=False) + "\n"
-                                                 for i, t, x in zip(doc_ids, titles, texts)))
+    # corpus.jsonl is what makes the folder a collection: removed first and written last, so an interrupted
+    # (over)write never leaves a collection that looks complete (a new corpus beside old qrels, or no qrels)
+    (root / "corpus.jsonl").unlink(missing_ok=True)
     _write_atomic(root / "queries.jsonl", "".join(json.dumps({"_id": i, "text": x}, ensure_ascii=False) + "\n"
                                                   for i, x in queries.items()))
 
@@ -365,6 +366,8 @@ def write_beir(out: str | os.PathLike, doc_ids, titles, texts, queries: dict[str
     for name, lines in (qrels if isinstance(qrels, dict) else {split: qrels}).items():
         _write_atomic(root / "qrels" / f"{name}.tsv",
                       "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{fmt(s)}\n" for q, d, s in lines))
+    _write_atomic(root / "corpus.jsonl", "".join(json.dumps({"_id": i, "title": t, "text": x}, ensure_ascii=False) + "\n"
+                                                 for i, t, x in zip(doc_ids, titles, texts)))
     return root
 
 
