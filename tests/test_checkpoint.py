@@ -292,3 +292,36 @@ def test_two_ranks_hash_what_they_wrote_and_verify_what_they_read(tmp_path):
         assert o["bytes"] == saves + sum(n for _, n in at_resume)
         assert sum(n for p, n, sync in o["hashed"] if sync and p.startswith(str(tmp_cut))) == sum(
             meta["files"][f]["size"] for f in wrote[r])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_fall_back_together_when_a_file_only_one_rank_reads_is_damaged(tmp_path):
+    """The newest checkpoint's `model/__1_0.distcp` (rank 1's shard, same size, one byte flipped) is hashed by rank 1
+    only; both ranks agree on it being damaged and resume the older one, and the steps after it are recomputed
+    exactly."""
+    from tests._dist import read_losses
+
+    run = tmp_path / "run"
+    first = tiny_config(run, **{"engine.kind": "fsdp", "train.max_steps": 4, "checkpoint.every": 2,
+                                "checkpoint.keep": 3})
+    assert run_distributed("tests._dist:train_runs", {"runs": [{"config": first}]}) == [[0], [0]]
+    full = read_losses(run)
+    victim = run / "checkpoints" / ckpt.step_dir_name(4) / "model" / "__1_0.distcp"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    again = dict(first, train={**first["train"], "max_steps": 6})
+    out = run_distributed("tests.test_checkpoint:counted_train_runs", {"runs": [{"config": again}]})
+    assert [o["statuses"] for o in out] == [[0], [0]]
+    losses = read_losses(run)
+    assert [losses[s] for s in (3, 4)] == [full[3], full[4]] and sorted(losses) == list(range(1, 7))
+
+    def verified(o):  # at resume: what a rank hashed before its first save (finalize later checks the old step 4)
+        first_save = next(i for i, (_, _, sync) in enumerate(o["hashed"]) if sync)
+        return {os.path.relpath(p, run / "checkpoints") for p, _, _ in o["hashed"][:first_save]}
+
+    assert "step_00000004/model/__1_0.distcp" in verified(out[1])
+    assert "step_00000004/model/__1_0.distcp" not in verified(out[0])
+    assert "step_00000002/model/__0_0.distcp" in verified(out[0])  # then both checked the older one
+    assert list((run / "checkpoints").glob(".damaged_step_00000004.*"))  # kept aside when step 4 was saved again
