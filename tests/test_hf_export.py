@@ -156,7 +156,7 @@ def test_generate_greedy_equals_mmscale_generate(exports, corpus, kind, capsys):
     src, hf_dir = exports[kind]
     ref, _ = load_export(src)
     hf = _hf(hf_dir)
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)  # 5.x asks otherwise (remote code)
     prompt_text, n_new = "Once upon a time", 14
     prompt = [sp.eos_id()] + sp.encode(prompt_text)  # what `mmscale generate` feeds: a document starts after EOS
     assert [tok.eos_token_id] + tok(prompt_text)["input_ids"] == prompt
@@ -217,7 +217,7 @@ def test_save_pretrained_round_trip_and_no_mmscale_import(exports, corpus, tmp_p
               "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
               "ref = torch.load(sys.argv[2])\n"
               "with torch.no_grad(): d = (m(ref['ids']).logits - ref['logits']).abs().max().item()\n"
-              "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+              "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
               "print(d, t('Once upon a time')['input_ids'])\n")
     res = subprocess.run([sys.executable, "-c", script, str(hf_dir), str(tmp_path / "ref.pt")], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300,
@@ -236,8 +236,10 @@ def test_tokenizer_round_trips_like_sentencepiece(exports, corpus, tmp_path):
     text, _, sp = corpus
     stories = Path(text).read_text()
     samples = TEXTS + stories.split("\n")[:200] + [stories[:5000]]
-    tok = AutoTokenizer.from_pretrained(str(exports["flat"][1]))
-    assert type(tok).__name__ == "PreTrainedTokenizerFast" and tok.bos_token is None and tok.eos_token == "</s>"
+    tok = AutoTokenizer.from_pretrained(str(exports["flat"][1]), trust_remote_code=True)
+    # the generic fast tokenizer over tokenizer.json (transformers 5 calls it TokenizersBackend)
+    assert type(tok).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    assert tok.bos_token is None and tok.eos_token == "</s>"
     assert tok.model_max_length == N_CTX
     for s in samples:
         ids = tok(s)["input_ids"]  # default add_special_tokens: nothing added (mmscale's data has no BOS)
@@ -412,7 +414,7 @@ def test_lm_eval_runs_and_agrees_with_mmscale_eval(exports, corpus, tmp_path):
         from transformers import AutoTokenizer
 
         from mmscale.export.generate import generate_ids
-        tok = AutoTokenizer.from_pretrained(str(exports[kind][1]))
+        tok = AutoTokenizer.from_pretrained(str(exports[kind][1]), trust_remote_code=True)
         new = generate_ids(ref, sp.encode(gen[0]["question"]), 8, temperature=0, eos_id=sp.eos_id())
         want = tok.decode([t for t in new if t != sp.eos_id()], skip_special_tokens=True).split("\n\n")[0]
         assert samples["mmscale_test_gen"][0]["filtered_resps"][0] == want, kind
@@ -551,7 +553,7 @@ def test_prepare_accepts_hf_tokenizers(corpus, tmp_path):
     save_export(tmp_path / "exp", build_model(cfg).state_dict(), cfg, tmp_path / "from_file" / "tokenizer.model")
     export_hf(tmp_path / "exp", tmp_path / "exp-hf")
     from transformers import AutoTokenizer
-    auto = AutoTokenizer.from_pretrained(str(tmp_path / "exp-hf"))
+    auto = AutoTokenizer.from_pretrained(str(tmp_path / "exp-hf"), trust_remote_code=True)
     for s in TEXTS:
         assert auto(s)["input_ids"] == back.encode(s) and auto.decode(auto(s)["input_ids"]) == s
 
