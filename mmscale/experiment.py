@@ -25,6 +25,29 @@ Budget rules (budget.rule): `flops` gives every arm the same training FLOPs (mod
 `causal` = the live lower triangle, or `dense`; budget.count), `tokens` the same training tokens, `wall_clock`
 the same seconds, converted to steps with each arm's throughput measured in its sweep. Steps are rounded to
 the nearest whole step, so arms differ by less than one step's worth. The other two quantities are recorded.
+
+Matched shapes (budget.match: none | params | flops): every arm but the reference (budget.reference_arm, else the
+baseline) is sized so its parameter count (params) or training FLOPs per token (flops, budget.count) is the
+closest the shape allows to the reference's, counted by the models themselves (meta-device builds). The rule, in
+the order of budget.match_keys (default ffn_hidden, d_model, n_layers): FFN hidden size in multiples of 8 from
+d_model (ffn_mult 1) up, else
+d_model in multiples of 8 (valid for the arm's heads), else n_layers, each tried alone from the arm's own shape;
+the first whose closest value is within budget.params_tolerance is kept (none: the closest of all). A key the arm
+sets itself (model.ffn_mult / ffn_hidden, d_model, n_layers under arms.NAME) is the user's and never changed: with
+all three set, the arm is not sized and the report's MISMATCH stays. plan.json's "sizing" and the report's budget
+table say what changed.
+
+The sweep extends itself (sweep.max_extend > 0; default 0, the grid as given): when an arm's best final val loss
+is at the top (bottom) of the rates tried, best x (/) sweep.extend_factor (default 3) is tried next, until the best
+is interior (a diverged rate beyond it counts as a bracket), max_extend rates were added, or the next rate passes
+sweep.lr_min / lr_max. Decisions depend only on finished runs, so --resume makes the same ones and reuses every
+finished sweep point; the report lists the whole sweep and the final bracket.
+
+Budget views (budget.views: any of flops, tokens, wall_clock): the same main runs read off their val-loss curves
+at a common budget per view (the smallest budget every finished run reached), interpolated linearly in log(loss)
+against the budget between evaluation points, never extrapolated (a run whose curve does not cover it is named,
+not read); wall-clock is training seconds (logged step times; evaluation and checkpoint pauses excluded). One
+verdict per view.
 """
 from __future__ import annotations
 
@@ -668,7 +691,8 @@ def size_arm(ov: dict, target: float, match: str, count: str, tol: float, keys: 
              fixed: set[str]) -> dict:
     """Size one arm's shape so its parameter count (match params) or training FLOPs per token (match flops)
     is as close as the shape allows to `target`, by this rule: try the keys in order (budget.match_keys, default
-    FFN hidden size in multiples of 8, then d_model in multiples of 8, then n_layers), each alone from the arm's
+    FFN hidden size in multiples of 8 from d_model up, then d_model in multiples of 8, then n_layers), each alone
+    from the arm's
     own shape, and keep the first whose closest value is within the tolerance; when none is, keep the closest of
     all. A key in `fixed` (set by the arm itself: the user's shape) is never changed; with every key fixed the arm
     is left as it is. Deterministic: the same spec gives the same shape. Returns {"overrides", "changed" {key:
@@ -683,8 +707,8 @@ def size_arm(ov: dict, target: float, match: str, count: str, tol: float, keys: 
             continue
         if key == "ffn_hidden":
             old = cfg.ffn_hidden or cfg.ffn_mult * cfg.d_model
-            top = max(old * 8, 64)
-            cands = list(range(8, top + 1, 8))
+            low = max(8, -(-cfg.d_model // 8) * 8)  # no narrower than the residual stream (ffn_mult 1)
+            cands = list(range(low, max(old * 8, low) + 1, 8))
         elif key == "d_model":
             old = cfg.d_model
             cands = list(range(8, max(old * 4, 64) + 1, 8))
@@ -1763,7 +1787,8 @@ def _md_budget_table(data: dict, pk: str, nums: dict) -> list[str]:
     if any(sizing.values()):
         what = "parameters" if match == "params" else f"training FLOPs per token ({spec.budget['count']} count)"
         L.append(f"Shapes sized by `budget.match: {match}` ({what} of each arm matched to `{match_reference(spec)}`'s, "
-                 f"tolerance ±{tol:.0%}; the rule: FFN hidden size in multiples of 8, else d_model in multiples of 8, "
+                 f"tolerance ±{tol:.0%}; the rule: FFN hidden size in multiples of 8 from d_model up, else d_model in "
+                 "multiples of 8, "
                  "else n_layers, whichever first comes within the tolerance, counted by the models themselves; a key "
                  "an arm sets itself is never changed):")
         L.append("")

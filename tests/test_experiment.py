@@ -320,7 +320,7 @@ def test_budget_match_params_sizes_the_other_arm_to_the_closest_ffn_width():
     assert abs(got / target - 1) <= 0.02 and sized["mixer"]["within"]
     # the closest multiple of 8, by brute force over every width (the harness bisects)
     base = X.arm_overrides(spec, "mixer", 16, {})
-    brute = min(range(8, 257, 8), key=lambda h: (abs(_count({**base, "model.ffn_hidden": h})[0] - target), h))
+    brute = min(range(32, 257, 8), key=lambda h: (abs(_count({**base, "model.ffn_hidden": h})[0] - target), h))
     assert ov["mixer"]["model.ffn_hidden"] == brute
     # match flops: FLOPs per token (causal count) matched instead
     exp = X.Experiment(_tiny_match_spec("flops", params_tolerance=0.02), Path("/nonexistent"))
@@ -460,3 +460,18 @@ def test_tiny_experiment_with_matched_arms_extended_sweep_and_views_resumes_with
     monkeypatch.setattr(X, "train_run", lambda cfg: (_ for _ in ()).throw(AssertionError(f"retrained {cfg}")))
     X.run_experiment(str(spec_path), str(tmp_path / "exp"), resume=True, log=lambda m: None)
     assert json.loads((exp_dir / "plan.json").read_text())["runs"] == plan["runs"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "experiments").glob("*.yaml")))
+def test_shipped_specs_parse_and_their_matched_arms_are_within_tolerance(name):
+    spec = X.load_spec(REPO / "experiments" / name)
+    if spec.budget["match"] == "none":
+        return
+    exp = X.Experiment(spec, Path("/nonexistent"))
+    ref = X.match_reference(spec)
+    for pk, nums in exp.numbers.items():
+        for an, rec in exp.sizing[pk].items():
+            if an != ref:
+                assert rec["within"], (pk, an, rec)
+                if spec.budget["match"] == "params":
+                    assert abs(nums[an]["params"] / nums[ref]["params"] - 1) <= spec.budget["params_tolerance"]
