@@ -583,8 +583,10 @@ def mine_negatives(kind: str, coll: Collection, *, depth: int, export: str | Non
 
     excluded = coll.excluded()
     fp = export_fingerprint(export) if kind == "model" else ""
+    # BM25's ranking depends on neither the passage mode nor the embedding position
     key = hashlib.sha256(json.dumps({"kind": kind, "collection": coll.fingerprint_all(), "depth": depth,
-                                     "export": fp, "mode": mode, "position": str(position),
+                                     "export": fp, "mode": mode if kind == "model" else "",
+                                     "position": str(position) if kind == "model" else "",
                                      "version": CACHE_VERSION}).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"negatives-{kind}-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
