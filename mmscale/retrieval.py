@@ -6,9 +6,13 @@
     mmscale convert runs/ret exports/mixer-retrieval
     mmscale retrieval eval exports/mixer-retrieval --collection cisi --candidates 32,128
 
-A collection is a BEIR-layout directory or a pairs JSONL (mmscale.retrieval_data). The paper's method
-(Badger 2024, v2+): the generative model without its LM head embeds a text by its hidden state at one
-token (mmscale.embedder); training uses InfoNCE on cosine similarity with temperature tau: each
+A collection is a BEIR-layout directory or a pairs JSONL (mmscale.retrieval_data); `--pairs corpus:MODE...`
+with a collection trains on pairs made from its corpus (CorpusPairs: title -> body, crop -> window, sentence ->
+rest), optionally mixed with its judged queries. The paper's method (Badger 2024, v2+): the generative model
+without its LM head embeds a text by its hidden state at one token (mmscale.embedder); here the default is the
+mean over the text's tokens (retrieval.position mean: last-token embeddings of small models made InfoNCE
+collapse, docs/retrieval-collapse.md), and every log step records in-batch accuracy, alignment, uniformity
+and the batch's document cosine, with a warning on collapse (RetrievalStats). Training uses InfoNCE on cosine similarity with temperature tau: each
 example is a group of 1 query, one of its relevant documents and group_size - 2 negatives (the
 query's given or mined hard negatives first, then random documents). A document judged relevant to
 the query (or an exact duplicate of one) is never its negative: not in its group, and, with
@@ -24,7 +28,8 @@ then the bit-packed mask [B, candidates] of candidates that must not count as ne
 
 Evaluation ranks every document of the corpus for every query (mmscale.ir_metrics): nDCG@10,
 Recall@10/100, MRR@10, MAP, and the paper's top-1 among n, beside a BM25 row on the same queries,
-corpus and candidates (mmscale.bm25). Corpus embeddings are cached, keyed by the export's files, the
+corpus and candidates (mmscale.bm25) and a hybrid row (BM25 and model scores interpolated with a weight
+chosen on another split's queries, or reciprocal-rank fusion), with paired per-query comparisons. Corpus embeddings are cached, keyed by the export's files, the
 corpus, the passage mode and the embedding position.
 
 Long documents (retrieval.passage_mode): `truncate` embeds the first n_ctx tokens of title + text;
