@@ -19,8 +19,11 @@
 #                                                                        = 475 s of limits
 set -uo pipefail
 START=$(date +%s)
-TOTAL=${GPU_CHECK_TOTAL_S:-480}
 DRY=${GPU_CHECK_DRY:-0}
+# the limits are for the GPU machine (16 cores); a dry run on a shared 2-core CPU gets 4x (imports alone
+# of torch + deepspeed + transformers can take 30 s there)
+SCALE=${GPU_CHECK_LIMIT_SCALE:-$( [[ $DRY == 1 ]] && echo 4 || echo 1 )}
+TOTAL=${GPU_CHECK_TOTAL_S:-$(( 480 * SCALE ))}
 CALLER_PWD=$PWD
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT_DIR=${OUT:-$CALLER_PWD/gpu_check_out}
@@ -58,6 +61,7 @@ kill_tagged() {  # every process whose environment carries GPU_CHECK_TAG=$1 (esc
 STEP_N=0
 step() {
   local name=$1 limit=$2; shift 2
+  (( limit >= 10 )) && limit=$(( limit * SCALE ))
   local rem; rem=$(left)
   if (( rem < 5 )); then row "$name" SKIPPED "no time left in the ${TOTAL} s budget"; return; fi
   (( limit > rem )) && limit=$rem
@@ -90,7 +94,15 @@ step() {
   fi
 }
 
-has_cuda() { [[ $DRY != 1 ]] && "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
+HAS_CUDA=  # asked once (a torch import costs seconds), after the wheels are on the path
+has_cuda() {
+  if [[ -z $HAS_CUDA ]]; then
+    HAS_CUDA=no
+    [[ $DRY != 1 ]] && "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
+      && HAS_CUDA=yes
+  fi
+  [[ $HAS_CUDA == yes ]]
+}
 gpu_step() {  # like step, but SKIPPED: no CUDA where there is none
   if has_cuda; then step "$@"; else row "$1" SKIPPED "no CUDA"; fi
 }
