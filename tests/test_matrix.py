@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._dist import REPO, read_losses, run_distributed, tiny_config
+from tests._dist import REPO, run_distributed, tiny_config
 
 WORLDS = (1, 2, 3)
 STEPS, SAVE_AT = 4, 2
