@@ -132,6 +132,13 @@ def _probe_rank(vocab_size: int, threads: int, chosen: str, steps: int, barrier,
     results.put(times[len(times) // 2])
 
 
+def auto_precision_line() -> str:
+    """What `engine.precision=auto` picks on this machine, and why (mmscale/precision.py)."""
+    from mmscale import precision as prec
+
+    return prec.choose("auto", prec.cpu_facts(), override=os.environ.get(prec.ENV_AUTO) or None)[1]
+
+
 def probe_step_seconds(vocab_size: int, threads: int, ranks: int = 2,
                        steps: int = 3) -> tuple[float, float, str]:
     """(seconds of one training step of the demo model, seconds a fresh process takes to import torch and
@@ -254,14 +261,15 @@ def _demo(args) -> int:
 
     run_dir = work / time.strftime("run_%Y%m%d_%H%M%S")
     threads = threads_per_rank()
-    step_s, startup_s, precision_line = probe_step_seconds(args.vocab_size, threads)
-    if args.steps:
-        steps, why = args.steps, "--steps"
+    if args.steps:  # a fixed length: nothing to time
+        steps, why, probe = args.steps, "--steps", ""
+        precision_line = auto_precision_line()
     else:
+        step_s, startup_s, precision_line = probe_step_seconds(args.vocab_size, threads)
         steps, why = plan_steps(args.minutes * 60, time.time() - t0, step_s, startup_s)
+        probe = f"; probe: {step_s:.2f} s per rank step, {startup_s:.1f} s to start a process"
     _say(f"4/6 training a masked mixer on 2 CPU ranks ({threads} thread(s) each) with DeepSpeed ZeRO-2, {steps} "
-         f"steps ({why})\n   {precision_line}; probe: {step_s:.2f} s per rank step, {startup_s:.1f} s to start "
-         "a process")
+         f"steps ({why})\n   {precision_line}{probe}")
     eval_every = max(1, steps // 4)
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     _run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "mmscale/train.py",
@@ -270,7 +278,7 @@ def _demo(args) -> int:
           f"log.sample_every={eval_every * 2}", f"run.dir={run_dir}", "run.resume=never"],
          env={"OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
     vals, per_step = training_summary(run_dir)
-    if per_step:
+    if per_step and not args.steps:
         print(f"   trained at {per_step:.2f} s/step (sized for {step_s * RANK_OVERHEAD:.2f})", file=sys.stderr)
 
     _say("5/6 exporting the trained model")

@@ -20,7 +20,7 @@ def test_demo_pipeline_small(tmp_path):
     work = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "mmscale.demo", "--workdir", str(work), "--steps", "4",
                            "--stories", "300", "--vocab-size", "512"], cwd=REPO, capture_output=True, text=True,
-                          timeout=400, env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)})
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "mmscale demo finished" in out
@@ -30,6 +30,8 @@ def test_demo_pipeline_small(tmp_path):
     for name, path in paths.items():
         assert Path(path).exists(), name
     assert "loss " in out and "perplexity" in out  # mmscale eval ran
+    assert "engine.precision: auto -> fp32 (MMSCALE_AUTO_PRECISION=fp32" in proc.stderr  # the suite's pin reached it
+    assert re.search(r"^  held-out loss  step 1: \d", out, re.M)  # the summary's losses by step
     assert Path(paths["checkpoint"]).name == "step_00000004"
     samples = (Path(paths["config"]).parent / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 2  # log.sample_every = 2: steps 2 and 4, two prompts each (ZeRO-2, 2 ranks)
