@@ -201,6 +201,11 @@ class Conventions:
             os.close(fd)
             os.unlink(tmp)
             args.json = tmp
+        elif self.json_takes_file and isinstance(getattr(args, "json", None), str) and args.json:
+            # --json FILE of a command that writes it itself: a file (not a folder, FIFO or device) in a folder
+            # that exists; an existing one is replaced only with --overwrite where the command has that flag
+            check_output_path(args.json, "--json", kind="file", exists_code=2,
+                              overwrite=bool(getattr(args, "overwrite", True)))
         try:
             if self.json_file is not None:
                 target = Path(self.json_file)
@@ -230,7 +235,7 @@ class Conventions:
 
 
 def check_output_path(out: str | os.PathLike, flag: str = "--out", *, kind: str = "dir", overwrite: bool = False,
-                      inputs=()) -> Path:
+                      inputs=(), exists_code: int = 1) -> Path:
     """The one check of an output path, before any work (every command that writes a file or folder):
 
     - an existing output is replaced only with --overwrite;
@@ -239,7 +244,7 @@ def check_output_path(out: str | os.PathLike, flag: str = "--out", *, kind: str 
     - an output that is an input, or holds one (removing or writing it would destroy the input), is refused with
       or without --overwrite; an output inside an input folder (an export inside its run dir) is allowed both ways;
     - a file output needs its folder to exist.
-    Exit status 2 (a wrong argument), 1 for an output that exists without --overwrite (as before).
+    Exit status 2 (a wrong argument); `exists_code` (1, as before) for an output that exists without --overwrite.
     """
     exit_code = 2
     from mmscale.fsutil import _resolved
@@ -266,7 +271,8 @@ def check_output_path(out: str | os.PathLike, flag: str = "--out", *, kind: str 
             raise UserError(f"{flag} '{out}' overlaps the input '{inp}' (the same path or a folder holding it); "
                             f"writing there would destroy the input: choose another {flag}", exit_code)
     if out.exists() and not overwrite:
-        raise UserError(f"{flag} '{out}' already exists; pass --overwrite to replace it or choose another {flag}", 1)
+        raise UserError(f"{flag} '{out}' already exists; pass --overwrite to replace it or choose another {flag}",
+                        exists_code)
     if kind == "file" and not out.parent.is_dir():
         raise UserError(f"{flag}: folder '{out.parent}' does not exist; create it first", exit_code)
     return out

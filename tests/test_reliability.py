@@ -760,6 +760,33 @@ def _(w, d):
     return ["eval", str(w.export), "--data", str(w.data), "--json", str(d / "r.json"), "--overwrite"], "folder"
 
 
+@case("retrieval eval --json onto a folder --overwrite", 2)
+def _(w, d):
+    (d / "p.jsonl").write_text("".join(json.dumps({"query": f"q{i}", "passage": f"p{i}"}) + "\n" for i in range(4)))
+    (d / "r.json").mkdir()
+    return ["retrieval", "eval", str(w.export), "--pairs", str(d / "p.jsonl"), "--json", str(d / "r.json"),
+            "--overwrite"], "is an existing folder"
+
+
+@case("retrieval eval --json into a missing folder", 2)
+def _(w, d):
+    (d / "p.jsonl").write_text("".join(json.dumps({"query": f"q{i}", "passage": f"p{i}"}) + "\n" for i in range(4)))
+    return ["retrieval", "eval", str(w.export), "--pairs", str(d / "p.jsonl"), "--json", str(d / "no" / "r.json")], \
+        "does not exist; create it first"
+
+
+@case("representation --json onto a folder", 2)
+def _(w, d):
+    (d / "r.json").mkdir()
+    return ["representation", str(w.export), "--data", str(w.data), "--json", str(d / "r.json")], "is an existing folder"
+
+
+@case("representation --json onto a FIFO", 2)
+def _(w, d):
+    os.mkfifo(d / "r.json")
+    return ["representation", str(w.export), "--data", str(w.data), "--json", str(d / "r.json")], "is a special file"
+
+
 # --- a SMART collection that is not UTF-8 is refused, not silently altered
 def _smart(d: Path, docs: bytes, queries: bytes = b".I 1\n.W\nwhat about coffee\n", qrels: bytes = b"1 1 0 0.0\n"):
     for name, data in (("docs.all", docs), ("q.qry", queries), ("rel.rel", qrels)):
