@@ -343,6 +343,9 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
         engine_cls.start_process_group(info, device, cfg.engine.dist_timeout_min)
 
     loader, clean = None, False
+    # the loop installs its stop handlers; afterwards the caller's come back (the CLI's, which turn a later Ctrl-C
+    # into one line; an in-process caller such as `experiment run` goes on after this run)
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         if needs_group and dist_.ranks_flagging(lock_error is not None, device):
             raise lock_error or UserError(f"rank 0 could not lock run.dir '{run_dir}' (its line says who holds it)")
@@ -365,7 +368,7 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
         raise
     finally:
         for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
+            signal.signal(s, previous[s] if previous[s] is not None else signal.SIG_DFL)
         if lock is not None:
             lock.release()
         if clean:  # after a crash the other ranks may be gone: no collectives, just exit
