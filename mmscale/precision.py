@@ -12,6 +12,9 @@ demo's training step 12x slower (issue 22), so auto picks fp32 there.
 MMSCALE_AUTO_PRECISION=fp32|bf16 fixes what auto picks whatever the device (the test suite sets fp32, so a
 test that only exercises a path runs the same on every CPU; tests whose subject is bf16 say bf16).
 
+Each rank resolves `auto` for itself, before the process group exists: ranks on machines of one kind agree;
+a job spread over CPUs that differ in bf16 support should set engine.precision explicitly.
+
 cpu_key() names this CPU (model and the ISA flags that change speed) for caches of measured choices
 (mmscale.ops.token_mixing): a choice measured on one CPU is never reused on another.
 """
