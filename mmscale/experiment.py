@@ -582,9 +582,17 @@ def _model_numbers(overrides: dict) -> dict:
     n = sum(p.numel() for p in model.parameters())
     fl = model.flops_per_token()
     return {"params": int(n), "flops_dense": float(fl["dense"]), "flops_causal": float(fl["causal"]),
-            "tokens_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.n_ctx,
+            "tokens_per_step": _samples_per_step(cfg.train) * cfg.model.n_ctx,
             "n_ctx": cfg.model.n_ctx, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
             "kind": cfg.model.kind, "warmup_steps": cfg.train.warmup_steps, "lr": cfg.train.lr}
+
+
+def _samples_per_step(train_cfg) -> int:
+    """Samples per optimizer step of one experiment run (one process): the global batch when it is set (always,
+    with train.micro_batch_size=auto, whose probe keeps it through grad_accum), else micro-batch x grad_accum."""
+    if train_cfg.global_batch_size:
+        return int(train_cfg.global_batch_size)
+    return int(train_cfg.micro_batch_size) * int(train_cfg.grad_accum)
 
 
 def _point_key(n_ctx, shape) -> str:

@@ -475,3 +475,14 @@ def test_shipped_specs_parse_and_their_matched_arms_are_within_tolerance(name):
                 assert rec["within"], (pk, an, rec)
                 if spec.budget["match"] == "params":
                     assert abs(nums[an]["params"] / nums[ref]["params"] - 1) <= spec.budget["params_tolerance"]
+
+
+def test_tokens_per_step_follow_the_global_batch_with_auto_micro_batch():
+    """train.micro_batch_size=auto picks the micro-batch at start; the budget counts the global batch it keeps."""
+    from mmscale.experiment import _model_numbers
+
+    base = {"model.d_model": 32, "model.n_layers": 1, "model.n_ctx": 16, "model.vocab_size": 64}
+    fixed = _model_numbers({**base, "train.micro_batch_size": 4, "train.grad_accum": 3})
+    assert fixed["tokens_per_step"] == 4 * 3 * 16
+    auto = _model_numbers({**base, "train.micro_batch_size": "auto", "train.global_batch_size": 24})
+    assert auto["tokens_per_step"] == 24 * 16
