@@ -470,7 +470,7 @@ def test_cli_and_errors(exports, tmp_path, capsys):
     assert cli_main(["export-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["export-hf", str(src), "--position", "middle", "--out", str(tmp_path / "c")]) == 1
-    assert "'last' or an integer" in capsys.readouterr().err
+    assert "'last', 'mean' or an integer" in capsys.readouterr().err
     # a bidirectional transformer has no LlamaForCausalLM
     from mmscale.models import build_model
     cfg = ModelConfig(kind="transformer", d_model=16, n_layers=1, n_ctx=8, vocab_size=VOCAB, heads=2,
