@@ -46,9 +46,9 @@ def test_demo_pipeline_small(tmp_path):
 def test_demo_sizes_training_by_time():
     from mmscale import demo
 
-    # 240 s budget, 40 s spent, 12 process starts of 2 s: 176 s left; 0.5 s x 1.15 per step -> 306 steps
+    # 240 s budget, 40 s spent, 12 process starts of 2 s: 176 s left; 0.5 s x 1.4 per step -> 251 steps
     steps, why = demo.plan_steps(240, 40, 0.5, 2.0)
-    assert steps == int(176 / (0.5 * demo.RANK_OVERHEAD)) == 306 and "306 steps" in why
+    assert steps == int(176 / (0.5 * demo.RANK_OVERHEAD)) == 251 and "251 steps" in why
     # a slow CPU (or a busy one) still trains the steps that show learning, and says it runs over
     steps, why = demo.plan_steps(240, 40, 2.3, 2.0)
     assert steps == demo.MIN_STEPS and "run over" in why
