@@ -83,10 +83,34 @@ def interrupt_status(prog: str, e: KeyboardInterrupt) -> int:
     return 128 + signum
 
 
+def utf8_problem(path) -> tuple[str | None, int, int]:
+    """Scan a file in 4 MiB chunks, before any parsing: (None, 0, 0) for clean UTF-8 text, else (problem, line,
+    byte offset) with problem "not_utf8" (the first bad byte's line and offset), "nul" (a NUL byte in the file)
+    or "truncated" (the file ends inside a character). Callers word the one-line error for their input."""
+    import codecs
+
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                at = max(e.start, 0)
+                return "not_utf8", lines + chunk.count(b"\n", 0, at), offset + at
+            if b"\0" in chunk:
+                return "nul", lines, offset
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "truncated", lines, offset
+    return None, 0, 0
+
+
 def check_text_file(path, what: str = "file", fix: str = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") -> None:
     """The one check of a text input before it is parsed: a regular file (a FIFO or device is never opened),
     UTF-8 throughout (the line and byte offset of the first bad byte) and no NUL bytes. One-line UserError."""
-    import codecs
     import stat
     from pathlib import Path
 
@@ -98,21 +122,10 @@ def check_text_file(path, what: str = "file", fix: str = "save it as UTF-8 (e.g.
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
         raise UserError(f"{what} '{path}' is {kind}; give a text file")
-    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as e:
-                at = max(e.start, 0)
-                line = lines + chunk.count(b"\n", 0, at)
-                raise UserError(f"{what} '{path}' is not UTF-8 text (line {line}, "
-                                f"byte offset {offset + at}); {fix}") from None
-            if b"\0" in chunk:
-                raise UserError(f"{what} '{path}' holds NUL bytes (a binary file?); give a text file")
-            lines += chunk.count(b"\n")
-            offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise UserError(f"{what} '{path}' ends inside a UTF-8 character (truncated?); {fix}") from None
+    problem, line, offset = utf8_problem(p)
+    if problem == "not_utf8":
+        raise UserError(f"{what} '{path}' is not UTF-8 text (line {line}, byte offset {offset}); {fix}")
+    if problem == "nul":
+        raise UserError(f"{what} '{path}' holds NUL bytes (a binary file?); give a text file")
+    if problem == "truncated":
+        raise UserError(f"{what} '{path}' ends inside a UTF-8 character (truncated?); {fix}")

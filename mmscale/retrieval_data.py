@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmscale.errors import UserError
+from mmscale.errors import UserError, utf8_problem
 
 LAYOUT_HINT = ("a BEIR-layout directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or a pairs JSONL; "
                "convert raw files with `mmscale retrieval import`")
@@ -100,27 +100,16 @@ class Collection:
 # reading
 
 def _jsonl(path: Path, kind: str):
-    import codecs
-
-    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
-    with open(path, "rb") as f:  # binary or non-UTF-8 files: one line naming the place, before any parsing
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as e:
-                at = max(e.start, 0)
-                line_no = lines + chunk.count(b"\n", 0, at)
-                raise UserError(f"{path}:{line_no} is not UTF-8 text (byte offset {offset + at}); give a JSONL "
-                                f"file, one {kind} object per line") from None
-            if b"\0" in chunk:
-                raise UserError(f"{path} holds NUL bytes (a binary file?); give a JSONL file, one {kind} object "
-                                "per line")
-            lines += chunk.count(b"\n")
-            offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise UserError(f"{path} ends inside a UTF-8 character (truncated?); give a complete JSONL file") from None
+    # binary or non-UTF-8 files: one line naming the place, before any parsing
+    problem, line_no, offset = utf8_problem(path)
+    if problem == "not_utf8":
+        raise UserError(f"{path}:{line_no} is not UTF-8 text (byte offset {offset}); give a JSONL "
+                        f"file, one {kind} object per line")
+    if problem == "nul":
+        raise UserError(f"{path} holds NUL bytes (a binary file?); give a JSONL file, one {kind} object "
+                        "per line")
+    if problem == "truncated":
+        raise UserError(f"{path} ends inside a UTF-8 character (truncated?); give a complete JSONL file")
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
