@@ -135,3 +135,16 @@ def apply_umask_tree(root: str | os.PathLike) -> None:
             p = Path(dirpath) / f
             if not p.is_symlink():
                 os.chmod(p, fmode)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (the liveness test of every lock file's owner: the run dir's
+    lock, the streaming loader's lock owners, the launcher's). A process of another user, or a pid beyond the
+    kernel's range, counts as alive: a lock is never taken over on a guess."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True

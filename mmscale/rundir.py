@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from mmscale.errors import UserError
+from mmscale.fsutil import pid_alive
 
 MARKER = ".mmscale-run"
 LOCK = ".mmscale-lock"
@@ -106,16 +107,6 @@ def _job_id() -> str | None:
     return job
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def describe(rec: dict) -> str:
     job = f", SLURM job {rec['job']}" if rec.get("job") else ""
     since = f", since {rec['started']}" if rec.get("started") else ""
@@ -182,9 +173,9 @@ class RunLock:
         if host == me["host"]:
             if pid == os.getpid():
                 return  # (this very process: a leftover of an earlier in-process run)
-            if not flock_ok and pid is not None and _pid_alive(pid) and not same_job:
+            if not flock_ok and pid is not None and pid_alive(pid) and not same_job:
                 raise self._refuse(rec, "")
-            what = "no longer runs" if pid is None or not _pid_alive(pid) else "holds no lock on it"
+            what = "no longer runs" if pid is None or not pid_alive(pid) else "holds no lock on it"
         elif same_job:
             what = "was an earlier attempt of this SLURM job"
         elif flock_ok and os.environ.get("MMSCALE_TRUST_FLOCK") == "1":

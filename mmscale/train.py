@@ -31,6 +31,7 @@ from mmscale import rundir
 from mmscale import precision
 from mmscale.config import Config, load_config
 from mmscale.errors import UserError, exit_status
+from mmscale.fsutil import pid_alive
 
 EXIT_OK, EXIT_SIGNAL, EXIT_NONFINITE = 0, 75, 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
@@ -66,7 +67,7 @@ def check_run_dir(run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(".write_test.*"):  # left by a run killed in this very check
             pid = stale.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 stale.unlink(missing_ok=True)
         probe.write_text("ok")
     except OSError as e:
@@ -88,16 +89,6 @@ def check_run_dir_possible(run_dir: Path) -> None:
     if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
         what = "is not a folder" if not p.is_dir() else "is not writable"
         raise UserError(f"run.dir '{run_dir}' is not writable ('{p}' {what}); choose another run.dir")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def precheck_data(cfg: Config) -> None:

@@ -75,6 +75,7 @@ import torch
 from mmscale.data.prepare import MANIFEST
 from mmscale.distributed import enter_world_env, leave_world_env
 from mmscale.errors import UserError
+from mmscale.fsutil import pid_alive
 
 IGNORE_INDEX = -100
 _LOCK_NAMES = ("barrier_filelock", "cache_filelock")
@@ -515,16 +516,6 @@ def _free_shared_memory(dataset) -> None:
         shm.created_shms, shm.opened_shms = [], []
 
 
-def _pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
-
-
 def clean_stale_locks(lock_dir: Path) -> list[str]:
     """Remove the lock files of loaders on this host whose process is gone (from their `.owner` file); returns
     the prefixes cleaned. Locks without an owner file, or owned on another host, are left alone."""
@@ -538,7 +529,7 @@ def clean_stale_locks(lock_dir: Path) -> list[str]:
             pid, their_host = int(info["pid"]), str(info["host"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if their_host != host or not _pid_gone(pid):
+        if their_host != host or pid_alive(pid):
             continue
         prefix = owner.name[:-len(".owner")]
         for name in _LOCK_NAMES:
