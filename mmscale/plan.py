@@ -361,14 +361,24 @@ def measured_mfu(device: str, results: Path | None = None) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # the plan
 
-def host_memory() -> int:
+def _meminfo(key: str) -> int | None:
+    """One /proc/meminfo field in bytes (None where there is no such file or field)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def host_memory() -> int:
+    return _meminfo("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory() -> int | None:
+    """What the kernel says can still be allocated without swapping (MemAvailable), or None."""
+    return _meminfo("MemAvailable")
 
 
 def make_plan(cfg, gpus: int, nodes: int = 1, device: str = "h100", interconnect: str | None = None,
@@ -715,9 +725,7 @@ def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = No
             total = torch.cuda.get_device_properties(device).total_memory
             limit = int(total * (1 - DEFAULT_MARGIN)) - sum(st.values()) - RUNTIME_BYTES["cuda"]
         else:
-            from mmscale.train import _available_memory  # noqa: PLC0415
-
-            avail = _available_memory() or host_memory()
+            avail = available_memory() or host_memory()
             share = int(avail * (1 - DEFAULT_MARGIN)) // max(1, info.local_world_size or 1)
             # states the probe's plain model does not hold yet: AdamW moments and the engine's buffers
             limit = _current_bytes(device) + share - st["optimizer"] - st["buffers"]

@@ -32,6 +32,7 @@ from mmscale import precision
 from mmscale.config import Config, load_config
 from mmscale.errors import UserError, exit_status
 from mmscale.fsutil import pid_alive
+from mmscale.plan import available_memory
 
 EXIT_OK, EXIT_SIGNAL, EXIT_NONFINITE = 0, 75, 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
@@ -126,23 +127,13 @@ def check_model_fits(cfg: Config, local_ranks: int) -> None:
     except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
         raise UserError(f"the model cannot be built ({type(e).__name__}); lower model.n_ctx ({cfg.model.n_ctx}), "
                         "model.d_model or model.n_layers", 2) from None
-    avail = _available_memory()
+    avail = available_memory()
     need = 4 * n * max(1, local_ranks)
     if avail and need > avail:
         raise UserError(f"the model has {n:,} parameters: {need / 2**30:.1f} GiB of fp32 weights on this machine "
                         f"({max(1, local_ranks)} rank(s)) before any gradient or optimizer state, but only "
                         f"{avail / 2**30:.1f} GiB of memory is available; lower model.n_ctx ({cfg.model.n_ctx}), "
                         "model.d_model or model.n_layers", 2)
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
