@@ -687,11 +687,27 @@ ALLOWED_GLOBALS = {
 }
 
 
+def _enum_member(cls, name):
+    """What `builtins.getattr` may do in a checkpoint: name a member of an allow-listed Enum. Python 3.12 (and
+    some 3.11 builds, e.g. Debian's 3.11.2) pickle an Enum member as getattr(EnumClass, 'NAME') (DeepSpeed's
+    ZeroStageEnum in its optimizer files); any other use of getattr is refused, since a free getattr could
+    reach attributes the allow-list never named."""
+    import enum
+
+    if (isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str)
+            and name in cls.__members__ and any(cls is obj for obj in _allowed_objects())):
+        return cls[name]
+    raise pickle.UnpicklingError(f"Unsupported call: getattr({getattr(cls, '__name__', type(cls).__name__)}, "
+                                 f"{name!r}) (only members of allow-listed Enums)")
+
+
 def _resolve_global(module: str, name: str):
     import importlib
 
     import torch
 
+    if (module, name) in (("builtins", "getattr"), ("__builtin__", "getattr")):
+        return _enum_member
     if (module, name) in ALLOWED_GLOBALS:
         obj = importlib.import_module(module)
         for part in name.split("."):
@@ -752,7 +768,7 @@ def safe_unpickling():
 
     def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
         kwargs.pop("weights_only", None)
-        with torch.serialization.safe_globals(_allowed_objects()):
+        with torch.serialization.safe_globals(_allowed_objects() + [(_enum_member, "builtins.getattr")]):
             return original(f, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
 
     fs_mod = None

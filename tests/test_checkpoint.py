@@ -325,3 +325,33 @@ def test_two_ranks_fall_back_together_when_a_file_only_one_rank_reads_is_damaged
     assert "step_00000004/model/__1_0.distcp" not in verified(out[0])
     assert "step_00000002/model/__0_0.distcp" in verified(out[0])  # then both checked the older one
     assert list((run / "checkpoints").glob(".damaged_step_00000004.*"))  # kept aside when step 4 was saved again
+
+
+class _ByGetattr:
+    """Pickles as getattr(obj, name), the way Python 3.12 (and Debian's 3.11.2) pickle an Enum member."""
+
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def __reduce__(self):
+        return getattr, (self.obj, self.name)
+
+
+def test_enum_members_pickled_through_getattr_load_and_other_getattr_is_refused(tmp_path):
+    import pickle
+
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from mmscale.checkpoint import safe_unpickling
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"zero_stage": _ByGetattr(ZeroStageEnum, "optimizer_states")}, ok)
+    with safe_unpickling():
+        assert torch.load(ok)["zero_stage"] is ZeroStageEnum.optimizer_states
+    for i, (obj, name) in enumerate([(ZeroStageEnum, "__init__"), (ZeroStageEnum, "nope"),
+                                     (torch.Size, "__init__")]):
+        bad = tmp_path / f"bad{i}.pt"
+        torch.save({"x": _ByGetattr(obj, name)}, bad)
+        with safe_unpickling(), pytest.raises(pickle.UnpicklingError):
+            torch.load(bad)
