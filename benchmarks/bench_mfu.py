@@ -75,7 +75,7 @@ def measure(a, kind: str, engine: str, variant: str, root: Path) -> dict:
         "run": {"dir": str(run_dir), "seed": 0},
         "log": {"wandb": "disabled", "progress": False, "every": 1},
     })
-    from mmscale.train import train
+    from mmscale.run.train import train
 
     status = train(cfg, data_factory=lambda c, info, mb: (RandomTokens(info.rank, mb, a.T, a.vocab), None))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]

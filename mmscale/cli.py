@@ -13,8 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("mmscale.plan", "memory, step time and the layout to use for a config on N GPUs (or this CPU)"),
     "tokenizer": ("mmscale.data.tokenizer", "train a lossless sentencepiece tokenizer (`tokenizer train`)"),
     "prepare": ("mmscale.data.prepare", "tokenize text/JSONL/Parquet into MDS shards + a manifest"),
-    "data": ("mmscale.data.synth", "built-in story corpus with summaries (`data synth`)"),
-    "train": ("mmscale.train", "pre-train a model (single process; use deepspeed/torchrun for more)"),
+    "data": ("mmscale.data.cli", "built-in story corpus with summaries (`data synth`)"),
+    "train": ("mmscale.run.train", "pre-train a model (single process; use deepspeed/torchrun for more)"),
     "launch": ("mmscale.launch", "submit training to SLURM (or run locally) through submitit"),
     "convert": ("mmscale.export.convert", "checkpoint of any engine -> consolidated export"),
     "export-hf": ("mmscale.export.hf", "export or checkpoint -> Hugging Face folder (transformers, "

@@ -25,13 +25,18 @@ run directory, so nothing earlier is overwritten.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mmscale import precision as prec
+from mmscale.config import load_config
 from mmscale.distributed import free_port
 from mmscale.errors import UserError, exit_status
 
@@ -75,24 +80,8 @@ def _mmscale(*args: str) -> list[str]:
 
 
 def export_checkpoint(run_dir: Path, tokenizer: Path, out: Path) -> Path:
-    """The latest checkpoint as an export: `mmscale convert` if it exists, else zero_to_fp32 + save_export."""
-    try:
-        import mmscale.export.convert  # noqa: F401
-        _run(_mmscale("convert", str(run_dir), "--out", str(out), "--tokenizer", str(tokenizer)))
-        return out
-    except ImportError:
-        pass
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from mmscale import checkpoint as ckpt
-    from mmscale.export.format import save_export
-
-    step_dir = ckpt.find_latest(ckpt.checkpoints_root(run_dir))
-    meta = ckpt.read_meta(step_dir)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="ds")
-    state = {k: v.contiguous() for k, v in state.items()}
-    save_export(out, state, meta["model"], tokenizer, info={"steps": meta["step"], "tokens": meta["tokens_seen"],
-                                                           "source": str(step_dir)})
+    """The latest checkpoint as an export (`mmscale convert`)."""
+    _run(_mmscale("convert", str(run_dir), "--out", str(out), "--tokenizer", str(tokenizer)))
     return out
 
 
@@ -108,9 +97,8 @@ def threads_per_rank(ranks: int = 2) -> int:
 def _probe_rank(vocab_size: int, threads: int, chosen: str, steps: int, barrier, results, ready) -> None:
     """One probe rank (a child process): median seconds of forward, backward and AdamW of the demo model's
     micro-batch on `threads` threads in precision `chosen`, timed after every rank is ready."""
-    import torch
+    import torch  # lazy, as below: the demo's own process never loads torch (its probes and ranks do)
 
-    from mmscale.config import load_config
     from mmscale.models import build_model
 
     torch.set_num_threads(threads)
@@ -136,8 +124,6 @@ def _probe_rank(vocab_size: int, threads: int, chosen: str, steps: int, barrier,
 
 def auto_precision_line() -> str:
     """What `engine.precision=auto` picks on this machine, and why (mmscale/precision.py)."""
-    from mmscale import precision as prec
-
     return prec.choose("auto", prec.cpu_facts(), override=os.environ.get(prec.ENV_AUTO) or None)[1]
 
 
@@ -147,10 +133,6 @@ def probe_step_seconds(vocab_size: int, threads: int, ranks: int = 2,
     mmscale and build the model, the precision line): `ranks` processes with `threads` threads each run the
     step's compute at the same time, as the ranks will (so they contend for the cores as the run will, other
     people's work included), in the precision `engine.precision=auto` picks here; the slowest rank's median."""
-    import multiprocessing as mp
-
-    from mmscale import precision as prec
-    from mmscale.config import load_config
 
     cfg = load_config(None, DEMO_OVERRIDES + [f"model.vocab_size={vocab_size}"])
     chosen, line = prec.choose(cfg.engine.precision, prec.cpu_facts(),
@@ -190,8 +172,6 @@ def plan_steps(budget_s: float, spent_s: float, step_s: float, startup_s: float)
 
 def training_summary(run_dir: Path) -> tuple[str, float | None]:
     """(held-out losses by step, measured seconds per step) from the run's metrics.jsonl."""
-    import json
-
     rows = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
@@ -233,7 +213,6 @@ def _demo(args) -> int:
         if missing:
             raise UserError(f"--data: '{missing[0]}' does not exist; pass text files or folders of them")
         inputs = [str(Path(p).resolve()) for p in args.data]
-        import hashlib
         # derived files are named after the inputs, built once, never overwritten
         tag = "user_" + hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:10]
     else:
@@ -291,7 +270,7 @@ def _demo(args) -> int:
                   "--temperature", "0.7", "--top-k", "20"))
     _run(_mmscale("report", str(run_dir), "--out", str(run_dir / "report.html")))
 
-    from mmscale import checkpoint as ckpt
+    from mmscale import checkpoint as ckpt  # lazy: imports torch
     latest = ckpt.find_latest(ckpt.checkpoints_root(run_dir))
     print(f"\nmmscale demo finished in {time.time() - t0:.0f} s (target {args.minutes:g} min), {steps} steps\n"
           f"  held-out loss  {vals or 'not evaluated'}  (untrained: ln {args.vocab_size} = "

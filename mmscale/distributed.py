@@ -9,10 +9,14 @@ port derived from the job id, so every task of a job agrees without talking firs
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
+
+# torch is imported inside the functions that need it: `mmscale launch` and `mmscale demo` use this module
+# (free ports, rendezvous variables) without importing torch, which takes seconds
 
 
 @dataclass(frozen=True)
@@ -29,10 +33,6 @@ class DistInfo:
     def nodes(self) -> int:
         """Nodes of the job (ranks are spread evenly: world / ranks per node)."""
         return max(1, self.world_size // max(1, self.local_world_size))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _first_slurm_node(nodelist: str) -> str:
@@ -131,8 +131,6 @@ def init(info: DistInfo, device, *, timeout_min: float = 60) -> None:
     with device_id); `timeout_min` bounds how long a collective waits for the other ranks. Engines that need
     more (DeepSpeed adopts this group) do it in their Engine.start_process_group.
     """
-    import datetime
-
     import torch.distributed as dist
 
     if info.launcher == "none":  # a one-process group: any free local port (others may run beside us)

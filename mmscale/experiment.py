@@ -924,7 +924,7 @@ def median_throughput(run_dir: Path) -> float | None:
 
 def train_run(cfg_path: Path) -> int:
     from mmscale.config import load_config
-    from mmscale.train import train
+    from mmscale.run.train import train
 
     return train(load_config(cfg_path))
 

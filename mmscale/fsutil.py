@@ -3,6 +3,8 @@ remove an input, and permissions from the umask.
 
 - `fsync_file(path)` / `fsync_dir(path)`: flush a file's data (or a folder's entries) to the disk, so a
   rename that follows cannot publish truncated files after a power loss.
+- `atomic_write(path, data, durable=False)`: the one atomic write (temporary sibling, rename; `durable` fsyncs).
+- `file_sha256(path)`: sha256 of a file (tokenizers, manifests).
 - `digest(path)`: (size, xxh64 hex) of a file, read in 4 MiB blocks; `digest_files(root, rels)` many at once,
   on a few threads (file reads and xxhash run outside the GIL). `bytes_hashed()` counts what this process
   hashed (the checkpoint tests compare it with what each rank wrote and read).
@@ -13,9 +15,13 @@ remove an input, and permissions from the umask.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import xxhash
 
 from mmscale.errors import UserError
 
@@ -54,8 +60,6 @@ def bytes_hashed() -> int:
 
 def digest(path: str | os.PathLike, sync: bool = False) -> tuple[int, str]:
     """(size in bytes, xxh64 hex digest) of a file; `sync` also fsyncs it (one pass over the data)."""
-    import xxhash
-
     h = xxhash.xxh64()
     size = 0
     with open(path, "rb") as f:
@@ -72,8 +76,6 @@ def digest(path: str | os.PathLike, sync: bool = False) -> tuple[int, str]:
 def digest_files(root: str | os.PathLike, rels, sync: bool = False, threads: int = 4) -> dict:
     """{rel: {"size": bytes, "xxh64": hex}} of the files `root/rel`, hashed on up to `threads` threads (one file
     each); `sync` also fsyncs every file. The first OSError is raised."""
-    from concurrent.futures import ThreadPoolExecutor
-
     rels = list(rels)
     if not rels:
         return {}
@@ -85,15 +87,33 @@ def digest_files(root: str | os.PathLike, rels, sync: bool = False, threads: int
         return {rel: {"size": size, "xxh64": xxh} for rel, (size, xxh) in pool.map(one, rels)}
 
 
-def write_text_durable(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
+def atomic_write(path: str | os.PathLike, data: str | bytes, durable: bool = False) -> None:
+    """The one atomic write: `data` (text or bytes) goes to a temporary sibling that is renamed over `path`, so a
+    reader sees the old file or the new one, never a torn one. `durable` also fsyncs the file before the rename
+    and the folder after it (what survives a power loss: checkpoints' meta and `latest`)."""
+    path = Path(path)
     tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        with (open(tmp, "wb") if isinstance(data, bytes) else open(tmp, "w", encoding="utf-8")) as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks (tokenizer identity, export and dataset manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _resolved(p: str | os.PathLike) -> Path:

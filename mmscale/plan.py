@@ -61,7 +61,7 @@ MFU_SOURCE = "assumed 40% (Llama 3 reports 38-43% BF16 MFU on H100s; no measured
 # H100 context with NCCL is 0.5-1 GiB). On the CPU: the process's resident memory before the model exists
 # (torch, the engine's imports, the process group: 250-270 MiB measured) plus what the first steps add beyond the
 # counted tensors (oneDNN kernels and scratch, glibc's retained free memory: 180-300 MiB), fitted to
-# tools/bench_memory.py runs (benchmarks/RESULTS.md, "mmscale plan against measured peaks").
+# tools/plan_vs_measured_memory.py runs (benchmarks/RESULTS.md, "mmscale plan against measured peaks").
 MiB = 2 ** 20
 RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": 350 * MiB, "cpu-deepspeed": 530 * MiB, "cpu-fsdp": 450 * MiB}
 # DeepSpeed ZeRO-3 on the CPU, beyond the counted tensors: 14 bytes a parameter (fitted: 12-18 measured), the

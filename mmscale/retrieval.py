@@ -760,7 +760,7 @@ def prepare_config(cfg, init: str | None, pairs: str | None, collection: str | N
 
 
 def train_retrieval(cfg) -> int:
-    from mmscale.train import train
+    from mmscale.run.train import train
 
     return train(cfg, model_factory=retrieval_model_factory, data_factory=retrieval_data_factory)
 

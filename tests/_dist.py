@@ -185,7 +185,7 @@ def train_runs(payload: dict) -> list:
     group)."""
     from mmscale.config import config_from_dict
     from mmscale.errors import UserError
-    from mmscale.train import train
+    from mmscale.run.train import train
 
     import mmscale.engines
     original_lr_at = mmscale.engines.lr_at

@@ -1,4 +1,4 @@
-"""A training process that SIGKILLs itself at a chosen point (tests/test_reliability.py's fault test).
+"""A training process that SIGKILLs itself at a chosen point (tests/test_checkpoint_damage.py's fault test).
 
     python tests/_faults.py CONFIG_JSON KILL_JSON            (one process)
     torchrun ... tests/_faults.py CONFIG_JSON KILL_JSON      (sharded engines)
@@ -51,7 +51,7 @@ def install(kill: dict) -> None:
             return original(step, train_cfg)
         mmscale.engines.lr_at = lr_at
     elif kind == "metrics":
-        from mmscale.metrics import MetricsLogger
+        from mmscale.run.metrics import MetricsLogger
         original_log = MetricsLogger.log
 
         def log(self, row):
@@ -101,7 +101,7 @@ def install(kill: dict) -> None:
 
 def main() -> int:
     from mmscale.config import config_from_dict
-    from mmscale.train import train
+    from mmscale.run.train import train
     from tests._dist import synthetic_data, tiny_model
 
     cfg, kill = json.loads(sys.argv[1]), json.loads(sys.argv[2])

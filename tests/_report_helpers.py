@@ -22,7 +22,7 @@ def real_config(run_dir, data_dir, **overrides) -> list[str]:
 def train_real_runs(payload: dict) -> list:
     """Distributed worker target: each run is a list of overrides; returns the exit statuses."""
     from mmscale.config import load_config
-    from mmscale.train import train
+    from mmscale.run.train import train
 
     statuses = []
     from tests._dist import fresh_rendezvous

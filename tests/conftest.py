@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._hostile import world  # noqa: F401  (session: built once for every hostile-input test file)
+
 SHM_DIR = Path("/dev/shm")
 _STREAMING_SEGMENT = re.compile(
     r"^(\d{6})_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|"

@@ -180,7 +180,7 @@ def test_auto_is_the_default_and_a_run_records_the_concrete_choice(tmp_path, mon
 
     from mmscale import precision
     from mmscale.config import config_from_dict
-    from mmscale.train import train
+    from mmscale.run.train import train
     from tests._dist import synthetic_data, tiny_config
 
     assert load_config(None).engine.precision == "auto"

@@ -173,7 +173,7 @@ def test_json_prints_or_writes_a_file(tmp_path, capsys, mm):
         printed = capsys.readouterr().out
         assert (json.loads(printed) if not to_file else json.loads((tmp_path / "e.json").read_text())) == {"loss": 1.5}
     # --no-progress is log.progress=false for the training commands
-    from mmscale import train as train_mod
+    from mmscale.run import train as train_mod
     parser = argparse.ArgumentParser()
     train_mod.add_arguments(parser)
     conv = cli_conventions.apply("train", parser)

@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
     payload = {"runs": [{"config": tiny_config(root / name, **ov)} for name, ov in RUNS.items()]}
     assert run_distributed("tests._dist:train_runs", payload, nproc=2, timeout=400) == [[0] * len(RUNS)] * 2
     # a single-process run (model.pt) in this process
-    from mmscale.train import train
+    from mmscale.run.train import train
     cfg = config_from_dict(tiny_config(root / "single", **MIXER))
     assert train(cfg, model_factory=tiny_model, data_factory=synthetic_data) == 0
     _, tok = make_tiny_corpus(stories=200, vocab_size=VOCAB)
@@ -176,7 +176,7 @@ def test_bad_checkpoints_and_outputs(runs, tmp_path, capsys):
 
 @pytest.mark.distributed
 def test_init_from_gives_the_same_weights(runs, tmp_path):
-    from mmscale.train import default_model_factory
+    from mmscale.run.train import default_model_factory
 
     root, tok = runs
     export = tmp_path / "exp"

@@ -62,7 +62,7 @@ def test_resharding_reads_the_checkpoint_under_the_allow_list(tmp_path):
     """DeepSpeed's converter unpickles every file of the step folder: a planted payload is refused in one line and
     never runs, as on a same-size resume; the step folder is untouched and no work folder stays."""
     from tests._dist import train_runs
-    from tests.test_reliability import _plant_torch, _reseal
+    from tests.test_checkpoint_damage import _plant_torch, _reseal
 
     cfg = tiny_config(tmp_path / "src", **{**COMMON, **ENGINES["zero2"], "train.max_steps": 1})
     assert run_distributed("tests._dist:train_runs", {"runs": [{"config": cfg}]}, nproc=2) == [[0], [0]]

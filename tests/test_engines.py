@@ -152,7 +152,7 @@ def test_init_from_export_loads_its_weights_and_refuses_another_model(tmp_path):
     from mmscale.config import config_from_dict
     from mmscale.errors import UserError
     from mmscale.export.format import save_export
-    from mmscale.train import default_model_factory
+    from mmscale.run.train import default_model_factory
     from tests._dist import tiny_model
 
     cfg = config_from_dict(tiny_config(tmp_path / "run"))

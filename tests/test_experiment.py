@@ -128,7 +128,7 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_runs(tmp_path
         calls.append(Path(cfg_path).stem)
         if len(calls) == 2:  # the second run: 4 of 6 steps (a checkpoint at 4), then the machine "goes away"
             from mmscale.config import load_config
-            from mmscale.train import train
+            from mmscale.run.train import train
             cfg = load_config(cfg_path, ["train.max_steps=4"])
             assert train(cfg) == 0
             raise KeyboardInterrupt

@@ -223,7 +223,7 @@ def test_one_host_sync_per_step_in_the_loop(tmp_path, monkeypatch):
 
     from mmscale.config import config_from_dict
     from mmscale.distributed import HOST_SYNC
-    from mmscale.train import train
+    from mmscale.run.train import train
     from tests._dist import synthetic_data, tiny_model
 
     stray = []
@@ -266,7 +266,7 @@ def test_triton_precision_survives_torch_compiles_restore_of_the_tf32_setting(tf
     path must still read the setting, the same one, without torch's error on mixing the legacy allow_tf32
     flag with the new API."""
     from mmscale.ops.triton_mixing import _precision
-    from mmscale.train import configure_cuda
+    from mmscale.run.train import configure_cuda
 
     configure_cuda(load_config(None, [f"engine.tf32={str(tf32).lower()}"]))
     saved = torch._C._get_fp32_precision_getter("cuda", "matmul")

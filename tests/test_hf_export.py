@@ -510,7 +510,8 @@ def test_prepare_accepts_hf_tokenizers(corpus, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from mmscale.data.prepare import PrepareOptions, prepare
-    from mmscale.data.tokenizer import file_sha256, load_tokenizer
+    from mmscale.data.tokenizer import load_tokenizer
+    from mmscale.fsutil import file_sha256
 
     text, _, _ = corpus
     tok = _byte_bpe(text)

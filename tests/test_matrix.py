@@ -215,7 +215,7 @@ def matrix_worker(payload: dict) -> list:
     one-line UserError)."""
     from mmscale.config import config_from_dict
     from mmscale.errors import UserError
-    from mmscale.train import train
+    from mmscale.run.train import train
     from tests._dist import fresh_rendezvous, synthetic_data
 
     import mmscale.engines

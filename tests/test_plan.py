@@ -101,7 +101,7 @@ def test_activation_count_matches_the_tensors_a_forward_saves(kind, precision):
 
 
 def test_plan_params_and_optimizer_match_a_real_runs_checkpoint_files(tmp_path):
-    from mmscale.train import train
+    from mmscale.run.train import train
     from tests._dist import synthetic_data, tiny_config
 
     cfg = config_from_dict(tiny_config(tmp_path / "run", **{"train.max_steps": 2, "model.d_model": 64,
@@ -214,7 +214,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, says, capsys):
 def test_auto_micro_batch_in_a_real_cpu_run_keeps_the_global_batch(tmp_path):
     import yaml
 
-    from mmscale.train import train
+    from mmscale.run.train import train
     from tests._dist import synthetic_data, tiny_config
 
     cfg = config_from_dict(tiny_config(tmp_path / "run", **{"train.micro_batch_size": "auto",

@@ -15,7 +15,7 @@ from mmscale.data import prepare as prep
 from mmscale.data.loader import build_dataloader
 from mmscale.data.prepare import PrepareOptions, prepare
 from mmscale.data.sources import iter_text_documents
-from mmscale.data.tokenizer import file_sha256
+from mmscale.fsutil import file_sha256
 from mmscale.errors import UserError
 from tests._data_helpers import make_tiny_corpus
 

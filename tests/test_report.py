@@ -23,7 +23,7 @@ import pytest
 
 from mmscale.config import load_config
 from mmscale.errors import UserError
-from mmscale.train import train
+from mmscale.run.train import train
 from tests._data_helpers import make_tiny_dataset
 from tests._report_helpers import console_errors, ensure_chromium, real_config, run_chromium
 
@@ -63,7 +63,7 @@ def runs(tmp_path_factory):
     # the transformer: a non-finite loss at step 3 (skipped); preempted (a signal in step 8: it stops after
     # step 9) and not resumed; then a torn line
     import mmscale.engines
-    from mmscale.train import default_model_factory
+    from mmscale.run.train import default_model_factory
     from tests._dist import _signal_self_at, with_nan_at_steps
 
     ov = real_config(tf, data, **{"model.kind": "transformer", "model.heads": 2, "train.max_steps": 10,
@@ -380,7 +380,7 @@ def test_the_browser_check_catches_a_broken_page(chromium, tmp_path):
 # wandb on resume
 
 def test_wandb_is_not_sent_steps_it_has_already_seen(tmp_path, monkeypatch):
-    from mmscale.metrics import MetricsLogger
+    from mmscale.run.metrics import MetricsLogger
 
     sent = []
 

@@ -120,7 +120,7 @@ N_CTX, VOCAB, STORIES, HELD_OUT = 64, 512, 3000, 200
 def pretrained(tmp_path_factory):
     """A tiny mixer pre-trained briefly on built-in stories, its export, and train/test pair files."""
     from mmscale.export.convert import convert
-    from mmscale.train import train
+    from mmscale.run.train import train
     from tests._data_helpers import make_tiny_corpus, make_tiny_dataset
 
     root = tmp_path_factory.mktemp("retrieval")

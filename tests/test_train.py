@@ -134,7 +134,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
 
 
 def test_world_size_checks():
-    from mmscale.train import resolve_grad_accum
+    from mmscale.run.train import resolve_grad_accum
 
     cfg = config_from_dict({"train": {"micro_batch_size": 2, "global_batch_size": 16}, "engine": {"kind": "ddp"}})
     assert resolve_grad_accum(cfg, 4) == 2 and resolve_grad_accum(cfg, 8) == 1

@@ -138,7 +138,7 @@ def test_weight_gradient_is_a_fixed_order_sum_of_per_split_partials():
         assert torch.equal(parts[s], own), s
     # and the whole is the partials added in order, bit for bit, on every run
     w = torch.zeros(h, t, t, device=DEVICE)
-    runs = [triton_mixing.mix_backward(w, x, dout, need_x=False)[0] for _ in range(2 if not ON_CUDA else 5)]
+    runs = [triton_mixing.mix_backward_w(w, x, dout.contiguous()) for _ in range(2 if not ON_CUDA else 5)]
     want_split = triton_mixing._weight_grad_split(
         triton.cdiv(t, triton_mixing._blocks(t, c, x.dtype)[0]) ** 2, b) if ON_CUDA else 2
     if want_split == split:

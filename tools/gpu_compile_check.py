@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from mmscale.config import ModelConfig, load_config  # noqa: E402
 from mmscale.models.mixer import MixerBlock  # noqa: E402
-from mmscale.train import configure_cuda  # noqa: E402
+from mmscale.run.train import configure_cuda  # noqa: E402
 
 
 def main() -> int:

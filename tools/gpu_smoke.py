@@ -150,8 +150,8 @@ def cmd_kernels(a, out: Out) -> None:
                 x = torch.randn(2, 1, t, 64, generator=g).to(dev, dtype)
                 dout = torch.randn(2, 1, t, 64, generator=g).to(dev, dtype)
                 y = triton_mixing.triton_mix(w, x)
-                dw, dx = triton_mixing.mix_backward(w, x, dout)
-                dw2, _ = triton_mixing.mix_backward(w, x, dout, need_x=False)
+                dw, dx = triton_mixing.mix_backward_w(w, x, dout), triton_mixing.mix_backward_x(w, dout)
+                dw2 = triton_mixing.mix_backward_w(w, x, dout)
                 w64, x64, d64 = (v.double() for v in (w.tril(), x, dout))  # the same rounded inputs
                 ref_y = torch.matmul(w64, x64)
                 ref_dx = torch.matmul(w64.transpose(-1, -2), d64)
@@ -328,7 +328,7 @@ def _entry(argv: list[str]) -> int:
                 dtype_file.write_text(seen[0] + "\n")
 
     torch.nn.modules.module.register_module_forward_hook(hook)
-    from mmscale.train import main as train_main
+    from mmscale.run.train import main as train_main
     return train_main(argv[1:])
 
 

@@ -60,11 +60,13 @@ while reading becomes one line naming the dataset (and the file where streaming 
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import socket
 import tempfile
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -72,10 +74,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from mmscale.data._streaming import import_streaming
 from mmscale.data.prepare import MANIFEST
 from mmscale.distributed import enter_world_env, leave_world_env
 from mmscale.errors import UserError
-from mmscale.fsutil import pid_alive
+from mmscale.fsutil import file_sha256, pid_alive
+from mmscale.fsutil import digest
 
 IGNORE_INDEX = -100
 _LOCK_NAMES = ("barrier_filelock", "cache_filelock")
@@ -110,10 +114,8 @@ def read_manifest(path: str, cache_dir: str = "") -> dict:
     if _is_remote(path):
         if not cache_dir:
             raise UserError(f"dataset '{path}' is remote; set data.cache_dir to a local directory for its cache")
-        from mmscale.data._streaming import import_streaming
-
         import_streaming()
-        from streaming.base.storage import CloudDownloader
+        from streaming.base.storage import CloudDownloader  # lazy: after import_streaming()'s shim
 
         local = Path(cache_dir) / _short_hash(path.rstrip("/")) / MANIFEST
         local.unlink(missing_ok=True)  # streaming's downloader keeps an existing file
@@ -240,8 +242,6 @@ def check_shards(local: str | os.PathLike, split: str) -> dict:
                             "it is damaged (truncated?): prepare the dataset again")
         want = (zipped.get("hashes") or {}).get("xxh64")
         if want:  # about to be decompressed (once): check its digest here, where a failure can be named
-            from mmscale.fsutil import digest
-
             if digest(zip_path)[1] != want:
                 raise UserError(f"shard '{zip_path}' does not match its xxh64 digest (bit rot or a bad copy); "
                                 "the dataset is damaged: prepare it again")
@@ -295,8 +295,6 @@ def check_dataset(path: str, model_cfg, *, tokenizer: str | None = None, cache_d
     """
     m = check_fits_model(read_manifest(path, cache_dir), path, model_cfg.n_ctx, model_cfg.vocab_size)
     if tokenizer:
-        from mmscale.data.tokenizer import file_sha256
-
         want = tokenizer if (len(tokenizer) == 64 and not os.path.exists(tokenizer)) else file_sha256(tokenizer)
         have = m.get("tokenizer", {}).get("sha256")
         if want != have:
@@ -490,8 +488,6 @@ def _free_shared_memory(dataset) -> None:
     same names may belong to another dataset (prefixes are reused machine-wide) and unlinking by
     name then would destroy someone else's segment.
     """
-    import atexit
-
     holders = [getattr(dataset, "_locals_shm", None), getattr(dataset, "_resume_shm", None)]
     barrier = getattr(dataset, "_shared_barrier", None)
     holders.append(getattr(getattr(barrier, "_arr", None), "shm", None))
@@ -541,8 +537,6 @@ def clean_stale_locks(lock_dir: Path) -> list[str]:
 
 def _private_name(path: str) -> str:
     """A sibling name of `path` that no other process, thread or host uses at the same time."""
-    import threading
-
     return f"{path}.mmscale-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
 
 
@@ -635,25 +629,56 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
     world_env = _check_world_env(rank, world_size, local_rank, local_world_size)
     local_rank = rank if local_rank is None else local_rank
 
-    from mmscale.data._streaming import import_streaming
-
     streaming = import_streaming()
-    if data_cfg.cache_dir or _is_remote(root):
-        if not data_cfg.cache_dir:
-            raise UserError(f"dataset '{root}' is remote; set data.cache_dir to a local directory for its cache")
-        remote = root.rstrip("/") if _is_remote(root) else str(Path(root).resolve())
-        local = _shard_cache(data_cfg.cache_dir, remote, manifest)
-    else:
-        remote, local = None, str(Path(root).resolve())
-        if _needs_decompressing(index, local, split) and not _writable(Path(local) / split):
-            raise UserError(f"dataset directory '{local}' is not writable and its {split} shards are compressed "
-                            "(streaming decompresses them next to themselves once); set data.cache_dir to a "
-                            "writable node-local directory to read it as a remote")
+    remote, local = _stream_location(data_cfg, root, split, manifest, index)
     validate = _hash_algo(index) if index is not None else ("xxh64" if manifest.get("shard_hash") == "xxh64" else None)
     stream = _atomic_stream_class(streaming)(remote=remote, local=local, split=split, validate_hash=validate,
                                              keep_zip=True, download_retry=2, download_timeout=60)
     # streaming's lock files go to this node's /dev/shm (see the module docstring), not next to the data
     lock_dir = lock_root()
+    _prepare_node(stream, lock_dir, local_rank, remote, local, root, split)
+    dataset = _open_dataset(streaming, stream, data_cfg, root, split, seed, micro_batch_size, world_env, lock_dir)
+    prefix = getattr(dataset, "_shm_prefix_int", None)
+    if local_rank == 0 and prefix is not None:
+        try:
+            (lock_dir / f"{prefix:06}.owner").write_text(json.dumps({"pid": os.getpid(),
+                                                                     "host": socket.gethostname()}))
+        except OSError:
+            pass
+    layout = manifest["layout"]
+    collate = partial(_collate, layout=layout, n_ctx=n_ctx, left_pad=manifest.get("pad_side") == "left")
+    is_train = split == "train"
+    loader = streaming.StreamingDataLoader(
+        dataset, batch_size=micro_batch_size, collate_fn=collate, num_workers=data_cfg.num_workers,
+        # pinned host memory on CUDA: the engines' non_blocking copies then overlap with compute
+        drop_last=is_train, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    )
+    out = StreamingLoader(dataset, loader, split=split, endless=is_train if endless is None else endless,
+                          micro_batch_size=micro_batch_size, world_size=world_size, lock_dir=lock_dir,
+                          local_rank=local_rank, manifest=manifest)
+    out.root = root
+    return out
+
+
+def _stream_location(data_cfg, root: str, split: str, manifest: dict, index) -> tuple[str | None, str]:
+    """(remote, local) of streaming's Stream: a remote dataset (or any with data.cache_dir) is read through a
+    local shard cache; a local one in place, which needs a writable folder when its shards are compressed."""
+    if data_cfg.cache_dir or _is_remote(root):
+        if not data_cfg.cache_dir:
+            raise UserError(f"dataset '{root}' is remote; set data.cache_dir to a local directory for its cache")
+        remote = root.rstrip("/") if _is_remote(root) else str(Path(root).resolve())
+        return remote, _shard_cache(data_cfg.cache_dir, remote, manifest)
+    local = str(Path(root).resolve())
+    if _needs_decompressing(index, local, split) and not _writable(Path(local) / split):
+        raise UserError(f"dataset directory '{local}' is not writable and its {split} shards are compressed "
+                        "(streaming decompresses them next to themselves once); set data.cache_dir to a "
+                        "writable node-local directory to read it as a remote")
+    return None, local
+
+
+def _prepare_node(stream, lock_dir: Path, local_rank: int, remote, local: str, root: str, split: str) -> None:
+    """The node's lock folder (local rank 0 removes the stale locks of dead owners) and, for a remote dataset,
+    its index fetched once per node."""
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
         if local_rank == 0:
@@ -668,6 +693,12 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
         raise UserError(f"cannot fetch the {split} index of dataset '{root}' ({type(e).__name__}: "
                         f"{(text[-1] if text else '')[:200]}); check the remote path and its client library"
                         ) from None
+
+
+def _open_dataset(streaming, stream, data_cfg, root: str, split: str, seed: int, micro_batch_size: int,
+                  world_env, lock_dir: Path):
+    """streaming's StreamingDataset over the one stream, with its lock files in `lock_dir` and the world in the
+    environment (where streaming reads it); a failure is one line naming the dataset."""
     saved_tempdir = tempfile.tempdir
     tempfile.tempdir = str(lock_dir)  # streaming puts its lock files in gettempdir()
     enter_world_env(world_env)  # left as the caller had it when the last loader closes
@@ -689,23 +720,4 @@ def build_dataloader(data_cfg, split: str, *, n_ctx: int, micro_batch_size: int,
                         "and prepare it again") from None
     finally:
         tempfile.tempdir = saved_tempdir
-    prefix = getattr(dataset, "_shm_prefix_int", None)
-    if local_rank == 0 and prefix is not None:
-        try:
-            (lock_dir / f"{prefix:06}.owner").write_text(json.dumps({"pid": os.getpid(),
-                                                                     "host": socket.gethostname()}))
-        except OSError:
-            pass
-    layout = manifest["layout"]
-    collate = partial(_collate, layout=layout, n_ctx=n_ctx, left_pad=manifest.get("pad_side") == "left")
-    is_train = split == "train"
-    loader = streaming.StreamingDataLoader(
-        dataset, batch_size=micro_batch_size, collate_fn=collate, num_workers=data_cfg.num_workers,
-        # pinned host memory on CUDA: the engines' non_blocking copies then overlap with compute
-        drop_last=is_train, persistent_workers=False, pin_memory=torch.cuda.is_available(),
-    )
-    out = StreamingLoader(dataset, loader, split=split, endless=is_train if endless is None else endless,
-                          micro_batch_size=micro_batch_size, world_size=world_size, lock_dir=lock_dir,
-                          local_rank=local_rank, manifest=manifest)
-    out.root = root
-    return out
+    return dataset

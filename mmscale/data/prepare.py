@@ -33,8 +33,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing as mp
+import multiprocessing.pool as mpp
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,9 +45,17 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
 
+from mmscale.cli_conventions import check_output_path  # never an input nor a folder holding one
+from mmscale.data._streaming import import_streaming
 from mmscale.data.sources import iter_text_documents, resolve_sources  # noqa: F401 (the former is re-exported)
-from mmscale.data.tokenizer import DEFAULT_SEPARATOR, file_sha256
+from mmscale.data.sources import NotUTF8Error
+from mmscale.data.tokenizer import DEFAULT_SEPARATOR
+from mmscale.data.tokenizer import is_hf_tokenizer, load_tokenizer
+from mmscale.data.tokenizer import load_tokenizer, special_ids
+from mmscale.fsutil import file_sha256
 from mmscale.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -60,20 +71,14 @@ _worker_sp = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_sp
-    import signal
-
     # Ctrl-C reaches every process of the terminal's group: the parent alone stops the work (a worker killed by
     # it would print a traceback and could die holding the pool's queue lock, so that the pool never stops);
     # SIGTERM ends a worker silently (the parent's handler is inherited by fork: put the default back)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from mmscale.data.tokenizer import is_hf_tokenizer, load_tokenizer
-
     if is_hf_tokenizer(tokenizer_path):  # a Hugging Face tokenizer (tokenizer.json or a folder)
         _worker_sp = load_tokenizer(tokenizer_path)
         return
-    import sentencepiece as spm
-
     _worker_sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
 
 
@@ -204,8 +209,6 @@ def _val_mask(n_docs: int, fraction: float, seed: int) -> np.ndarray:
 
 def prepare(opts: PrepareOptions) -> dict:
     """Run the whole preparation; return the manifest. See the module docstring."""
-    from mmscale.data.tokenizer import load_tokenizer, special_ids
-
     # ---- check everything before writing anything
     if opts.n_ctx < 2:
         raise UserError(f"--n-ctx must be at least 2 (a context predicts at least one token), got {opts.n_ctx}")
@@ -218,8 +221,6 @@ def prepare(opts: PrepareOptions) -> dict:
     if opts.errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {opts.errors!r}")
     out = Path(opts.out)
-    from mmscale.cli_conventions import check_output_path  # never an input nor a folder holding one
-
     check_output_path(out, "--out", overwrite=opts.overwrite, inputs=[*opts.inputs, opts.tokenizer])
     sp = load_tokenizer(opts.tokenizer)
     vocab_size = sp.get_piece_size()
@@ -230,8 +231,6 @@ def prepare(opts: PrepareOptions) -> dict:
                         "(`mmscale tokenizer train` makes eos = 3)")
     pad_id = ids["pad"] if ids["pad"] >= 0 else ids["eos"]
     sources = resolve_sources(opts.inputs)
-    import multiprocessing as mp
-
     # the workers start now, before this process imports mosaicml-streaming (and its threads):
     # fork is safe at this point and starts in milliseconds (spawn would re-import for ~0.2 s);
     # their start-up also overlaps the checking pass below
@@ -256,8 +255,6 @@ def _kill_pool(pool) -> None:
     which a worker killed by a signal while reading a task never gives back (it then waits forever): stop the
     worker handler, kill the workers and drop the pool's finalizer (its threads are daemons and end with the
     process). Uses Pool internals (_worker_handler, _pool, _terminate) of CPython 3.8-3.13."""
-    import multiprocessing.pool as mpp
-
     # first stop the pool's worker handler, which would otherwise start new workers in place of the killed ones
     # (orphans that keep the terminal's pipes open)
     handler = getattr(pool, "_worker_handler", None)
@@ -374,8 +371,6 @@ def _write(pool, opts, sources, counts, is_val, tmp: Path, sp, vocab_size, dtype
 
 def _open_splits(opts, tmp: Path, dtype, ids, pad_id) -> tuple[dict, dict]:
     """An MDS writer per split (train, val) and the packed or padded splitter feeding it."""
-    from mmscale.data._streaming import import_streaming
-
     MDSWriter = import_streaming().MDSWriter
     n_ctx = opts.n_ctx
     if opts.layout == "packed":
@@ -395,8 +390,6 @@ def _open_splits(opts, tmp: Path, dtype, ids, pad_id) -> tuple[dict, dict]:
 
 def _tokenize_into(pool, opts, sources, is_val, splits: dict, t0: float) -> int:
     """Tokenize every document (in the pool, or here) into its split; return the number of tokens."""
-    from tqdm import tqdm
-
     total_tokens = 0
 
     def all_batches():
@@ -482,8 +475,6 @@ def run(args: argparse.Namespace) -> int:
                           dtype=args.dtype, workers=args.workers, seed=args.seed, overwrite=args.overwrite,
                           shard_bytes=args.shard_bytes, progress=not args.no_progress,
                           doc_per_line=getattr(args, "doc_per_line", False))
-    from mmscale.data.sources import NotUTF8Error
-
     try:
         m = prepare(opts)
     except NotUTF8Error as e:  # the one command with a way around it

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mmscale.data.tokenizer import DEFAULT_SEPARATOR, file_sha256
 from mmscale.errors import UserError
+from mmscale.fsutil import file_sha256
 
+# documents in plain-text input are split on this line (`mmscale prepare`, `mmscale tokenizer train`)
+DEFAULT_SEPARATOR = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
@@ -102,7 +105,7 @@ def iter_jsonl_documents(path: str, *, field: str, errors: str = "strict") -> It
 
 def iter_parquet_documents(path: str, *, field: str) -> Iterator[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: optional (Parquet / hf: inputs only) and slow to import
     except ImportError:
         raise UserError("reading Parquet needs pyarrow; install it with `pip install pyarrow`") from None
     try:
@@ -121,15 +124,13 @@ def iter_parquet_documents(path: str, *, field: str) -> Iterator[str]:
 def iter_hf_documents(spec: str, *, field: str) -> Iterator[str]:
     """`hf:NAME[:CONFIG][@SPLIT]` -> the text column of a Hugging Face dataset."""
     try:
-        import datasets
+        import datasets  # lazy: optional (Parquet / hf: inputs only) and slow to import
     except ImportError:
         raise UserError(f"input '{spec}' is a Hugging Face dataset and needs the `datasets` library; install "
                         "it with `pip install datasets` (or pass local files)") from None
     body = spec[len("hf:"):]
     body, _, split = body.partition("@")
     name, _, config = body.partition(":")
-    import logging
-
     # huggingface_hub logs every failed retry to stderr; the one-line error below says what went wrong
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level

@@ -18,7 +18,6 @@ Writes `stories.txt` (stories separated by `<|endoftext|>` lines: the input of
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmscale.errors import UserError
+from mmscale.fsutil import atomic_write
 
 SEPARATOR = "<|endoftext|>"
 MAX_STORIES = 500_000  # a quarter of the distinct cores; beyond that drawing slows down
@@ -306,37 +306,5 @@ def write_corpus(out: str | os.PathLike, n: int, seed: int = 0, *, overwrite: bo
         targets[1]: "".join(json.dumps({"query": s.summary, "passage": s.text}) + "\n" for s in stories),
     }
     for path, content in contents.items():
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, content)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# `mmscale data`
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    s = sub.add_parser("synth", help="write the built-in story corpus (stories.txt + pairs.jsonl)")
-    s.add_argument("--out", required=True, help="directory to write into")
-    s.add_argument("--stories", type=int, default=20000, help="number of stories (default 20000)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true", help="replace existing stories.txt / pairs.jsonl")
-    v = sub.add_parser("verify", help="check a prepared dataset: manifest, every shard's size and digest, "
-                                      "token ids within the vocab")
-    v.add_argument("dataset", help="a folder made by `mmscale prepare`")
-    v.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.action == "synth":
-        out = write_corpus(args.out, args.stories, args.seed, overwrite=args.overwrite)
-        print(f"wrote {args.stories} stories to {out / 'stories.txt'} and {out / 'pairs.jsonl'}")
-        return 0
-    if args.action == "verify":
-        from mmscale.data.verify import run_verify
-        return run_verify(args.dataset, bool(getattr(args, "json", False)))
-    raise UserError(f"unknown action {args.action!r}; use `mmscale data synth` or `mmscale data verify`")

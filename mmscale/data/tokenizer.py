@@ -16,28 +16,23 @@ behind the same small interface (`HFTokenizer`); they need the `tokenizers` pack
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import itertools
+import json
 import os
 import re
-import tempfile
+import threading
 import time
 from pathlib import Path
 
+import sentencepiece as spm
+
+from mmscale.cli_conventions import check_output_path
+from mmscale.data.sources import DEFAULT_SEPARATOR, iter_text_documents
 from mmscale.errors import UserError
+from mmscale.fsutil import atomic_write, file_sha256
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-# documents in plain-text training input are split on this line (as in `mmscale prepare`)
-DEFAULT_SEPARATOR = "<|endoftext|>"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_hf_tokenizer_file(path: str | os.PathLike) -> bool:
@@ -84,7 +79,7 @@ class HFTokenizer:
     def from_path(cls, path: str | os.PathLike) -> "HFTokenizer":
         p = Path(path)
         try:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # lazy: optional (HF tokenizers), slow import
         except ImportError:
             raise UserError(f"tokenizer '{path}' is a Hugging Face tokenizer; install `tokenizers` "
                             "(pip install -e .[ecosystem])") from None
@@ -104,8 +99,6 @@ class HFTokenizer:
                             f"({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
         specials = {}
         if config_file is not None and config_file.is_file():
-            import json
-
             try:
                 conf = json.loads(config_file.read_text())
             except ValueError:
@@ -120,7 +113,7 @@ class HFTokenizer:
     def _from_auto(cls, folder: Path) -> "HFTokenizer":
         """A folder without tokenizer.json (e.g. vocab.json + merges.txt): AutoTokenizer converts it."""
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # lazy: optional (HF tokenizers), slow import
         except ImportError:
             raise UserError(f"tokenizer folder '{folder}' has no tokenizer.json; install transformers to convert it "
                             "(pip install -e .[ecosystem])") from None
@@ -185,8 +178,6 @@ def is_hf_tokenizer(path: str | os.PathLike) -> bool:
 def load_tokenizer(path: str | os.PathLike):
     """Load a sentencepiece model (or a Hugging Face tokenizer: see HFTokenizer); UserError when it is missing
     or neither."""
-    import sentencepiece as spm
-
     p = Path(path)
     if p.is_dir() or (p.is_file() and is_hf_tokenizer_file(p)):
         return HFTokenizer.from_path(p)
@@ -208,8 +199,6 @@ def special_ids(sp) -> dict[str, int]:
 
 def _iter_training_documents(paths: list[str], separator: str):
     """Yield documents from plain-text files (separator lines or blank lines between documents)."""
-    from mmscale.data.sources import iter_text_documents
-
     for path in paths:
         yield from iter_text_documents(path, separator=separator, errors="strict")
 
@@ -218,8 +207,6 @@ def _interruptible(fn, **kwargs):
     """fn(**kwargs) in a daemon thread while this (main) thread waits: sentencepiece's C++ training runs for
     minutes on large inputs without returning to Python, so a Ctrl-C or SIGTERM would wait for it; here the
     signal's exception is raised at once in the main thread (the process then ends, and the thread with it)."""
-    import threading
-
     result: dict = {}
 
     def target():
@@ -244,8 +231,6 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | os.PathLike, 
 
     Written to a temporary file next to `out` and renamed, so an interrupted run leaves no model.
     """
-    import sentencepiece as spm
-
     out = Path(out)
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"--model-type must be bpe or unigram, got {model_type!r}")
@@ -297,14 +282,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | os.PathLike, 
             raise UserError(f"--vocab-size {vocab_size} is too large for this input ({msg}); "
                             "pass a smaller --vocab-size or more text") from None
         raise UserError(f"sentencepiece training failed: {msg}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, model.getvalue())
     return out
 
 
@@ -328,7 +306,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         out = Path(args.out)
-        from mmscale.cli_conventions import check_output_path
         check_output_path(out, "--out", kind="file", overwrite=args.overwrite, inputs=args.input)
         t0 = time.perf_counter()
         train_tokenizer(args.input, args.vocab_size, out, model_type=args.model_type,

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
+from mmscale.data._streaming import import_streaming
+from mmscale.data.loader import check_shards, read_manifest
 from mmscale.errors import UserError
+from mmscale.fsutil import file_sha256
 
 
 def _damaged(path: Path, what: str) -> UserError:
@@ -26,8 +31,6 @@ def _damaged(path: Path, what: str) -> UserError:
 
 
 def _digest(data: bytes) -> str:
-    import xxhash
-
     return xxhash.xxh64(data).hexdigest()
 
 
@@ -57,8 +60,6 @@ def _tokens_of_shard(raw: bytes, shard: dict, path: Path, manifest: dict) -> np.
 
 
 def _kind(mode: int) -> str | None:
-    import stat
-
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
@@ -86,9 +87,6 @@ def check_regular_files(root: Path) -> None:
 
 def verify_dataset(path: str | Path) -> dict:
     """Check everything (see the module docstring); returns a summary, raises UserError at the first problem."""
-    from mmscale.data._streaming import import_streaming
-    from mmscale.data.loader import check_shards, read_manifest
-    from mmscale.data.tokenizer import file_sha256
 
     root = Path(path)
     if not root.is_dir():
@@ -105,7 +103,7 @@ def verify_dataset(path: str | Path) -> dict:
     if want_sha and file_sha256(tok) != want_sha:
         raise _damaged(tok, f"has sha256 {file_sha256(tok)[:16]}..., the manifest records {want_sha[:16]}...")
     import_streaming()
-    from streaming.base.compression import decompress
+    from streaming.base.compression import decompress  # lazy: after import_streaming()'s shim
 
     vocab = manifest["vocab_size"]
     summary = {"dataset": str(root), "vocab_size": vocab, "hashed": True, "splits": {}}

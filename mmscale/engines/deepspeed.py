@@ -18,6 +18,7 @@ import torch
 
 from mmscale.engines.base import (Engine, build_optimizer, config_hyperparameters, param_groups, prepare_model,
                                   set_lr)
+from mmscale.checkpoint_format import checkpoints_root, load_file, read_meta, unsafe_payload_error
 from mmscale.errors import UserError
 
 TAG = "ds"
@@ -199,8 +200,6 @@ class DeepSpeedEngine(Engine):
                 "ds_bf16": False}
 
     def load(self, step_dir: Path):
-        from mmscale.checkpoint import read_meta
-
         meta = read_meta(step_dir)
         if meta.get("ds_bf16", meta.get("precision") == "bf16"):
             raise UserError(f"'{step_dir}' was written in DeepSpeed's bf16 mode by an older mmscale and cannot be "
@@ -228,7 +227,6 @@ class DeepSpeedEngine(Engine):
         folder itself is never modified. The other ranks wait for the conversion inside a collective, so it
         must finish within engine.dist_timeout_min; it needs about the checkpoint's size again on disk."""
         from mmscale import distributed
-        from mmscale.checkpoint import checkpoints_root
 
         work = checkpoints_root(self.cfg.run.dir) / f".reshard_{step_dir.name}"
         failure = None
@@ -275,7 +273,7 @@ class DeepSpeedEngine(Engine):
 
 _CONVERTER = """\
 import runpy, sys
-from mmscale.checkpoint import safe_unpickling
+from mmscale.checkpoint_format import safe_unpickling
 sys.argv = ["ds_to_universal"] + sys.argv[1:]
 with safe_unpickling():  # DeepSpeed's converter reads the checkpoint with plain torch.load: the allow-list applies
     runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
@@ -301,8 +299,6 @@ def to_universal(ds_dir: Path, out_dir: Path) -> None:
     if proc.returncode != 0:
         text = proc.stderr + proc.stdout
         if "Unsupported global" in text or "UnpicklingError" in text:
-            from mmscale.checkpoint import unsafe_payload_error
-
             raise unsafe_payload_error(ds_dir, RuntimeError(text.strip().splitlines()[-1]))
         lines = [ln for ln in text.strip().splitlines() if ln.strip()] or ["?"]
         raise UserError(f"DeepSpeed's universal-checkpoint converter failed on '{ds_dir}' ({lines[-1][:200]}); "
@@ -344,8 +340,6 @@ def read_zero_checkpoint(step_dir: Path, meta: dict, model_cfg):
     into memory (DeepSpeed's zero_to_fp32 concatenates whole partitions and needs several times the model).
     fp32 ZeRO 0-2 runs read the module's own fp32 weights.
     """
-    from mmscale.checkpoint import load_file
-
     ds_dir = step_dir / TAG
     stage, world = int(meta.get("zero_stage", 0)), int(meta.get("world_size", 1))
     model_files = _ds_files(ds_dir, "*model_states.pt")

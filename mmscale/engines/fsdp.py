@@ -129,7 +129,7 @@ class FSDPEngine(Engine):
 
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        from mmscale import checkpoint as ckpt
+        from mmscale import checkpoint_format as ckpt
 
         path = step_dir / "model"
         reader = dcp.FileSystemReader(str(path))

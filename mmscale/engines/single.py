@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from mmscale.checkpoint_format import load_file
 from mmscale.engines.base import Engine, build_optimizer, config_hyperparameters, prepare_model
 from mmscale.errors import UserError
 
@@ -18,8 +19,6 @@ class SingleEngine(Engine):
     @classmethod
     def read_state(cls, step_dir: Path, meta: dict, model_cfg):
         """model.pt (the full fp32 state dict), memory-mapped."""
-        from mmscale.checkpoint import load_file
-
         sd = load_file(step_dir / "model.pt")
         if not isinstance(sd, dict):
             raise UserError(f"'{step_dir / 'model.pt'}' does not hold a state dict; the checkpoint is damaged")

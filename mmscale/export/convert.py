@@ -144,14 +144,10 @@ def last_val_loss_at(run_dir: Path, step: int) -> tuple:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None, None
+    from mmscale.run.metrics import read_jsonl
+
     val, at = None, None
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict):
-            continue
+    for row in read_jsonl(path)[0]:
         if row.get("val_loss") is not None and row.get("step", 0) <= step:
             val, at = row["val_loss"], row.get("step")
     return val, at
@@ -159,7 +155,8 @@ def last_val_loss_at(run_dir: Path, step: int) -> tuple:
 
 def check_tokenizer(tok: Path, model_cfg, run_cfg: dict, step_dir: Path) -> None:
     """The tokenizer to ship loads, fits the model's vocab, and is the one the run's data was made with."""
-    from mmscale.data.tokenizer import file_sha256, load_tokenizer
+    from mmscale.data.tokenizer import load_tokenizer
+    from mmscale.fsutil import file_sha256
 
     sp = load_tokenizer(tok)  # a one-line error for a file that is not a tokenizer
     if sp.get_piece_size() > model_cfg.vocab_size:

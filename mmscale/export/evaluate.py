@@ -159,7 +159,7 @@ def check_data_tokenizer(data: list[str], export, meta: dict) -> None:
     if len(data) != 1 or not Path(data[0]).is_dir():
         return
     from mmscale.data.loader import read_manifest, tokenizer_sha
-    from mmscale.data.tokenizer import file_sha256
+    from mmscale.fsutil import file_sha256
 
     want = tokenizer_sha(read_manifest(data[0]))
     have = file_sha256(Path(export) / meta["tokenizer"])

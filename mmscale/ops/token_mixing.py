@@ -48,11 +48,6 @@ CPU_DENSE_MIN_BATCH = 16
 CUDA_TRITON_MIN_T = 1024
 
 
-def causal_mask(t: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[T, T] lower-triangular ones (position i sees j <= i)."""
-    return torch.ones(t, t, device=device, dtype=dtype).tril_()
-
-
 def token_mix(weight: torch.Tensor, x: torch.Tensor, causal: bool = True, impl: str = "auto",
               block_rows: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Mix tokens of `x` with the (masked, when causal) matrix `weight`; see the module docstring.

@@ -277,12 +277,6 @@ if triton is not None:
     register_autograd("mmscale::triton_mix", _backward, setup_context=_setup_context)
 
 
-def mix_backward(w, x, dout, need_w=True, need_x=True):
-    """(dw, dx) of the forward (None where not needed); for tests and benchmarks."""
-    dout = dout.contiguous()
-    return (mix_backward_w(w, x, dout) if need_w else None), (mix_backward_x(w, dout) if need_x else None)
-
-
 def triton_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Causal token mixing: w [H, T, T] (raw, unmasked), x [B, H, T, C], same dtype."""
     # a configuration the machine cannot run (model.mixer_impl): a one-line error, exit status 2

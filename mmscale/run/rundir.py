@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -26,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from mmscale.config import load_yaml_file
 from mmscale.errors import UserError
-from mmscale.fsutil import pid_alive
+from mmscale.fsutil import atomic_write, pid_alive
 
 MARKER = ".mmscale-run"
 LOCK = ".mmscale-lock"
@@ -53,8 +55,6 @@ def _is_legacy_run(run_dir: Path) -> bool:
                 continue
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
-        from mmscale.config import load_yaml_file
-
         try:
             data = load_yaml_file(cfg)
         except UserError:
@@ -91,10 +91,8 @@ def write_marker(run_dir: str | os.PathLike) -> None:
     p = Path(run_dir) / MARKER
     if p.is_file():
         return
-    tmp = p.with_name(f".tmp{MARKER}.{os.getpid()}")
-    tmp.write_text(json.dumps({"format": "mmscale-run", "version": 1,
-                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
-    os.replace(tmp, p)
+    atomic_write(p, json.dumps({"format": "mmscale-run", "version": 1,
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,8 +127,6 @@ class RunLock:
                          "end or choose another run.dir", 1)
 
     def acquire(self) -> "RunLock":
-        import fcntl
-
         for _ in range(20):  # retried only when the file was replaced between open and flock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             flock_ok = True

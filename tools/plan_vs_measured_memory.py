@@ -1,9 +1,9 @@
 """Per-rank peak memory of real CPU training runs (gloo), held against `mmscale plan --device cpu`.
 
-    .venv/bin/python tools/bench_memory.py --out /tmp/mem.json                 # measure (the RESULTS.md grid)
-    .venv/bin/python tools/bench_memory.py --compare /tmp/mem.json             # the table: plan vs measured
-    .venv/bin/python tools/bench_memory.py --models mixer-s --layouts z3 fsdp --ranks 1 2 --out /tmp/m.json
-    .venv/bin/python tools/bench_memory.py --cuda --models mixer-m llama-m --ranks 1 --batch 8 --out $OUT/m.json
+    .venv/bin/python tools/plan_vs_measured_memory.py --out /tmp/mem.json                 # measure (the RESULTS.md grid)
+    .venv/bin/python tools/plan_vs_measured_memory.py --compare /tmp/mem.json             # the table: plan vs measured
+    .venv/bin/python tools/plan_vs_measured_memory.py --models mixer-s --layouts z3 fsdp --ranks 1 2 --out /tmp/m.json
+    .venv/bin/python tools/plan_vs_measured_memory.py --cuda --models mixer-m llama-m --ranks 1 --batch 8 --out $OUT/m.json
 
 Each (model, layout, ranks) runs in fresh processes under torchrun (OMP_NUM_THREADS=1): the real engine
 (DeepSpeed ZeRO-1/2/3 or FSDP2, mmscale's precision policy), two optimizer steps at micro-batch --batch, then

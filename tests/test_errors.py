@@ -1,120 +1,27 @@
 """Issue G: hostile inputs and damaged files end in one clear line (or a documented fallback), and nothing
-that existed before changes; pickled payloads in checkpoints never run; fsync/ENOSPC/lock hygiene.
+that existed before changes (mmscale/errors.py's contract, through `mmscale.cli.main` in-process).
 
-The catalogue shares one tiny dataset, one trained run and its export (module fixture); every case works on
-its own copy of what it damages and runs `mmscale.cli.main` in-process.
+The catalogue shares one tiny dataset, one trained run and its export (the `world` fixture, tests/_hostile.py);
+every case works on its own copy of what it damages. Checkpoint damage is tests/test_checkpoint_damage.py, the
+run dir's lock and marker tests/test_rundir.py.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from mmscale import checkpoint as ckpt
 from mmscale.cli import main as cli
 from tests._dist import tiny_config
+# clean_world_env is an autouse fixture: imported, it applies to every test here
+from tests._hostile import (STEP1, STEP2, clean_world_env, copy, edit_json, flip_byte, raw_shards_removed,
+                              snapshot, train_args, truncate, unchanged, _resume, _wait_for)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-_WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(autouse=True)
-def clean_world_env():
-    """The data loader writes RANK/WORLD_SIZE/... into the environment (streaming reads them there); a
-    one-process DeepSpeed/FSDP run after it would take them for a launcher's and rendezvous on the default
-    port. Each test starts and ends without them."""
-    saved = {k: os.environ.pop(k) for k in _WORLD_ENV if k in os.environ}
-    yield
-    for k in _WORLD_ENV:
-        os.environ.pop(k, None)
-    os.environ.update(saved)
-
-STEP1, STEP2 = ckpt.step_dir_name(1), ckpt.step_dir_name(2)
-
-
-# ----------------------------------------------------------------------------------------------
-# shared world: a dataset, a second dataset made with another tokenizer, a trained run, its export
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tests._data_helpers import make_tiny_corpus, make_tiny_dataset
-
-    base = tmp_path_factory.mktemp("reliability")
-    data = make_tiny_dataset(base, n_ctx=16, vocab_size=512, stories=120)
-    other = make_tiny_dataset(base, n_ctx=16, vocab_size=512, stories=120, seed=1, name="other")
-    big_tok = make_tiny_corpus(120, 0, 1024)[1]
-    run = base / "run"
-    cfg = tiny_config(run, **{"model.vocab_size": 512, "data.train": str(data), "train.max_steps": 2,
-                              "checkpoint.every": 1, "checkpoint.keep": 3, "train.eval_every": 2})
-    cfg_path = base / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    assert cli(["train", "--config", str(cfg_path)]) == 0
-    export = base / "export"
-    assert cli(["convert", str(run), "--out", str(export)]) == 0
-    return SimpleNamespace(base=base, data=data, other=other, run=run, cfg=cfg, cfg_path=cfg_path, export=export,
-                           big_tok=big_tok)
-
-
-def snapshot(*roots) -> dict:
-    out = {}
-    for root in roots:
-        root = Path(root)
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for p in files:
-            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def unchanged(before: dict, after: dict) -> list[str]:
-    """Files that changed or vanished; new files are allowed only as streaming's decompressed shards."""
-    bad = [k for k, v in before.items() if after.get(k) != v]
-    bad += [k for k in after if k not in before and not k.endswith(".mds")]
-    return bad
-
-
-def copy(src: Path, dst: Path) -> Path:
-    if src.is_dir():
-        shutil.copytree(src, dst)
-    else:
-        shutil.copyfile(src, dst)
-    return dst
-
-
-def flip_byte(path: Path, where: float = 0.5) -> None:
-    data = bytearray(path.read_bytes())
-    i = int(len(data) * where)
-    data[i] ^= 0x55
-    path.write_bytes(bytes(data))
-
-
-def truncate(path: Path, keep: float = 0.5) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-
-
-def edit_json(path: Path, fn) -> None:
-    obj = json.loads(path.read_text())
-    fn(obj)  # edits in place
-    path.write_text(json.dumps(obj))
-
-
-def train_args(w, d: Path, *extra: str) -> list[str]:
-    return ["train", "--config", str(w.cfg_path), f"run.dir={d / 'newrun'}", *extra]
-
-
-def raw_shards_removed(ds: Path) -> Path:
-    """The dataset with streaming's decompressed copies removed, so the compressed shards are read again."""
-    for p in ds.rglob("shard.*.mds"):
-        p.unlink()
-    return ds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,10 +273,6 @@ def _run_copy(w, d):
     return copy(w.run, d / "run")
 
 
-def _resume(w, run: Path, target) -> list[str]:
-    return ["train", "--config", str(w.cfg_path), f"run.dir={run}", f"run.resume={target}", "train.max_steps=3"]
-
-
 @case("explicit resume: model.pt truncated")
 def _(w, d):
     run = _run_copy(w, d)
@@ -551,7 +454,7 @@ _BOMB = "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9 if p else ['x'] * 9)}]\n"
 # --- the run dir: one run at a time (a lock), and only a run dir of ours
 @case("train into a run dir another live run holds")
 def _(w, d):
-    from mmscale.rundir import RunLock
+    from mmscale.run.rundir import RunLock
 
     run = _run_copy(w, d)
     _HELD_LOCKS.append(RunLock(run).acquire())  # a live holder: its flock is held (another open file)
@@ -568,7 +471,7 @@ def _(w, d):
 
 @case("train into a new run dir another live run holds")
 def _(w, d):
-    from mmscale.rundir import RunLock
+    from mmscale.run.rundir import RunLock
 
     (d / "held").mkdir()
     _HELD_LOCKS.append(RunLock(d / "held").acquire())
@@ -985,180 +888,6 @@ def _check_case(world, d, capsys, fn, status, runtime):
     assert runtime or not (d / "newrun").exists(), "a refused run leaves no run dir"
 
 
-# ----------------------------------------------------------------------------------------------
-# documented fallbacks
-
-def test_auto_resume_falls_back_past_a_damaged_checkpoint_and_a_torn_metrics_line(world, tmp_path, capsys):
-    run = copy(world.run, tmp_path / "run")
-    flip_byte(run / "checkpoints" / STEP2 / "rank_00000.pt", 0.9)
-    with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 3, "loss": 4.')  # a kill during the append
-    damaged = snapshot(run / "checkpoints" / STEP2)
-    capsys.readouterr()
-    rc = cli(["train", "--config", str(world.cfg_path), f"run.dir={run}", "train.max_steps=3"])
-    err = capsys.readouterr().err
-    assert rc == 0, err
-    warn = [ln for ln in err.splitlines() if "is damaged" in ln]
-    assert len(warn) == 1 and f"resuming from '{run / 'checkpoints' / STEP1}'" in warn[0], err
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # every line whole
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
-    # step 2 was trained again and published; the damaged folder is kept aside, not deleted
-    assert ckpt.verify(run / "checkpoints" / STEP2) is None
-    aside = list((run / "checkpoints").glob(f".damaged_{STEP2}.*"))
-    assert len(aside) == 1 and snapshot(aside[0]) == {k.replace(str(run / "checkpoints" / STEP2), str(aside[0])): v
-                                                      for k, v in damaged.items()}
-    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.step_dir_name(3)
-
-
-def test_latest_pointer_outside_is_ignored_by_auto(world, tmp_path):
-    run = copy(world.run, tmp_path / "run")
-    (run / "checkpoints" / "latest").write_text("../../x\n")
-    assert ckpt.find_latest(run / "checkpoints") == run / "checkpoints" / STEP2
-
-
-# ----------------------------------------------------------------------------------------------
-# pickled payloads never run
-
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (eval, (f"__import__('pathlib').Path({str(self.marker)!r}).write_text('ran')",))
-
-
-def _plant_torch(path: Path, marker: Path) -> None:
-    import torch
-    torch.save({"x": _Payload(marker)}, path)
-
-
-def _plant_pickle(path: Path, marker: Path) -> None:
-    import pickle
-    path.write_bytes(pickle.dumps(_Payload(marker)))
-
-
-def _reseal(step_dir: Path) -> None:
-    """What an attacker who can write files can also do: make meta.json's digests match again."""
-    from mmscale.fsutil import digest
-
-    def fix(meta):
-        for rel in meta["files"]:
-            size, xxh = digest(step_dir / rel)
-            meta["files"][rel] = {"size": size, "xxh64": xxh}
-    edit_json(step_dir / "meta.json", fix)
-
-
-@pytest.mark.parametrize("target", ["rank_00000.pt", "model.pt", "optimizer.pt"])
-def test_payload_in_a_single_engine_checkpoint_never_runs(world, tmp_path, capsys, target):
-    run = copy(world.run, tmp_path / "run")
-    marker = tmp_path / "PWNED"
-    _plant_torch(run / "checkpoints" / STEP2 / target, marker)
-    _reseal(run / "checkpoints" / STEP2)
-    capsys.readouterr()
-    rc = cli(_resume(world, run, run / "checkpoints" / STEP2))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0 and len(err) == 1, err
-    assert not marker.exists()
-    assert "Unsupported global" in err[0] or "not plain data" in err[0] or "allow-list" in err[0] \
-        or "cannot be read" in err[0], err[0]
-    rc = cli(["convert", str(run / "checkpoints" / STEP2), "--out", str(tmp_path / "x")])
-    assert not marker.exists()
-    if target == "model.pt":
-        assert rc != 0
-
-
-@pytest.fixture(scope="module")
-def sharded_checkpoints(tmp_path_factory):
-    """One-process DeepSpeed ZeRO-1 and FSDP2 checkpoints (synthetic data)."""
-    from tests._dist import train_runs
-
-    base = tmp_path_factory.mktemp("sharded")
-    for k in _WORLD_ENV:  # (module fixtures run before the autouse one)
-        os.environ.pop(k, None)
-    runs = [{"config": tiny_config(base / k, **{"engine.kind": kind, "engine.zero_stage": 1, "train.max_steps": 1})}
-            for k, kind in (("z1", "deepspeed"), ("fsdp", "fsdp"))]
-    assert train_runs({"runs": runs}) == [0, 0]
-    return base
-
-
-@pytest.mark.parametrize("kind,target", [("z1", "ds/mp_rank_00_model_states.pt"),
-                                         ("z1", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                                         ("fsdp", "model/.metadata"), ("fsdp", "optimizer/.metadata")])
-def test_payload_in_deepspeed_and_dcp_files_never_runs(sharded_checkpoints, tmp_path, kind, target):
-    from mmscale.errors import UserError
-    from mmscale.export.convert import _model_config, load_checkpoint_state
-    from tests._dist import train_runs
-
-    run = copy(sharded_checkpoints / kind, tmp_path / kind)
-    step = run / "checkpoints" / STEP1
-    marker = tmp_path / "PWNED"
-    (_plant_pickle if target.endswith(".metadata") else _plant_torch)(step / target, marker)
-    _reseal(step)
-    cfg = json.loads((step / "meta.json").read_text())["config"]
-    cfg["train"]["max_steps"], cfg["run"]["dir"] = 2, str(run)
-    status = train_runs({"runs": [{"config": cfg}]})[0]
-    assert not marker.exists()
-    assert isinstance(status, str) and "allow-list" in status and "\n" not in status, status
-    if target.startswith(("ds/mp_rank", "model/")):  # what convert reads
-        meta = json.loads((step / "meta.json").read_text())
-        with pytest.raises(UserError, match="allow-list"):  # convert's reader of every engine's checkpoints
-            load_checkpoint_state(step, meta, _model_config(meta, step))
-        assert not marker.exists()
-
-
-# ----------------------------------------------------------------------------------------------
-# full disk, durability, permissions, locks, output checks, generate's spacing, card, plot label
-
-def test_full_disk_during_checkpoint_save(world, tmp_path, capsys, monkeypatch):
-    import torch
-
-    run = copy(world.run, tmp_path / "run")
-    before = snapshot(run / "checkpoints" / STEP2)
-    real_save = torch.save
-
-    def save(obj, f, *a, **k):
-        if str(f).endswith("optimizer.pt"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", save)
-    capsys.readouterr()
-    rc = cli(["train", "--config", str(world.cfg_path), f"run.dir={run}", "train.max_steps=3"])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
-    assert rc == 1 and len(err) == 1, err
-    assert "no space left on device writing checkpoint" in err[0] and ".tmp_step_00000003" in err[0]
-    assert "needs about" in err[0] and f"previous checkpoint {run / 'checkpoints' / STEP2} is intact" in err[0]
-    assert not list((run / "checkpoints").glob(".tmp_*")) and not list(run.glob(".write_test.*"))
-    assert snapshot(run / "checkpoints" / STEP2) == before
-    assert (run / "checkpoints" / "latest").read_text().strip() == STEP2
-
-
-def test_checkpoint_files_are_fsynced_before_the_rename(tmp_path, monkeypatch):
-    import mmscale.fsutil as fsutil
-
-    events = []
-    real_replace, real_fsync = os.replace, os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))),
-                                                     real_replace(a, b))[1])
-    root = tmp_path / "checkpoints"
-    tmp = ckpt.prepare_tmp_dir(root, 4)
-    (tmp / "model.pt").write_bytes(b"m" * 100)
-    (tmp / "sub").mkdir()
-    (tmp / "sub" / "x").write_bytes(b"x")
-    ckpt.finalize(root, tmp, 4, {"step": 4, "model_files": ["model.pt"], "rank_files": []}, keep=2)
-    names = [e[1] if e[0] == "fsync" else f"replace->{Path(e[2]).name}" for e in events]
-    i_step = names.index(f"replace->{ckpt.step_dir_name(4)}")
-    i_latest = names.index("replace->latest")
-    synced_before = {Path(n).name for n in names[:i_step] if not n.startswith("replace")}
-    assert {"model.pt", "x", "sub", tmp.name} <= synced_before, names
-    assert any(n.startswith(".tmp_meta.json") for n in synced_before), names  # meta.json, before its rename
-    assert names.index("replace->meta.json") < i_step
-    assert root.name in {Path(n).name for n in names[i_step:i_latest] if not n.startswith("replace")}
-    assert any(Path(n).name.startswith(".tmp_latest") for n in names[i_step:i_latest])
-    assert fsutil.digest(root / ckpt.step_dir_name(4) / "model.pt")[0] == 100
-
-
 def test_exports_follow_the_umask(world, tmp_path):
     old = os.umask(0o022)
     try:
@@ -1231,7 +960,7 @@ def test_eval_json_rule_and_card_step(world, tmp_path, capsys):
 
 
 def test_plot_is_redrawn_on_a_signal_and_retrieval_label(tmp_path):
-    from mmscale.metrics import MetricsLogger
+    from mmscale.run.metrics import MetricsLogger
     from tests._dist import train_runs
 
     cfg = tiny_config(tmp_path / "r", **{"train.max_steps": 4})
@@ -1250,222 +979,6 @@ def test_prepare_one_document_per_line(world, tmp_path):
     assert cli(["prepare", "--data", str(text), "--tokenizer", str(world.data / "tokenizer.model"), "--n-ctx", "16",
                 "--out", str(tmp_path / "o"), "--one-doc-per-line", "--workers", "1", "--no-progress"]) == 0
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["documents"] == 200
-
-
-# ----------------------------------------------------------------------------------------------
-# kill -9 at random points, 10 times in one run: the losses equal an uninterrupted run's, bit for bit
-
-FAULT_STEPS, FAULT_EVERY = 40, 3
-
-
-def _fault_process(cfg: dict, kill: dict, nproc: int, tmp: Path) -> tuple[int, str]:
-    import subprocess
-    import sys
-
-    from tests._dist import REPO, _free_port
-
-    script = [str(REPO / "tests" / "_faults.py"), json.dumps(cfg), json.dumps(kill)]
-    if nproc == 1:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *script]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
-           "TMPDIR": str(tmp)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    try:
-        _, err = child.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, 9)
-        _, err = child.communicate()
-        raise AssertionError(f"fault run hung: {err[-3000:]}")
-    return child.returncode, err
-
-
-def _kill_ten_times(tmp_path, overrides: dict, nproc: int, seed: int) -> list:
-    import random
-
-    from tests._dist import read_losses
-
-    rng = random.Random(seed)
-    base = {"train.max_steps": FAULT_STEPS, "checkpoint.every": FAULT_EVERY, "checkpoint.keep": 2, "log.every": 1,
-            **overrides}
-    ref = tiny_config(tmp_path / "reference", **base)
-    rc, err = _fault_process(ref, {}, nproc, tmp_path)
-    assert rc == 0, err[-3000:]
-    cfg = tiny_config(tmp_path / "faulty", **base)
-    kills = []
-    while len(kills) < 10:
-        done = ckpt.find_latest(tmp_path / "faulty" / "checkpoints")
-        at = json.loads((done / "meta.json").read_text())["step"] if done else 0
-        assert at < FAULT_STEPS
-        kind = rng.choice(["step", "metrics", "rank_file", "digest", "latest"])
-        kill = {"kind": kind, "n": rng.randint(1, 3 if kind == "digest" else 4) if kind in ("step", "metrics", "digest")
-                else 1, "rank": rng.randrange(nproc) if kind in ("step", "rank_file") else 0}
-        rc, err = _fault_process(cfg, kill, nproc, tmp_path)
-        assert rc != 0, f"the planned kill {kill} did not happen (resumed at step {at}): {err[-2000:]}"
-        assert rc == -9 if nproc == 1 else rc != 0, (rc, err[-3000:])  # killed, not an error of its own
-        kills.append((at, kill))
-    rc, err = _fault_process(cfg, {}, nproc, tmp_path)
-    assert rc == 0, err[-3000:]
-    got, want = read_losses(tmp_path / "faulty"), read_losses(tmp_path / "reference")
-    assert sorted(got) == list(range(1, FAULT_STEPS + 1)), (sorted(got), kills)
-    assert got == want, kills  # every step's loss, bit for bit
-    root = tmp_path / "faulty" / "checkpoints"
-    assert not list(root.glob(".tmp_*")) and ckpt.verify(root / ckpt.step_dir_name(FAULT_STEPS)) is None
-    assert (root / "latest").read_text().strip() == ckpt.step_dir_name(FAULT_STEPS)
-    return kills
-
-
-def test_ten_kills_in_one_run_single_engine_resume_bit_for_bit(tmp_path):
-    kills = _kill_ten_times(tmp_path, {"engine.kind": "single"}, 1, seed=12)
-    assert len({k["kind"] for _, k in kills}) >= 4, kills  # the seed covers most kinds of kill
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_ten_kills_in_one_run_fsdp_two_ranks_resume_bit_for_bit(tmp_path):
-    _kill_ten_times(tmp_path, {"engine.kind": "fsdp"}, 2, seed=7)
-
-
-@pytest.mark.distributed
-def test_full_disk_on_one_rank_stops_every_rank_with_one_line(tmp_path):
-    """DDP on 2 ranks, rank 0's disk full at the step-4 checkpoint: both ranks stop (no hang in the next
-    collective), each with one line, and the step-2 checkpoint stays the latest."""
-    from tests._dist import run_distributed
-
-    cfg = tiny_config(tmp_path / "r", **{"engine.kind": "ddp", "train.max_steps": 6, "checkpoint.every": 2})
-    statuses = run_distributed("tests._faults:enospc_runs", {"runs": [{"config": cfg}]}, timeout=240)
-    rank0, rank1 = statuses[0][0], statuses[1][0]
-    assert isinstance(rank0, str) and "no space left on device" in rank0 and "\n" not in rank0, rank0
-    assert isinstance(rank1, str) and "failed on 1 other rank" in rank1, rank1
-    root = tmp_path / "r" / "checkpoints"
-    assert [p.name for p in ckpt.list_complete(root)] == [STEP2] and not list(root.glob(".tmp_*"))
-    assert (root / "latest").read_text().strip() == STEP2
-
-
-# ----------------------------------------------------------------------------------------------
-# issue G2: the run dir's lock and marker, interrupts, outputs (behaviour the one-line catalogue cannot show)
-
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
-
-
-def test_stale_lock_of_a_dead_process_is_taken_over_with_one_line(world, tmp_path, capsys):
-    import socket
-
-    from mmscale.rundir import LOCK, MARKER
-
-    run = copy(world.run, tmp_path / "run")
-    pid = _dead_pid()
-    (run / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "job": None,
-                                        "started": "2026-12-05T01:00:00Z"}) + "\n")
-    capsys.readouterr()
-    rc = cli(["train", "--config", str(world.cfg_path), f"run.dir={run}", "train.max_steps=3"])
-    err = capsys.readouterr().err
-    assert rc == 0, err
-    notes = [ln for ln in err.splitlines() if "taking over the lock" in ln]
-    assert len(notes) == 1 and f"pid {pid}" in notes[0] and "no longer runs" in notes[0], err
-    assert not (run / LOCK).exists() and (run / MARKER).is_file()  # released at the end
-
-
-def test_a_run_dir_of_an_older_mmscale_is_still_a_run(world, tmp_path, capsys):
-    from mmscale.rundir import MARKER, check_owned, is_run
-
-    run = copy(world.run, tmp_path / "run")
-    (run / MARKER).unlink()  # written before the marker existed: checkpoints/ + meta of ours
-    assert is_run(run)
-    assert cli(["train", "--config", str(world.cfg_path), f"run.dir={run}", "train.max_steps=3"]) == 0
-    assert (run / MARKER).is_file()
-    # one that crashed before its first checkpoint: config.yaml as mmscale writes it, and metrics.jsonl
-    early = tmp_path / "early"
-    early.mkdir()
-    shutil.copyfile(world.run / "config.yaml", early / "config.yaml")
-    (early / "metrics.jsonl").write_text("")
-    check_owned(early)
-    # a hand-written config is not mmscale's dump
-    (early / "config.yaml").write_text("model:\n  d_model: 32\n")
-    with pytest.raises(Exception, match="is not an mmscale run"):
-        check_owned(early)
-
-
-def _train_child(cfg_path: Path, run: Path, *extra: str):
-    import subprocess
-    import sys
-
-    from tests._dist import REPO
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for k in _WORLD_ENV:
-        env.pop(k, None)
-    return subprocess.Popen([sys.executable, "-m", "mmscale.cli", "train", "--config", str(cfg_path),
-                             f"run.dir={run}", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def _wait_for(cond, timeout: float, what: str, child=None) -> None:
-    import time
-
-    end = time.monotonic() + timeout
-    while not cond():
-        if child is not None and child.poll() is not None:
-            raise AssertionError(f"{what}: the child ended first ({child.returncode}): {child.stderr.read()[-2000:]}")
-        assert time.monotonic() < end, what
-        time.sleep(0.1)
-
-
-def test_two_trains_on_one_run_dir_the_second_is_refused_and_sigterm_releases(world, tmp_path, capsys):
-    import signal
-
-    from mmscale.rundir import LOCK
-
-    run = tmp_path / "run"
-    child = _train_child(world.cfg_path, run, "train.max_steps=100000", "checkpoint.every=0", "train.eval_every=0")
-    try:
-        _wait_for(lambda: (run / LOCK).is_file() and str(child.pid) in (run / LOCK).read_text()
-                  and (run / "metrics.jsonl").is_file(), 120, "the first run took the lock", child)
-        before = snapshot(run / "config.yaml")
-        capsys.readouterr()
-        rc = cli(["train", "--config", str(world.cfg_path), f"run.dir={run}", "train.lr=0.5"])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 1 and len(err) == 1 and f"pid {child.pid}" in err[0] and "in use by another run" in err[0], err
-        assert snapshot(run / "config.yaml") == before  # the second run changed nothing
-        os.killpg(child.pid, signal.SIGTERM)  # the first one stops cleanly (checkpoint, 75) and gives the lock back
-        _, cerr = child.communicate(timeout=60)
-        assert child.returncode == 75, cerr[-2000:]
-        assert not (run / LOCK).exists()
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.communicate()
-
-
-@pytest.mark.distributed
-def test_a_locked_run_dir_stops_every_rank_without_waiting(tmp_path):
-    """DDP on 2 ranks into a run dir another process holds: rank 0 is refused, rank 1 learns it at the group's
-    first collective (no deadlock), each with one line."""
-    from mmscale.rundir import RunLock
-    from tests._dist import run_distributed
-
-    (tmp_path / "r").mkdir()
-    held = RunLock(tmp_path / "r").acquire()
-    try:
-        cfg = tiny_config(tmp_path / "r", **{"engine.kind": "ddp", "train.max_steps": 2})
-        statuses = run_distributed("tests._dist:train_runs", {"runs": [{"config": cfg}]}, timeout=180)
-    finally:
-        held.release()
-    rank0, rank1 = statuses[0][0], statuses[1][0]
-    assert isinstance(rank0, str) and "in use by another run" in rank0 and "\n" not in rank0, rank0
-    assert isinstance(rank1, str) and "rank 0 could not lock run.dir" in rank1, rank1
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

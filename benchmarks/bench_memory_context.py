@@ -1,8 +1,8 @@
 """Memory growth with context: peak memory of one forward + backward of mmscale's mixer and transformer,
 with activation checkpointing off and on.
 
-    python benchmarks/bench_memory.py --device cuda                  # d=1024, 8 layers, T 512..8192, bf16
-    python benchmarks/bench_memory.py --d 256 --layers 4 --T 512 1024 2048 4096 8192   # CPU (+ peak RSS)
+    python benchmarks/bench_memory_context.py --device cuda                  # d=1024, 8 layers, T 512..8192, bf16
+    python benchmarks/bench_memory_context.py --d 256 --layers 4 --T 512 1024 2048 4096 8192   # CPU (+ peak RSS)
 
 The paper (d=1024, 8 layers): the mixer grows from 2.4 GB (T=512) to 10.5 GB (T=8192), Llama needs
 10.1 GB at 2048 and runs out at 4096 (HF eager attention). On CUDA this reports

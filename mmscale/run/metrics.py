@@ -8,14 +8,18 @@ metrics.jsonl holds one JSON object per line, each with "step" and "time" (unix 
 evaluation rows {"val_loss"}, and event rows {"event": "start" | "resume" | "checkpoint" | "samples" |
 "profile", ...} that `mmscale report` marks on the time axis.
 
-MFU convention: model FLOPs per token = `model.flops_per_token()`: matmul FLOPs (2 per multiply-add) of
-forward + backward (= 3 x forward); activation recomputation not counted. "dense" counts the full T x T
-token mixing / attention (what a dense kernel executes), "causal" only the live lower triangle.
-MFU = tokens_per_s x FLOPs per token / (peak x ranks), the peak from `log.peak_flops` or, when that is 0,
-from the GPU table in mmscale/peak_flops.py; null on CPU and on GPUs the table does not know.
+MFU convention (run/mfu.py computes it): model FLOPs per token = `model.flops_per_token()`: matmul FLOPs
+(2 per multiply-add) of forward + backward (= 3 x forward); activation recomputation not counted. "dense"
+counts the full T x T token mixing / attention (what a dense kernel executes), "causal" only the live lower
+triangle. MFU = tokens_per_s x FLOPs per token / (peak x ranks), the peak from `log.peak_flops` or, when that
+is 0, from the GPU table in mmscale/peak_flops.py; null on CPU and on GPUs the table does not know.
+
+`read_jsonl` is the one reader of these files (report, export, experiment read through it); `trim_jsonl` cuts
+them back to a checkpoint's step on resume.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -26,6 +30,10 @@ import uuid
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from mmscale.errors import UserError
+from mmscale.fsutil import atomic_write
 
 
 def peak_mem_mib(device: torch.device) -> float:
@@ -34,53 +42,51 @@ def peak_mem_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def flops_per_token_both(model) -> dict:
-    """{"dense": ..., "causal": ...} training FLOPs per token; 6 x parameters for both if the model cannot say."""
-    fn = getattr(model, "flops_per_token", None)
-    if fn is not None:
-        flops = fn()
-        if isinstance(flops, dict):
-            return {"dense": float(flops["dense"]), "causal": float(flops.get("causal", flops["dense"]))}
-        return {"dense": float(flops), "causal": float(flops)}
-    n = 6.0 * sum(p.numel() for p in model.parameters())
-    return {"dense": n, "causal": n}
+def _lines(path: Path):
+    """(line, parsed JSON or None) for each line of a JSONL file; a line a crash left half-written parses to None."""
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
+            yield line, None
 
 
-def mfu_columns(tokens_per_s: float, flops: dict, peak: float | None, world_size: int) -> dict:
-    """The MFU columns of a training row: dense and causal (live) FLOPs; null when the peak is unknown."""
-    if not peak:
-        return {"mfu_dense": None, "mfu_causal": None, "mfu": None}
-    denom = peak * world_size
-    dense = tokens_per_s * flops["dense"] / denom
-    return {"mfu_dense": dense, "mfu_causal": tokens_per_s * flops["causal"] / denom, "mfu": dense}
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The one reader of metrics.jsonl (and samples.jsonl): (rows: JSON objects with a numeric "step", number of
+    other non-blank lines: a run still writing, or killed mid-line). A missing file has no rows."""
+    rows, bad = [], 0
+    if not path.is_file():
+        return rows, bad
+    for line, row in _lines(path):
+        if not line.strip():
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
 
 
-def train_flops_per_token(model) -> float:
-    """Training (fwd + bwd) FLOPs per token (see the module docstring); 6 x parameters if the model cannot say."""
-    fn = getattr(model, "flops_per_token", None)
-    if fn is not None:
-        flops = fn()
-        return float(flops["dense"] if isinstance(flops, dict) else flops)
-    return 6.0 * sum(p.numel() for p in model.parameters())
+def trim_jsonl(path: Path, upto_step: int) -> None:
+    """On resume, drop rows logged after `upto_step` (they are about to be logged again), and a line a crash
+    left half-written."""
+    if not path.is_file():
+        return
+    keep = [line for line, row in _lines(path) if isinstance(row, dict) and row.get("step", 0) <= upto_step]
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
 def plot_losses(metrics_path: Path, png_path: Path, ylabel: str = "cross-entropy (nats/token)") -> bool:
     """Loss (and val_loss) against step. Returns False when matplotlib is missing. A line a crash left
     half-written is skipped."""
-    try:
+    try:  # lazy: matplotlib is optional (the `plot` extra) and slow to import
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
     train, val = [], []
-    for line in metrics_path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict) or "step" not in row:
-            continue
+    for row in read_jsonl(metrics_path)[0]:
         if "loss" in row and row["loss"] is not None:
             train.append((row["step"], row["loss"]))
         if "val_loss" in row:
@@ -95,10 +101,10 @@ def plot_losses(metrics_path: Path, png_path: Path, ylabel: str = "cross-entropy
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(".tmp_" + png_path.name)
-    fig.savefig(tmp, format="png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)
+    atomic_write(png_path, png.getvalue())
     return True
 
 
@@ -122,7 +128,6 @@ class MetricsLogger:
         if not enabled:
             return
         if cfg.log.progress:
-            from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             file=sys.stderr, dynamic_ncols=True)
         if cfg.log.wandb != "disabled":
@@ -143,10 +148,9 @@ class MetricsLogger:
 
     @staticmethod
     def _start_tensorboard(run_dir: Path, start_step: int):
-        try:
+        try:  # lazy: tensorboard is optional (log.tensorboard, the `tensorboard` extra)
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from mmscale.errors import UserError
             raise UserError("log.tensorboard=true needs the tensorboard package; "
                             "pip install tensorboard (tools/setup_env.sh installs it)") from None
         # purge_step: on resume, TensorBoard hides what an earlier start logged after the checkpoint
@@ -160,7 +164,7 @@ class MetricsLogger:
         for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
             os.environ.setdefault(var, str(wandb_dir))
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
+        import wandb  # lazy: slow to import, and only with log.wandb on; reads the WANDB_* variables set above
 
         # a resumed run appends to the same wandb run (its id is kept in run.dir)
         id_file = wandb_dir / "run_id"
@@ -186,9 +190,7 @@ class MetricsLogger:
             self.wandb.log(scalars, step=row["step"])
             if row["step"] > self._wandb_last:
                 self._wandb_last = row["step"]
-                tmp = self.run_dir / "wandb" / ".last_step.tmp"
-                tmp.write_text(f"{self._wandb_last}\n")
-                os.replace(tmp, self.run_dir / "wandb" / "last_step")
+                atomic_write(self.run_dir / "wandb" / "last_step", f"{self._wandb_last}\n")
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, row["step"])
