@@ -5,14 +5,17 @@
 For each world size it starts that many CPU processes (gloo), builds the masked mixer (heads 1, kernel 1: one
 [1, 1, T, T] mixing weight per layer), shards it as mmscale's FSDP engine does (`shard_with_fsdp`), and
 reports per rank: the bytes FSDP2 keeps for the mixing weights (its padded sharded storage,
-`FSDPParam._sharded_param_data`), the placement it used, and that as a fraction of the unsharded total
-(1/world is the ideal). Then it runs one training step and reports the process's peak RSS growth.
+`FSDPParam._sharded_param_data`), the placement and sharded shape it used, that as a fraction of the unsharded
+total (1/world is the ideal), and the bytes one all-gather of them moves into each rank (world x the padded
+shard: FSDP2 all-gathers the padded storage). Then it runs one training step and reports the process's peak RSS
+growth.
 
 FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param.py, `_init_sharded_param`) chunks a parameter on its
 shard dim, then allocates every rank's storage at the size of chunk 0 (`padded_sharded_size = chunks[0].size()`,
 `new_zeros(padded_sharded_size)`) and only dim 0 may be uneven (NotImplementedError otherwise). On dim 0 of a
-[1, 1, T, T] weight chunk 0 is the whole matrix: every rank holds a full T x T buffer and the all-gather moves
-world x T x T.
+[1, 1, T, T] weight chunk 0 is the whole matrix: before mmscale flattened the weights, every rank held a full
+T x T buffer whenever the rank count did not divide T, and the all-gather moved world x T x T. The engine now
+shards the [heads * k * T, T] row view (`flatten_mixing_weights`): ceil(rows / world) rows per rank.
 """
 from __future__ import annotations
 
@@ -42,14 +45,17 @@ def _rank(rank: int, world: int, port: int, args, out):
     total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.dim() == 4)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = shard_with_fsdp(model, build_mesh(world, 1, "cpu"), "fp32")
+    from mmscale.models import TokenMixer
+
     held, placements = 0, set()
     for module in model.modules():
         state = getattr(module, "_get_fsdp_state", None)
         group = state()._fsdp_param_group if state is not None else None
         for fp in (group.fsdp_params if group is not None else []):
-            if len(fp._orig_size) == 4:
+            if isinstance(fp._module_info.module, TokenMixer) and fp._module_info.param_name == "weight":
                 held += fp._sharded_param_data.numel() * fp._sharded_param_data.element_size()
-                placements.add(str(fp.fsdp_placement))
+                shape = "x".join(map(str, fp._orig_size))
+                placements.add(f"{fp.fsdp_placement} of {shape}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 256, (2, args.n_ctx))
     loss = model(ids, labels=torch.cat([ids, ids[:, :1]], 1))
@@ -72,9 +78,9 @@ def main() -> None:
     from mmscale.distributed import free_port
 
     print(f"n_ctx {args.n_ctx}, {args.layers} layers of one [1, 1, T, T] mixing weight (fp32), d_model {args.d_model}")
-    print("| ranks | placement | mixing-weight bytes held per rank | of the total | ideal 1/world | peak RSS growth "
-          "per rank (step incl.) |")
-    print("|---|---|---|---|---|---|")
+    print("| ranks | placement | mixing-weight bytes held per rank | of the total | ideal 1/world | all-gathered into "
+          "each rank | peak RSS growth per rank (step incl.) |")
+    print("|---|---|---|---|---|---|---|")
     ctx = mp.get_context("spawn")
     for world in args.worlds:
         q = ctx.SimpleQueue()
@@ -88,7 +94,8 @@ def main() -> None:
         held = [r[1] for r in rows]
         total = rows[0][2]
         print(f"| {world} | {', '.join(rows[0][3])} | {' / '.join(f'{h / 2**20:.2f} MiB' for h in held)} | "
-              f"{max(held) / total:.2f} | {1 / world:.2f} | {' / '.join(f'{r[4]:.0f} MiB' for r in rows)} |")
+              f"{max(held) / total:.2f} | {1 / world:.2f} | {world * max(held) / 2**20:.2f} MiB "
+              f"({world * max(held) / total:.2f} x the weights) | {' / '.join(f'{r[4]:.0f} MiB' for r in rows)} |")
 
 
 if __name__ == "__main__":

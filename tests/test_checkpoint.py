@@ -243,7 +243,7 @@ def counted_train_runs(payload: dict) -> dict:
             get = getattr(m, "_get_fsdp_state", None)
             group = get()._fsdp_param_group if get is not None else None
             for fp in (group.fsdp_params if group is not None else []):
-                if len(fp._orig_size) == 4:
+                if type(fp._module_info.module).__name__ == "TokenMixer" and fp._module_info.param_name == "weight":
                     held += fp._sharded_param_data.numel()
                     total += fp._orig_size.numel()
         mixing.append([held, total])

@@ -51,8 +51,8 @@ def test_every_collective_of_the_loop_gets_the_engines_device(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_on_three_ranks_with_n_ctx_not_divisible_by_three(tmp_path):
-    # n_ctx 16 on 3 ranks: torch refuses uneven shards on any dim but 0, so the T x T weights fall back
-    # to dim 0; the losses must still be those of one process with the same global batch
+    # n_ctx 16 on 3 ranks: torch allows uneven shards on dim 0 only, so the T x T weights are sharded as
+    # [heads * k * T, T] rows (tests/test_fsdp_shards.py); the losses must still be those of one process
     common = {"train.max_steps": 6, "train.grad_accum": 1, "model.n_ctx": 16}
     train_runs({"runs": [{"config": tiny_config(tmp_path / "single", **{**common, "train.micro_batch_size": 6})}]})
     reference = read_losses(tmp_path / "single")
@@ -69,18 +69,6 @@ def test_fsdp2_on_three_ranks_with_n_ctx_not_divisible_by_three(tmp_path):
         assert sorted(got) == sorted(ref)
         for step in ref:
             assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (name, step, got[step], ref[step])
-
-
-def test_fsdp_placement_rows_when_they_divide_else_dim0():
-    from mmscale.engines.fsdp import placement_fn
-
-    def dims(shape, n):
-        return placement_fn(n)(torch.empty(shape)).dim
-
-    assert dims((1, 1, 16, 16), 2) == 2 and dims((1, 1, 16, 16), 4) == 2
-    assert dims((1, 1, 16, 16), 3) == 0 and dims((4, 2, 10, 10), 4) == 0
-    # everything else on dim 0, the FFN down-projection [d, 4d] included (not its larger dim 1)
-    assert dims((32, 128), 2) == 0 and dims((128,), 2) == 0 and dims((64, 32), 3) == 0
 
 
 def test_no_mask_buffer_and_the_init_is_still_causal():

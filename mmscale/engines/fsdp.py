@@ -1,10 +1,14 @@
 """PyTorch FSDP2: `fully_shard` per block then the root; mmscale's precision policy; DCP checkpoints.
 
 `engine.hsdp_replicas > 1` builds a 2-D (replicate, shard) mesh: weights sharded inside a group of
-world / replicas ranks (a node) and replicated across groups (HSDP).
+world / replicas ranks (a node) and replicated across groups (HSDP). Every parameter is sharded on dim 0; the
+token-mixing weights [heads, k, T, T] as their [heads * k * T, T] rows (flatten_mixing_weights), so each rank
+holds ~1/ranks of them for any rank count; checkpoints keep them [heads, k, T, T] (_mixing_as_4d).
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,40 +30,95 @@ def build_mesh(world_size: int, replicas: int, device_type: str):
     return init_device_mesh(device_type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
 
 
-def placement_fn(shard_size: int):
-    """Where FSDP2 shards each parameter, for `shard_size` ranks per shard group.
+def flatten_mixing_weights(model) -> dict[str, tuple]:
+    """Each token-mixing weight [heads, k, T, T] becomes its [heads * k * T, T] row view (TokenMixer.flatten_weight_)
+    before sharding; returns {parameter name: its 4-D shape}.
 
-    Every parameter on dim 0 (FSDP2's default; uneven sizes allowed there), except the token-mixing
-    weights [heads, k, T, T]: with one head dim 0 has size 1 and the whole T x T matrix would sit on
-    rank 0, so they shard on their rows (dim 2) when T divides evenly — torch allows uneven shards on
-    dim 0 only (NotImplementedError otherwise) — and fall back to dim 0 when it does not, so any rank
-    count runs.
+    FSDP2 shards every parameter on dim 0 (the only dim where torch allows uneven shards) and pads every rank's
+    storage to the first chunk (torch's _fsdp_param.py, `_init_sharded_param`: `padded_sharded_size =
+    chunks[0].size()`). On [heads, k, T, T] with one head that first chunk is the whole T x T matrix: each rank
+    held all of it and the all-gather moved ranks x T x T whenever the rank count did not divide T. On the rows
+    of the flat view each rank holds ceil(heads * k * T / ranks) rows (at most one padded row) for any rank
+    count (benchmarks/bench_fsdp_shards.py). Checkpoints keep the 4-D layout (`_mixing_as_4d`).
     """
-    def place(param):
-        if param.dim() == 4 and param.shape[2] == param.shape[3] and param.shape[2] % shard_size == 0:
-            return Shard(2)
-        return Shard(0)
-    return place
+    from mmscale.models import TokenMixer
+
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, TokenMixer):
+            shapes[_clean_fqn(f"{name}.weight")] = (m.heads, m.kernel_size, m.n_ctx, m.n_ctx)
+            m.flatten_weight_()
+    return shapes
 
 
-def uneven_mixing_note(model, shard_size: int) -> str | None:
-    """One line when a token-mixing weight [heads, k, T, T] cannot be split evenly over `shard_size` ranks (T not
-    a multiple, fewer heads than ranks), else None.
+def _clean_fqn(name: str) -> str:
+    """A parameter name as torch's state-dict helpers write it (no activation-checkpoint / compile wrappers)."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
 
-    FSDP2 then shards it on dim 0 and pads every rank's storage to the first chunk (torch's _fsdp_param.py,
-    `_init_sharded_param`: `padded_sharded_size = chunks[0].size()`): with one head each rank holds a whole
-    T x T matrix per layer and the all-gather moves shard_size x T x T (benchmarks/bench_fsdp_shards.py measures
-    it: 3 ranks, T 512 hold 1.00 of the weights each, 2 and 4 ranks 0.50 and 0.25)."""
-    for name, p in model.named_parameters():
-        if p.dim() == 4 and p.shape[2] == p.shape[3] and shard_size > 1 and p.shape[2] % shard_size:
-            chunk = -(-p.shape[0] // shard_size)
-            held = chunk / p.shape[0]
-            if held > 1.5 / shard_size:
-                return (f"FSDP: n_ctx {p.shape[2]} is not a multiple of the {shard_size} ranks of a shard group, so "
-                        f"each rank holds {held:.0%} of every token-mixing weight ({name}: {tuple(p.shape)}) instead "
-                        f"of 1/{shard_size}; use a rank count (or engine.hsdp_replicas) whose shard group divides "
-                        "n_ctx")
-    return None
+
+def _row_blocks(start: int, stop: int, T: int):
+    """Rows [start, stop) of a [blocks * T, T] view as (block, first row, end row) pieces inside one T x T block."""
+    r = start
+    while r < stop:
+        block, i = divmod(r, T)
+        n = min(stop - r, T - i)
+        yield block, i, i + n
+        r += n
+
+
+def _mixing_as_4d(t, shape: tuple):
+    """A [heads * k * T, T] DTensor sharded on its rows, seen as the [heads, k, T, T] tensor that checkpoints hold.
+
+    A ShardedTensor (what torch.distributed.checkpoint reads and writes piece by piece) whose local shards are
+    views of this rank's rows, one per T x T block they touch: saving writes 4-D chunks, and loading (any saved
+    placement, any rank count: DCP reads the overlaps) writes into this rank's rows in place.
+    """
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard as LocalShard
+    from torch.distributed._shard.sharded_tensor import ShardedTensorBase, ShardedTensorMetadata, TensorProperties
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    H, k, T, _ = shape
+    rows = H * k * T
+    if not isinstance(t, DTensor) or t.dim() != 2 or tuple(t.shape) != (rows, T):
+        return t
+    mesh = t.device_mesh
+    n, me = mesh.size(mesh.ndim - 1), mesh.get_local_rank(mesh.ndim - 1)
+    local = t.to_local()
+    sizes, offsets = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
+    pieces, mine = [], []
+    for r in range(n):
+        size, offset = Shard(0).local_shard_size_and_offset(rows, n, r)
+        if r == me and (size, offset) != (sizes[0], offsets[0]):
+            raise RuntimeError(f"FSDP2 placed rows {offsets[0]}+{sizes[0]} of a mixing weight on shard rank {me}, "
+                               f"expected {offset}+{size}")
+        for block, i0, i1 in _row_blocks(offset, offset + size, T):
+            md = ShardMetadata([block // k, block % k, i0, 0], [1, 1, i1 - i0, T], f"rank:{r}/{local.device}")
+            pieces.append(md)
+            if r == me:
+                lo = block * T + i0 - offset
+                mine.append(LocalShard(local[lo:lo + i1 - i0].view(1, 1, i1 - i0, T), md))
+    meta = ShardedTensorMetadata(pieces, torch.Size(shape), TensorProperties(dtype=local.dtype))
+    # the base class's constructor: no process group or rank check (placements name shard-group ranks; HSDP's
+    # replicas write the same chunks, which DCP keeps once)
+    out = ShardedTensorBase._init_from_local_shards_and_global_metadata(mine, meta)
+    out._process_group = mesh.get_group(mesh.ndim - 1)  # what ShardedTensor's ops (size()) pass along
+    return out
+
+
+def _model_sd_4d(sd: dict, shapes: dict) -> dict:
+    return {k: _mixing_as_4d(v, shapes[k]) if k in shapes else v for k, v in sd.items()}
+
+
+def _optim_sd_4d(sd: dict, shapes: dict) -> dict:
+    """get_optimizer_state_dict's {"state": {fqn: {"exp_avg": ..., ...}}, "param_groups": ...} with the mixing
+    weights' per-parameter tensors (same shape as the weight) seen in 4-D; "step" and the groups untouched."""
+    state = {fqn: ({name: _mixing_as_4d(v, shapes[fqn]) for name, v in st.items()} if fqn in shapes else st)
+             for fqn, st in sd.get("state", {}).items()}
+    return {**sd, "state": state}
 
 
 def precision_policies(precision: str):
@@ -83,21 +142,50 @@ def _norms(block) -> list:
 
 
 def shard_with_fsdp(model, mesh, precision: str):
+    """FSDP2 over `mesh`: each block (its norms in their own groups), then the root; the mixing weights are
+    flattened first (flatten_mixing_weights) and their 4-D shapes kept in `model.mmscale_mixing_shapes`."""
     blocks_mp, root_mp = precision_policies(precision)
-    place = placement_fn(mesh.size(mesh.ndim - 1))
-    note = uneven_mixing_note(model, mesh.size(mesh.ndim - 1))
-    if note and mesh.get_rank() == 0:
-        import sys
-
-        print(f"mmscale train: warning: {note}", file=sys.stderr, flush=True)
+    model.mmscale_mixing_shapes = flatten_mixing_weights(model)
     for block in model.blocks:
         # norms keep fp32 weights (their own small FSDP groups): a norm computes in fp32 on the fp32
         # residual stream, and CPU autocast, unlike CUDA's, does not cast a bf16 norm weight up
         for norm in _norms(block):
-            fully_shard(norm, mesh=mesh, mp_policy=root_mp, shard_placement_fn=place)
-        fully_shard(block, mesh=mesh, mp_policy=blocks_mp, shard_placement_fn=place)
-    fully_shard(model, mesh=mesh, mp_policy=root_mp, shard_placement_fn=place)
+            fully_shard(norm, mesh=mesh, mp_policy=root_mp)
+        fully_shard(block, mesh=mesh, mp_policy=blocks_mp)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_sharded_tensor():
+    # DCP warns "we are deprecating ShardedTensor" each time it meets one; _mixing_as_4d's are deliberate
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor", category=FutureWarning)
+        yield
+
+
+def save_sharded(model, optimizer, step_dir: Path) -> None:
+    """DCP checkpoints of the model (step_dir/model) and optimizer (step_dir/optimizer); the mixing weights and their
+    optimizer state in the [heads, k, T, T] layout of every engine (and of checkpoints written before flattening)."""
+    shapes = getattr(model, "mmscale_mixing_shapes", {})
+    with _quiet_sharded_tensor():
+        dcp.save(_model_sd_4d(get_model_state_dict(model), shapes), checkpoint_id=str(step_dir / "model"))
+        dcp.save(_optim_sd_4d(get_optimizer_state_dict(model, optimizer), shapes),
+                 checkpoint_id=str(step_dir / "optimizer"))
+
+
+def load_sharded(model, optimizer, step_dir: Path) -> None:
+    """save_sharded's inverse, from a checkpoint of any rank count: DCP reads the overlap of each saved chunk with
+    this rank's rows (the 4-D views write into the state dicts' local shards in place)."""
+    shapes = getattr(model, "mmscale_mixing_shapes", {})
+    with _quiet_sharded_tensor():
+        model_sd = get_model_state_dict(model)
+        dcp.load(_model_sd_4d(model_sd, shapes), checkpoint_id=str(step_dir / "model"))
+        set_model_state_dict(model, model_sd)
+        optim_sd = get_optimizer_state_dict(model, optimizer)
+        dcp.load(_optim_sd_4d(optim_sd, shapes), checkpoint_id=str(step_dir / "optimizer"))
+    with config_hyperparameters(optimizer):
+        set_optimizer_state_dict(model, optimizer, optim_sd)
 
 
 class FSDPEngine(Engine):
@@ -181,18 +269,11 @@ class FSDPEngine(Engine):
             return self.model(batch["input_ids"], labels=batch["labels"]).float()
 
     def save(self, step_dir: Path):
-        dcp.save(get_model_state_dict(self.model), checkpoint_id=str(step_dir / "model"))
-        dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=str(step_dir / "optimizer"))
+        save_sharded(self.model, self.optimizer, step_dir)
         return {"model_files": ["model"], "optimizer_files": ["optimizer"]}
 
     def load(self, step_dir: Path):
-        model_sd = get_model_state_dict(self.model)
-        dcp.load(model_sd, checkpoint_id=str(step_dir / "model"))
-        set_model_state_dict(self.model, model_sd)
-        optim_sd = get_optimizer_state_dict(self.model, self.optimizer)
-        dcp.load(optim_sd, checkpoint_id=str(step_dir / "optimizer"))
-        with config_hyperparameters(self.optimizer):
-            set_optimizer_state_dict(self.model, self.optimizer, optim_sd)
+        load_sharded(self.model, self.optimizer, step_dir)
 
     def module(self):
         return self.model

@@ -56,16 +56,34 @@ class TokenMixer(nn.Module):
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
             if self.causal:
-                self.weight.copy_(torch.tril(self.weight))
+                w = self.weight_4d()
+                w.copy_(torch.tril(w))
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
+
+    def weight_4d(self) -> torch.Tensor:
+        """The weight as [heads, k, T, T] (a view; the parameter itself when it is not flattened)."""
+        return self.weight.view(self.heads, self.kernel_size, self.n_ctx, self.n_ctx)
+
+    def flatten_weight_(self) -> None:
+        """Store the weight as its [heads * k * T, T] row view (same values, same memory order, same math).
+
+        For FSDP2 (mmscale.engines.fsdp): torch shards unevenly only on dim 0 and pads every rank to the first
+        chunk, so on [heads, k, T, T] with one head a rank held the whole T x T matrix; on the rows of the flat
+        view each rank holds ceil(heads * k * T / ranks) rows for any rank count. The engine keeps checkpoints
+        in the [heads, k, T, T] layout; the state dict of a flattened module is [heads * k * T, T].
+        """
+        if self.weight.dim() == 2:
+            return
+        flat = self.weight.detach().reshape(self.heads * self.kernel_size * self.n_ctx, self.n_ctx)
+        self.weight = nn.Parameter(flat, requires_grad=self.weight.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # mmscale.ops masks functionally too (zero gradient above the diagonal) and skips the
         # masked half where that is faster; its layout is [H, T, T, k] weights, [B, H, T, C] inputs
         H, k, T = self.heads, self.kernel_size, self.n_ctx
         # views only (their backward is a view too): with one tap [H, 1, T, T] is [H, T, T, 1] in memory
-        w = self.weight.view(H, T, T, 1) if k == 1 else self.weight.permute(0, 2, 3, 1)
+        w = self.weight.view(H, T, T, 1) if k == 1 else self.weight_4d().permute(0, 2, 3, 1)
         B, L, C = x.shape
         if H == 1:
             return token_mix(w.squeeze(0), x, causal=self.causal, impl=self.impl, bias=self.bias)
