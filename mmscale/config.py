@@ -320,6 +320,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check (and minimally coerce) `value` against the annotation `tp`; raise ConfigError."""
+    if tp is Any:  # checked by the section's own code (a spec's list-or-scalar keys)
+        return value
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -372,7 +374,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_section(cls: type, data: Any, prefix: str) -> Any:
+    """An instance of the dataclass `cls` from a mapping: unknown keys and wrong types are one-line ConfigErrors
+    naming `prefix.key` (the config's sections, and any other typed section such as an experiment spec's)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -384,10 +388,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown key '{key}'; valid keys here: " + ", ".join(fields))
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build(tp, v if v is not None else {}, key)
+            kwargs[k] = build_section(tp, v if v is not None else {}, key)
         else:
             kwargs[k] = _coerce(key, v, tp)
     return cls(**kwargs)
+
+
+_build = build_section  # the earlier private name (export/format.py, export/convert.py and retrieval.py use it)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -423,7 +430,7 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> C
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
     for k, v in parse_overrides(overrides):
         _set_dotted(tree, k, v)
-    cfg = _build(Config, tree, "")
+    cfg = build_section(Config, tree, "")
     validate(cfg)
     return cfg
 

@@ -45,19 +45,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def describe() -> list[dict]:
-    """One entry per key: {"key", "section", "type", "default", "allowed", "help"}, in declaration order."""
+def describe(root: type = Config, prefix: str = "") -> list[dict]:
+    """One entry per key: {"key", "section", "type", "default", "allowed", "help"}, in declaration order; a field
+    that is itself a dataclass is a section whose keys are listed under it (the run config, an experiment spec)."""
     out = []
-    default = Config()
-    for sec in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[sec.name]
-        hints = typing.get_type_hints(cls)
-        sec_default = getattr(default, sec.name)
-        for f in dataclasses.fields(cls):
-            meta = dict(f.metadata)
-            out.append({"key": f"{sec.name}.{f.name}", "section": sec.name, "type": _type_name(hints[f.name]),
-                        "default": getattr(sec_default, f.name), "allowed": _allowed(hints[f.name], meta),
-                        "help": meta.get("help", "")})
+    default = root()
+    hints = typing.get_type_hints(root)
+    for f in dataclasses.fields(root):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += describe(tp, key + ".")
+            continue
+        meta = dict(f.metadata)
+        out.append({"key": key, "section": key.split(".")[0], "type": _type_name(tp),
+                    "default": getattr(default, f.name), "allowed": _allowed(tp, meta), "help": meta.get("help", "")})
     return out
 
 
@@ -89,12 +90,14 @@ def show_yaml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def keys_table(prefix: str = "") -> str:
-    rows = [e for e in describe() if not prefix or e["key"] == prefix or e["key"].startswith(prefix.rstrip(".") + ".")
-            or e["key"].startswith(prefix)]
+def keys_table(prefix: str = "", root: type = Config, what: str = "config") -> str:
+    """The keys of `root` (a config or an experiment spec) starting with `prefix`: default, meaning, allowed."""
+    rows = [e for e in describe(root) if not prefix or e["key"] == prefix
+            or e["key"].startswith(prefix.rstrip(".") + ".") or e["key"].startswith(prefix)]
     if not rows:
-        raise ConfigError(f"no config key starts with '{prefix}'; sections: "
-                          + ", ".join(section_help()) + " (mmscale config keys lists all)")
+        command = "mmscale config keys" if what == "config" else "mmscale experiment keys"
+        raise ConfigError(f"no {what} key starts with '{prefix}'; sections: "
+                          + ", ".join(f.name for f in dataclasses.fields(root)) + f" ({command} lists all)")
     w_key = max(len(r["key"]) for r in rows)
     w_def = min(24, max(len(_yaml_value(r["default"])) for r in rows))
     out = []

@@ -91,7 +91,7 @@ def train_command(config_path: str, overrides: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # the submitit job
 
-def _wait_child(child: subprocess.Popen, timeout: float | None = None) -> int | None:
+def wait_child(child: subprocess.Popen, timeout: float | None = None) -> int | None:
     """Reap `child` by polling; its exit status, or None after `timeout` seconds.
 
     Not Popen.wait: submitit calls `checkpoint` from a signal handler that interrupts the main
@@ -137,7 +137,7 @@ class ChildTask(Checkpointable):
             child.send_signal(signal.SIGUSR2)
         except ProcessLookupError:
             pass
-        return _wait_child(child, timeout=timeout) is not None
+        return wait_child(child, timeout=timeout) is not None
 
 
 class TrainJob(ChildTask):
@@ -170,7 +170,7 @@ class TrainJob(ChildTask):
         print(f"[mmscale launch] rank {env.global_rank}/{env.num_tasks} on {env.hostname}: "
               f"{shlex.join(cmd)}", file=sys.stderr, flush=True)
         self._child = subprocess.Popen(cmd, env=child_env, cwd=self.cwd)
-        rc = _wait_child(self._child)
+        rc = wait_child(self._child)
         if prefix and env.local_rank == 0:
             # the trainer's last barrier is behind every rank of this node: nothing opens segments now
             shutil.rmtree(node_shm, ignore_errors=True)
@@ -233,7 +233,7 @@ def _check_partition(partition: str) -> None:
         raise UserError(f"partition '{partition}' does not exist; available: {', '.join(names) or 'none'}", 2)
 
 
-def _last_error_line(text: str) -> str:
+def last_error_line(text: str) -> str:
     """'RuntimeError: ...' from a traceback text (what the task raised), else its first line."""
     errors = [ln.strip() for ln in text.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", ln.strip())]
     return errors[-1] if errors else (text.strip().splitlines() or ["unknown error"])[0]
@@ -430,7 +430,7 @@ def run(args) -> int:
     try:
         results = sub.results()
     except Exception as e:  # submitit re-raises the task's failure with its traceback in the message
-        raise UserError(f"job {sub.job_id} failed: {_last_error_line(str(e))}; see {sub.paths.stderr}") from None
+        raise UserError(f"job {sub.job_id} failed: {last_error_line(str(e))}; see {sub.paths.stderr}") from None
     print(f"job {sub.job_id} done: {len(results)} task(s) finished; checkpoints in {run_dir / 'checkpoints'}")
     return 0
 

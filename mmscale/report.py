@@ -443,6 +443,18 @@ def _e(s) -> str:
     return html.escape(str(s), quote=True)
 
 
+PAGE_END = "</main></body></html>"
+
+
+def page_head(title: str, subtitle: str, css: str = CSS) -> list[str]:
+    """The opening of every mmscale HTML page (this report, `mmscale experiment report`): the style, a header
+    with the title and one line under it, then <main>; the caller adds the body and PAGE_END."""
+    return ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{_e(title)}</title>", f"<style>{css}</style></head><body>",
+            f"<header><h1>{_e(title)}</h1><p>{_e(subtitle)}</p></header><main>"]
+
+
 def build_html(runs: list[dict]) -> str:
     summaries = [summarize(r) for r in runs]
     names = [r["name"] for r in runs]
@@ -457,12 +469,9 @@ def build_html(runs: list[dict]) -> str:
             spec["empty"] = "MFU is empty: " + ("; ".join(mfu_notes) or "no peak FLOP/s for these runs "
                                                                        "(set log.peak_flops)")
         data["charts"].append(spec)
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>mmscale report: {_e(', '.join(names))}</title>", f"<style>{CSS}</style></head><body>",
-           f"<header><h1>mmscale report: {_e(', '.join(names))}</h1>"
-           f"<p>made {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(runs)} run(s); "
-           "self-contained: opens without a network</p></header><main>", '<div id="js-errors"></div>']
+    out = page_head(f"mmscale report: {', '.join(names)}",
+                    f"made {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(runs)} run(s); "
+                    "self-contained: opens without a network") + ['<div id="js-errors"></div>']
     out.append('<div class="legend">' + "".join(
         f'<span><label><input type="checkbox" class="run-toggle" data-index="{i}" checked>'
         f'<i style="background:{COLORS[i % len(COLORS)]}"></i>{_e(n)}</label> <span class="muted">({_e(r["dir"])})'
@@ -539,7 +548,7 @@ def build_html(runs: list[dict]) -> str:
     # no "<" inside the script element at all ("</script>", "<!--" would end or confuse it); JSON reads \u003c
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     out.append(f'<script type="application/json" id="report-data">{payload}</script>')
-    out.append(f"<script>{JS}</script></main></body></html>")
+    out.append(f"<script>{JS}</script>{PAGE_END}")
     return "\n".join(out)
 
 

@@ -9,12 +9,14 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mmscale import experiment as X
+from mmscale.experiment import runner
 from mmscale.cli import main as cli_main
 from mmscale.errors import UserError
 
@@ -90,7 +92,7 @@ def test_tiny_spec_end_to_end_and_report_numbers_are_the_run_dirs(tmp_path):
         assert ev["done"] and ev["retrieval"]["baseline"]["metrics"]["ndcg@10"] >= 0
         assert 0 <= ev["representation"]["before"]["error"] <= 1
         tps = X.median_throughput(rd)
-        assert tput[r["arm"]][col] == X._fmt(tps)
+        assert tput[r["arm"]][col] == X.fmt(tps)
         assert (rd / "checkpoints" / "latest").exists() and (rd / "export" / "model.safetensors").is_file()
     # the same eval tokens for every run, seeds' spread and a verdict per claim
     assert len({json.loads((exp_dir / "runs" / "main" / r["name"] / "eval.json").read_text())["heldout"]["tokens"]
@@ -134,7 +136,7 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_runs(tmp_path
             raise KeyboardInterrupt
         return real(cfg_path)
 
-    monkeypatch.setattr(X, "train_run", interrupted)
+    monkeypatch.setattr(runner, "train_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         X.run_experiment(str(spec_path), str(out), log=lambda m: None)
     first, second = calls
@@ -145,7 +147,7 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_runs(tmp_path
     assert cli_main(["experiment", "run", str(spec_path), "--out", str(out)]) == 1
     assert "--resume" in capsys.readouterr().err
     calls.clear()
-    monkeypatch.setattr(X, "train_run", lambda p: (calls.append(Path(p).stem), real(p))[1])
+    monkeypatch.setattr(runner, "train_run", lambda p: (calls.append(Path(p).stem), real(p))[1])
     X.run_experiment(str(spec_path), str(out), resume=True, log=lambda m: None)
     assert first not in calls and second in calls and len(calls) == 3  # the partial one and the two not started
     assert finished.read_bytes() == before
@@ -214,6 +216,10 @@ def test_budget_rule_gives_equal_flops_or_tokens_within_one_step():
     ({"retrieval": {"enabled": True}}, "retrieval.enabled"),
     ({"budget": {"rule": "wall_clock", "seconds": 10}, "sweep": {"lr": [1e-3]}}, "sweep.steps"),
     ({"baseline": "gpt"}, "baseline"),
+    ({"eval": {"batches": "many"}}, "eval.batches"),  # typed like a run config: the same one-line messages
+    ({"launcher": {"slurm": {"gpus": 1}}}, "launcher.slurm.gpus"),
+    ({"retrieval": {"negatives": "hard"}}, "retrieval.negatives"),
+    ({"arms": {"a": {"resources": {"mem_gb": "lots"}}, "b": {}}}, "arms.a.resources.mem_gb"),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_key(tmp_path, change, key, capsys):
     spec = tiny_spec(retrieval=None, data={"text": "synth", "vocab_size": 512}, budget={"rule": "flops", "flops": 1e9})
@@ -227,6 +233,31 @@ def test_bad_specs_are_one_line_errors_naming_the_key(tmp_path, change, key, cap
     assert cli_main(["experiment", "run", str(p), "--out", str(tmp_path / "exp")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and key in err and not (tmp_path / "exp").exists()
+
+
+def test_experiment_keys_lists_every_spec_key_with_its_meaning(capsys):
+    from mmscale.experiment.sections import SpecFile
+
+    assert cli_main(["experiment", "keys"]) == 0
+    out = capsys.readouterr().out
+    listed = {ln.split()[0] for ln in out.splitlines()}
+    # every leaf key of the spec's dataclasses, counted here by walking them another way (their fields' names)
+    want = set()
+    for f in fields(SpecFile):
+        sub = f.default_factory() if callable(f.default_factory) else None
+        if sub is not None and is_dataclass(sub):
+            for g in fields(sub):
+                h = getattr(sub, g.name)
+                want |= ({f"{f.name}.{g.name}.{x.name}" for x in fields(h)} if is_dataclass(h)
+                         else {f"{f.name}.{g.name}"})
+        else:
+            want.add(f.name)
+    assert listed == want and "budget.match_keys" in listed and "launcher.slurm.mem_gb" in listed
+    assert all(len(ln.split(None, 2)) == 3 for ln in out.splitlines())  # key, default, meaning
+    assert cli_main(["experiment", "keys", "sweep"]) == 0
+    assert {ln.split()[0] for ln in capsys.readouterr().out.splitlines()} == {k for k in want if k.startswith("sweep.")}
+    assert cli_main(["experiment", "keys", "colour"]) == 2
+    assert "no spec key starts with 'colour'" in capsys.readouterr().err
 
 
 def test_status_and_report_of_a_folder_that_is_not_an_experiment(tmp_path, capsys):
@@ -302,7 +333,7 @@ def _count(overrides: dict) -> tuple[int, float]:
     from mmscale.config import config_from_dict
     from mmscale.models import build_model
 
-    cfg = config_from_dict({}, X._override_list(overrides))
+    cfg = config_from_dict({}, X.override_list(overrides))
     torch.manual_seed(0)
     m = build_model(cfg.model)
     return sum(p.numel() for p in m.parameters()), float(m.flops_per_token()["causal"])
@@ -457,7 +488,7 @@ def test_tiny_experiment_with_matched_arms_extended_sweep_and_views_resumes_with
         assert f"### Held-out loss at equal {view} (" in md
     assert md.count("**Verdict (mixer vs transformer):**") >= 6
     # a rerun reuses every finished sweep point (extended ones too) and main run: nothing trains
-    monkeypatch.setattr(X, "train_run", lambda cfg: (_ for _ in ()).throw(AssertionError(f"retrained {cfg}")))
+    monkeypatch.setattr(runner, "train_run", lambda cfg: (_ for _ in ()).throw(AssertionError(f"retrained {cfg}")))
     X.run_experiment(str(spec_path), str(tmp_path / "exp"), resume=True, log=lambda m: None)
     assert json.loads((exp_dir / "plan.json").read_text())["runs"] == plan["runs"]
 
@@ -479,8 +510,7 @@ def test_shipped_specs_parse_and_their_matched_arms_are_within_tolerance(name):
 
 def test_tokens_per_step_follow_the_global_batch_with_auto_micro_batch():
     """train.micro_batch_size=auto picks the micro-batch at start; the budget counts the global batch it keeps."""
-    from mmscale.experiment import _model_numbers
-
+    _model_numbers = X.model_numbers
     base = {"model.d_model": 32, "model.n_layers": 1, "model.n_ctx": 16, "model.vocab_size": 64}
     fixed = _model_numbers({**base, "train.micro_batch_size": 4, "train.grad_accum": 3})
     assert fixed["tokens_per_step"] == 4 * 3 * 16

@@ -100,13 +100,13 @@ def iter_batches(data: list[str], sp, n_ctx: int, batch_size: int, split: str = 
 
         # read_manifest: a clear error for a folder that is not a dataset
         check_fits_model(read_manifest(data[0]), data[0], n_ctx, model_keys=False, settable=False)
-        return _dataset_batches(data[0], n_ctx, batch_size, split, max_batches)
+        return dataset_batches(data[0], n_ctx, batch_size, split, max_batches)
     windows = text_windows(data, sp, n_ctx, None if max_batches is None else max_batches * batch_size)
     # padding of the last window: any valid id as input, its label is ignored
     return ({"input_ids": w[:, :n_ctx].clamp(min=0), "labels": w} for w in windows.split(batch_size))
 
 
-def _dataset_batches(path: str, n_ctx: int, batch_size: int, split: str, max_batches: int | None):
+def dataset_batches(path: str, n_ctx: int, batch_size: int, split: str, max_batches: int | None):
     from mmscale.config import DataConfig
     from mmscale.data.loader import build_dataloader
 

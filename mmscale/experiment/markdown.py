@@ -1,0 +1,238 @@
+"""report.md of an experiment, section by section: the budget and parameters, the sweep, one table per claim
+(arms x seeds, mean ± sd, a verdict against the baseline), budget views, retrieval, representation, provenance."""
+from __future__ import annotations
+
+import statistics
+
+from mmscale.experiment.plan import budget_target, match_reference
+from mmscale.experiment.provenance import git_commit, machine
+from mmscale.experiment.stats import VIEW_LABELS, fmt, mean_sd, ms, verdict
+
+
+def _md_views(data: dict, pk: str) -> list[str]:
+    spec = data["exp"].spec
+    views = data.get("views", {}).get(pk) or {}
+    if not views:
+        return []
+    L = ["### Held-out loss under each budget view (read off the val-loss curves)", "",
+         "The same main runs, read at a common budget on each axis: the trainer's val loss (metrics.jsonl) at the "
+         "smallest budget every finished run reached, interpolated linearly in log(loss) against the budget "
+         "between the two evaluation points around it, never extrapolated. Training seconds: each logged step "
+         "time times the steps it stands for (evaluation and checkpoint pauses excluded).", ""]
+    for view, v in views.items():
+        at = "–" if v["at"] is None else fmt(float(v["at"]))
+        note = "; ".join(v["not_read"])
+        L += _md_claim(data, pk, f"Held-out loss at equal {view.replace('_', '-')} ({at} {VIEW_LABELS[view]})",
+                       lambda r, view=view: (r.get("views") or {}).get(view), True, " nats",
+                       note=(note + ".") if note else "")
+    return L
+
+
+def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
+    exp, plan = data["exp"], data["plan"]
+    L = _md_intro(exp)
+    for pk in sorted({r["point"] for r in data["runs"]}):
+        L += _md_budget_table(data, pk, plan["numbers"][pk])
+        L += _md_sweep_table(data, pk)
+        L += _md_claims(data, pk)
+        L += _md_views(data, pk)
+        L += _md_retrieval_claims(data, pk)
+        L += _md_representation_claims(data, pk)
+    L += _md_how_made(exp, pngs)
+    return "\n".join(L)
+
+
+def _md_intro(exp) -> list[str]:
+    spec = exp.spec
+    b = spec.budget
+    amount = ({"flops": f"{budget_target(spec, next(iter(exp.numbers.values()))):.4g} training FLOPs "
+                        f"({b['count']} count)",
+               "tokens": f"{budget_target(spec, next(iter(exp.numbers.values()))):.4g} training tokens",
+               "wall_clock": f"{b.get('seconds')} s of training"})[b["rule"]]
+    L = [f"# Experiment `{spec.name}`", ""]
+    if spec.raw.get("description"):
+        L += [str(spec.raw["description"]).strip(), ""]
+    L += [f"Budget rule: **equal {b['rule'].replace('_', '-')}** ({amount} per run; steps rounded to the nearest "
+          f"whole step). Baseline arm: `{spec.baseline}`. Seeds: {', '.join(map(str, spec.seeds))}. "
+          f"Held-out sets: the first {spec.eval['batches']} x {spec.eval['batch_size']} windows of each val split, "
+          "unshuffled, the same for every run. Spread: mean ± sample standard deviation over seeds; verdicts compare "
+          "means with the standard error of their difference (within 2 SE: no difference within noise).", ""]
+    if b.get("match", "none") != "none":
+        L += [f"Shapes: `budget.match: {b['match']}` sized each arm's shape to match `{match_reference(spec)}`'s "
+              + ("parameter count" if b["match"] == "params" else "training FLOPs per token")
+              + " (what changed: each point's budget table).", ""]
+    if b.get("views"):
+        L += ["Budget views: the same runs also read at equal " + ", equal ".join(
+            v.replace("_", "-") for v in b["views"]) + " (one verdict per view; each point's budget views).", ""]
+    return L
+
+
+def _md_budget_table(data: dict, pk: str, nums: dict) -> list[str]:
+    spec, runs = data["exp"].spec, data["runs"]
+    base = spec.baseline
+    L = [f"## Point `{pk}`", "", "### Budget and parameters", "",
+         "| arm | parameters | vs baseline | FLOPs/token (causal / dense) | lr | steps | tokens | "
+         "training FLOPs causal | dense | wall-clock s (mean) | tokens/s (median) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    tol = spec.budget["params_tolerance"]
+    for an in spec.arms:
+        n = nums[an]
+        rs = [r for r in runs if r["point"] == pk and r["arm"] == an]
+        ratio = n["params"] / nums[base]["params"] - 1
+        match = "matched" if abs(ratio) <= tol else f"**MISMATCH** ({ratio:+.1%}, tolerance ±{tol:.0%})"
+        c = data["choice"].get(pk, {}).get(an, {})
+        wc = mean_sd([r["summary"]["wall_clock_s"] for r in rs])[0]
+        tp = [r["summary"]["median_tokens_per_s"] for r in rs if r["summary"]["median_tokens_per_s"]]
+        L.append(f"| {an} | {n['params']:,} | {ratio:+.1%} {match} | {n['flops_causal']:.4g} / "
+                 f"{n['flops_dense']:.4g} | {fmt(c.get('lr')) if c.get('lr') else 'base'} | "
+                 f"{rs[0]['steps'] if rs else '–'} | {rs[0]['tokens'] if rs else '–'} | "
+                 f"{fmt(rs[0]['flops_causal']) if rs else '–'} | {fmt(rs[0]['flops_dense']) if rs else '–'} | "
+                 f"{fmt(wc, 1)} | {fmt(statistics.median(tp), 0) if tp else '–'} |")
+    L.append("")
+    sizing = (data["plan"].get("sizing") or {}).get(pk) or {}
+    match = spec.budget.get("match", "none")
+    if any(sizing.values()):
+        what = "parameters" if match == "params" else f"training FLOPs per token ({spec.budget['count']} count)"
+        L.append(f"Shapes sized by `budget.match: {match}` ({what} of each arm matched to `{match_reference(spec)}`'s, "
+                 f"tolerance ±{tol:.0%}; the rule: FFN hidden size in multiples of 8 from d_model up, else d_model in "
+                 "multiples of 8, "
+                 "else n_layers, whichever first comes within the tolerance, counted by the models themselves; a key "
+                 "an arm sets itself is never changed):")
+        L.append("")
+        for an, rec in sizing.items():
+            if not rec:
+                continue
+            ch = ", ".join(f"`model.{k}` {a} -> {b}" for k, (a, b) in rec["changed"].items()) or "no change"
+            L.append(f"- `{an}`: {ch}; {fmt(rec['value'])} vs {fmt(rec['target'])} ({rec['ratio']:+.2%}"
+                     + ("" if rec["within"] else ", **not within the tolerance**") + f"); {rec['rule']}.")
+        L.append("")
+    if match == "flops":
+        L += ["Parameters are not matched here by design (`budget.match: flops` matches FLOPs per token).", ""]
+    return L
+
+
+def _md_sweep_table(data: dict, pk: str) -> list[str]:
+    spec = data["exp"].spec
+    sweep_rows = [(an, s) for an in spec.arms for s in data["choice"].get(pk, {}).get(an, {}).get("sweep", [])]
+    if not sweep_rows:
+        return []
+    L = ["### Learning-rate sweep (seed {}, short budget; best carried to the full budget)".format(
+        spec.seeds[0]), "", "| arm | lr | steps | final val loss | tokens/s | chosen |", "|---|---|---|---|---|---|"]
+    for an, s in sweep_rows:
+        chosen = "**yes**" if s["lr"] == data["choice"][pk][an]["lr"] else ""
+        L.append(f"| {an} | {fmt(s['lr']) if s['lr'] else 'base'} | {s['steps']} | {fmt(s['val_loss'])} | "
+                 f"{fmt(s['tokens_per_s'], 0)} | {chosen} |")
+    L.append("")
+    grid = sorted(spec.sweep["lr"])
+    for an in spec.arms:
+        c = data["choice"].get(pk, {}).get(an, {})
+        lr = c.get("lr")
+        if "bracket" in c:  # the final bracket: the best rate and its neighbours among every rate tried
+            lo, best, hi = c["bracket"]
+            ext = c.get("extended") or []
+            L += [f"`{an}`: grid {', '.join(fmt(x) for x in grid)}"
+                  + (f", extended (x{spec.sweep['extend_factor']:g} or ÷{spec.sweep['extend_factor']:g} a step) "
+                     "with " + ", ".join(fmt(x) for x in ext) if ext else "")
+                  + f"; final bracket [{fmt(lo) if lo else 'none'}, **{fmt(best)}**, {fmt(hi) if hi else 'none'}]"
+                  + f" ({c.get('stop', '')}).", ""]
+            if lo is None or hi is None:
+                L += [f"Note: `{an}`'s best learning rate {fmt(lr)} is still at the "
+                      f"{'top' if hi is None else 'bottom'} of the rates tried; a better one may lie beyond.", ""]
+        elif lr is not None and len(grid) > 1 and lr in (grid[0], grid[-1]):
+            L += [f"Note: `{an}`'s best learning rate {fmt(lr)} is at the {'top' if lr == grid[-1] else 'bottom'} "
+                  "of the grid; a wider grid may find a better one for this arm.", ""]
+    return L
+
+
+def _md_claim(data: dict, pk: str, title: str, getter, lower_better: bool, unit: str, note: str = "") -> list[str]:
+    """One measured quantity: a table of arms x seeds with mean ± sd, and a verdict per arm against the baseline."""
+    spec, runs = data["exp"].spec, data["runs"]
+    base = spec.baseline
+    rows = ["| arm | " + " | ".join(f"seed {s}" for s in spec.seeds) + " | mean ± sd |",
+            "|---|" + "---|" * (len(spec.seeds) + 1)]
+    vals = {}
+    for an in spec.arms:
+        per = {r["seed"]: getter(r) for r in runs if r["point"] == pk and r["arm"] == an}
+        vals[an] = [v for v in per.values() if v is not None]
+        rows.append(f"| {an} | " + " | ".join(fmt(per.get(s)) for s in spec.seeds) + f" | {ms(vals[an])} |")
+    if not any(vals.values()):
+        return []
+    out = [f"### {title}", ""] + ([note, ""] if note else []) + rows + [""]
+    for an in (a for a in spec.arms if a != base):
+        out.append(f"**Verdict ({an} vs {base}):** {verdict(vals[an], vals[base], an, base, lower_better, unit)}")
+    return out + [""]
+
+
+def _md_claims(data: dict, pk: str) -> list[str]:
+    runs = data["runs"]
+    L = _md_claim(data, pk, "Held-out loss of the training source (nats/token, fixed eval tokens)",
+                  lambda r: (r["eval"].get("heldout") or {}).get("loss"), True, " nats",
+                  note=_tokens_note(runs, pk, "heldout"))
+    L += _md_claim(data, pk, "Trainer's last val loss (metrics.jsonl, nats/token)", lambda r: r["val_loss"], True,
+                   " nats")
+    L += _md_claim(data, pk, "Loss on held-out text from another source (nats/token)",
+                   lambda r: (r["eval"].get("other") or {}).get("loss"), True, " nats",
+                   note=_tokens_note(runs, pk, "other"))
+    L += _md_claim(data, pk, "Throughput (median tokens/s while training)",
+                   lambda r: r["summary"]["median_tokens_per_s"], False, " tokens/s")
+    return L
+
+
+def _md_retrieval_claims(data: dict, pk: str) -> list[str]:
+    spec = data["exp"].spec
+    ret = [r for r in data["runs"] if r["point"] == pk and r["eval"].get("retrieval")]
+    if not ret:
+        return []
+    first = ret[0]["eval"]["retrieval"]
+    note = (f"After {spec.retrieval['steps']} InfoNCE steps from each pretrained model; "
+            f"{first['n_queries']} held-out queries ranked against {first['n_corpus']} documents "
+            f"(split {first['split']}), as `mmscale retrieval eval` measures. BM25 on the same queries: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in (first.get("baseline") or {}).get("metrics", {}).items())
+            + "; " + ", ".join(f"top-1 among {x['candidates']} {x['top1']:.4f}"
+                               for x in (first.get("baseline") or {}).get("results", [])) + ".")
+    L = _md_claim(data, pk, "Retrieval nDCG@10 after fine-tuning",
+                  lambda r: ((r["eval"].get("retrieval") or {}).get("metrics") or {}).get("ndcg@10"), False, "",
+                  note=note)
+    for i, n in enumerate(spec.retrieval["candidates"]):
+        L += _md_claim(data, pk, f"Retrieval top-1 among {n} after fine-tuning",
+                       lambda r, i=i: (((r["eval"].get("retrieval") or {}).get("results") or [{}] * (i + 1))[i]
+                                       .get("top1")), False, "")
+    return L
+
+
+def _md_representation_claims(data: dict, pk: str) -> list[str]:
+    spec = data["exp"].spec
+    if not any(r["eval"].get("representation") for r in data["runs"] if r["point"] == pk):
+        return []
+    note = (f"Fraction of positions whose token is not recovered in the top 5 after {spec.representation['steps']} "
+            f"gradient steps ({spec.representation['samples']} windows; 0 = fully recoverable, 1 = not at all).")
+    L = _md_claim(data, pk, "Input-representation error before training (untrained, the run's initial weights)",
+                  lambda r: ((r["eval"].get("representation") or {}).get("before") or {}).get("error"), True, "",
+                  note=note)
+    L += _md_claim(data, pk, "Input-representation error after training",
+                   lambda r: ((r["eval"].get("representation") or {}).get("after") or {}).get("error"), True, "")
+    return L
+
+
+def _md_how_made(exp, pngs: list[tuple[str, str]]) -> list[str]:
+    L = []
+    if pngs:
+        L += ["## Loss against FLOPs and tokens", ""]
+        L += [f"![{cap}]({name})" for name, cap in pngs] + [""]
+    L += ["## How this was made", "", "Commands (from commands.log):", "", "```"]
+    L += [ln.split("\t")[-1] + f"    # {ln.split(chr(9))[0]}" for ln in
+          (exp.exp / "commands.log").read_text().splitlines()] if (exp.exp / "commands.log").is_file() else []
+    L += ["```", "", f"Git commit: `{git_commit()}` (at report time; each command's commit is in commands.log).", ""]
+    m = machine()
+    L += ["Machine: " + "; ".join(f"{k} {v}" for k, v in m.items()), "",
+          "Per-run curves, configs and samples: [runs.html](runs.html) (`mmscale report` of the main runs).", ""]
+    return L
+
+
+def _tokens_note(runs, pk, key) -> str:
+    toks = {(r["eval"].get(key) or {}).get("tokens") for r in runs if r["point"] == pk and r["eval"].get(key)}
+    toks.discard(None)
+    if not toks:
+        return ""
+    return ("Every run is evaluated on the same " + ", ".join(f"{t:,}" for t in sorted(toks)) + " tokens"
+            + (" (differs between arms: check the data)" if len(toks) > 1 else "") + ".")
