@@ -106,10 +106,11 @@ def _typed(raw: dict) -> SpecFile:
 def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
     need(isinstance(raw, dict), "a spec must be a mapping with keys such as data, arms, budget")
     f = _typed(raw)
+    _check_data(f.data)
+    need(isinstance(f.base or {}, dict), f"spec key 'base' must be a mapping of config overrides, got {f.base!r}")
     base = flat_overrides(f.base or {})
     arms, resources = _check_arms(f.arms)
     seeds, n_ctx, shapes = _check_axes(f.axes)
-    _check_data(f.data)
     _check_budget(f.budget, arms)
     _check_sweep(f.sweep, f.budget.rule)
     for k in ("batches", "batch_size", "points"):
@@ -119,10 +120,12 @@ def parse_spec(raw: dict, base_dir: Path = Path(".")) -> Spec:
         _at_least(f.representation, "representation", k, 1)
     _at_least(f.launcher, "launcher", "jobs", 1)
     slurm = (raw.get("launcher") or {}).get("slurm") or {}
-    for an, res in list(resources.items()) + list((f.launcher.slurm.arms or {}).items()):
-        need(isinstance(res, dict), f"spec key 'arms.{an}.resources' must be a mapping of SLURM resources")
+    per_arm = [(f"arms.{an}.resources", res) for an, res in resources.items()]
+    per_arm += [(f"launcher.slurm.arms.{an}", res) for an, res in (f.launcher.slurm.arms or {}).items()]
+    for where, res in per_arm:
+        need(isinstance(res, dict), f"spec key '{where}' must be a mapping of SLURM resources, got {res!r}")
         try:
-            build_section(SlurmResources, res, f"arms.{an}.resources")
+            build_section(SlurmResources, res, where)
         except ConfigError as e:
             raise SpecError(f"spec: {e}") from None
     baseline = _pick_baseline(f.baseline, base, arms)
