@@ -272,8 +272,10 @@ class RetrievalConfig:
     temperature: float = opt(0.02, "InfoNCE temperature on cosine similarity", "> 0")
     group_size: int = opt(32, "one query, one positive and group_size - 2 negatives per example", ">= 2")
     gather_negatives: bool = opt(False, "also use the other examples' passages on every rank as negatives")
-    position: str = opt("mean", "what embeds a sequence: the mean over its real tokens, the last real token, or an "
-                                "integer index (the paper: -2); see docs/retrieval-collapse.md", "mean, last or an integer")
+    position: str = opt("mean", "what embeds a sequence: the mean over its real tokens, that mean weighted by the "
+                                "corpus's inverse document frequency (idf), the last real token, or an "
+                                "integer index (the paper: -2); see docs/retrieval-collapse.md",
+                        "mean, idf, last or an integer")
     collection: str = opt("", "a BEIR-layout collection directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); "
                               "instead of pairs")
     split: str = opt("", "the qrels split to train on (empty: train, or the only one)")
@@ -537,8 +539,8 @@ def validate(cfg: Config) -> None:
     _check(r.group_size >= 2, f"retrieval.group_size must be >= 2 (a query and its positive), got {r.group_size}")
     _check(r.hard_negatives >= 0, f"retrieval.hard_negatives must be >= 0 (0 = half the negatives), got {r.hard_negatives}")
     _check(r.mine_depth >= 1, f"retrieval.mine_depth must be >= 1, got {r.mine_depth}")
-    if r.position not in ("last", "mean"):
+    if r.position not in ("last", "mean", "idf"):
         try:
             int(r.position)
         except ValueError:
-            raise ConfigError(f"retrieval.position must be 'last', 'mean' or an integer index, got {r.position!r}") from None
+            raise ConfigError(f"retrieval.position must be 'last', 'mean', 'idf' or an integer index, got {r.position!r}") from None

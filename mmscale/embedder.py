@@ -7,9 +7,13 @@
 A text is embedded by the residual stream (after the final norm, when the model has one) at one
 token: the last real token by default, or any index into the real tokens (the paper uses -2,
 because the last position of a window is never trained by the shifted LM loss); or by the mean of
-the residual stream over its real tokens (`position="mean"`; padding never counts). Texts are
+the residual stream over its real tokens (`position="mean"`; padding never counts), or that mean weighted by
+each token's inverse document frequency in the corpus being searched (`position="idf"`, `set_corpus`): a small
+model's mean is dominated by frequent, uninformative tokens (docs/retrieval-collapse.md). Texts are
 right-padded; for causal models padding after a position cannot change it, so the embedding of a
-text does not depend on its batch.
+text does not depend on its batch. A bidirectional model sees the padding, so for it every batch is
+padded to n_ctx with pad tokens, as `retrieval train` pads its batches: a text embeds the same in
+training, in evaluation and in any batch.
 """
 from __future__ import annotations
 
@@ -20,16 +24,35 @@ from mmscale.errors import UserError
 
 
 def parse_position(position: int | str) -> int | str | None:
-    """`"last"` -> None (the last real token); `"mean"` -> "mean" (the mean over the real tokens); an integer
-    (or its string) -> that index."""
+    """`"last"` -> None (the last real token); `"mean"` -> "mean" (the mean over the real tokens); `"idf"` -> "idf"
+    (their mean weighted by each token's inverse document frequency in the corpus); an integer (or its string)
+    -> that index."""
     if position is None or position == "last":
         return None
-    if position == "mean":
-        return "mean"
+    if position in ("mean", "idf"):
+        return position
     try:
         return int(position)
     except (TypeError, ValueError):
-        raise UserError(f"embedding position must be 'last', 'mean' or an integer index, got {position!r}") from None
+        raise UserError(f"embedding position must be 'last', 'mean' or an integer index (or 'idf': the "
+                        f"mean weighted by a corpus's inverse document frequency), got {position!r}") from None
+
+
+def idf_weights(doc_tokens: Iterable[Sequence[int]], vocab_size: int):
+    """Float32 tensor [vocab_size]: BM25's inverse document frequency of every token id over the documents
+    (token lists), ln(1 + (N - df + 0.5) / (df + 0.5)): a token in every document weighs ln(1 + 0.5 / (N + 0.5))
+    ~ 0, one in no document ln(2 N + 2). The weights of `position="idf"` pooling, computed from the corpus
+    being searched (as BM25's are), so frequent tokens do not dominate the mean."""
+    import numpy as np
+    import torch
+
+    df = np.zeros(vocab_size, dtype=np.float64)
+    n = 0
+    for toks in doc_tokens:
+        n += 1
+        u = np.unique(np.asarray(list(toks), dtype=np.int64))
+        df[u[(u >= 0) & (u < vocab_size)]] += 1
+    return torch.from_numpy(np.log1p((n - df + 0.5) / (df + 0.5))).float()
 
 
 def token_indices(lengths, position: int | None):
@@ -50,18 +73,23 @@ def token_indices(lengths, position: int | None):
     return torch.minimum(idx.clamp(min=0), lengths - 1)
 
 
-def pooled_embeddings(model, input_ids, lengths, position: int | str | None = None):
+def pooled_embeddings(model, input_ids, lengths, position: int | str | None = None, weights=None):
     """L2-normalised embeddings [B, d] of right-padded `input_ids` [B, L] (differentiable).
 
-    position "mean": the mean of the hidden states over each row's first `lengths` tokens (padding excluded)."""
+    position "mean": the mean of the hidden states over each row's first `lengths` tokens (padding excluded);
+    "idf": their mean weighted by `weights[token id]` (idf_weights)."""
     import torch
     import torch.nn.functional as F
 
     hidden = model.hidden(input_ids)                       # [B, L, d], after the final norm
     lengths = torch.as_tensor(lengths).to(hidden.device)
-    if position == "mean":
+    if position in ("mean", "idf"):
         real = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).float()
-        picked = (hidden.float() * real[..., None]).sum(1) / lengths.clamp(min=1)[:, None].float()
+        if position == "idf":
+            if weights is None:
+                raise UserError("position 'idf' needs token weights (idf_weights of the corpus)")
+            real = real * weights.to(hidden.device)[input_ids]
+        picked = (hidden.float() * real[..., None]).sum(1) / real.sum(1).clamp(min=1e-6)[:, None]
         return F.normalize(picked, dim=-1)
     idx = token_indices(lengths, position)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
@@ -81,6 +109,11 @@ def tokenize_texts(sp, texts: Sequence[str]) -> list[list[int]]:
     return out
 
 
+def tokenize_texts_or_empty(sp, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, whole; an empty text is an empty list."""
+    return [list(ids) for ids in sp.encode(list(texts))]
+
+
 def encode_texts(sp, texts: Sequence[str], n_ctx: int) -> list[list[int]]:
     """Token ids of each text (its pieces, as in training data: no BOS), cut to the first n_ctx."""
     return [ids[:n_ctx] for ids in tokenize_texts(sp, texts)]
@@ -98,12 +131,12 @@ def windows(ids: Sequence[int], n_ctx: int, prefix: Sequence[int] = ()) -> list[
     return [prefix + ids[s:s + step] for s in range(0, len(ids), step)]
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0):
-    """Right-pad token lists into Long[B, max_len]; returns (ids, lengths)."""
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None):
+    """Right-pad token lists into Long[B, max_len] (Long[B, width] when given); returns (ids, lengths)."""
     import torch
 
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    ids = torch.full((len(seqs), int(lengths.max())), max(pad_id, 0), dtype=torch.long)
+    ids = torch.full((len(seqs), max(int(lengths.max()), width or 0)), max(pad_id, 0), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return ids, lengths
@@ -112,8 +145,9 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0):
 class Embedder:
     """Embeds texts with an export's hidden states; see the module docstring."""
 
-    def __init__(self, model, tokenizer, position: int | str = "last", device="cpu"):
+    def __init__(self, model, tokenizer, position: int | str = "last", device="cpu", token_weights=None):
         self.model = model.eval()
+        self.token_weights = token_weights   # position "idf": idf_weights of the corpus (set_corpus)
         self.tokenizer = tokenizer
         self.position = parse_position(position)
         self.device = device
@@ -129,6 +163,10 @@ class Embedder:
         # refuses a tokenizer with more pieces than the model's vocab (one line, not an IndexError later)
         model, _, sp = load_export_with_tokenizer(Path(path), dtype=dtype, device=device)
         return cls(model, sp, position=position, device=device)
+
+    def set_corpus(self, texts: Sequence[str]) -> None:
+        """Position "idf": take the token weights from these documents (the corpus being searched)."""
+        self.token_weights = idf_weights(tokenize_texts_or_empty(self.tokenizer, texts), self.model.config.vocab_size)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return encode_texts(self.tokenizer, texts, self.n_ctx)
@@ -160,10 +198,12 @@ class Embedder:
             batches = tqdm(batches, desc=progress if isinstance(progress, str) else "embedding", unit="batch",
                            leave=False)
         pad = self.tokenizer.pad_id()
+        # a bidirectional model sees right padding: pad to n_ctx, as retrieval training does (PairGroups.batch_at)
+        width = self.n_ctx if getattr(self.model.config, "bidirectional", False) else None
         with torch.no_grad():
             for start in batches:
                 rows = order[start:start + batch_size]
-                ids, lengths = pad_batch([seqs[i] for i in rows], pad)
-                emb = pooled_embeddings(self.model, ids.to(self.device), lengths, pos)
+                ids, lengths = pad_batch([seqs[i] for i in rows], pad, width)
+                emb = pooled_embeddings(self.model, ids.to(self.device), lengths, pos, self.token_weights)
                 out[rows] = emb.cpu().numpy()
         return out

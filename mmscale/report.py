@@ -505,6 +505,9 @@ def build_html(runs: list[dict]) -> str:
     if setups or notes:
         out.append("<ul class=\"muted\">" + "".join(f"<li>{_e(x)}</li>" for x in setups + notes) + "</ul>")
 
+    from mmscale.retrieval import report_section  # retrieval runs: in-batch accuracy, cosine, collapse warning
+    out.extend(report_section(runs, names))
+
     # charts
     out.append('<h2 id="charts">Curves</h2><div class="controls">x axis: '
                '<label><input type="radio" name="xaxis" value="step" checked> step</label>'

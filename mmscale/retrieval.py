@@ -15,7 +15,8 @@ collapse, docs/retrieval-collapse.md), and every log step records in-batch accur
 and the batch's document cosine, with a warning on collapse (RetrievalStats). Training uses InfoNCE on cosine similarity with temperature tau: each
 example is a group of 1 query, one of its relevant documents and group_size - 2 negatives (the
 query's given or mined hard negatives first, then random documents). A document judged relevant to
-the query (or an exact duplicate of one) is never its negative: not in its group, and, with
+the query (or an exact or near duplicate of one: word 3-shingle Jaccard >= 0.8,
+retrieval_data.near_duplicates) is never its negative: not in its group, and, with
 retrieval.gather_negatives (every query also scores the candidates of all other groups on all ranks,
 gathered without gradient), masked out of the gathered candidates.
 
@@ -54,7 +55,7 @@ import numpy as np
 from mmscale.errors import UserError
 from mmscale.retrieval_data import Collection, collection_from_pairs, load_collection, read_pairs  # noqa: F401
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: near-duplicates never mined; bidirectional models embed at width n_ctx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +249,8 @@ class CorpusPairs:
                 without it, cut to n_ctx (inverse cloze, Lee et al. 2019); documents of 2+ sentences.
 
     titles, texts: token lists per document; sentences: per document, the token lists of its text's
-    sentences; duplicates[d]: the documents with the same text as d (d included), never its negatives.
+    sentences; duplicates[d]: the documents with the same text as d or near-duplicates of it (d included;
+    Collection.duplicate_sets), never its negatives.
     """
 
     def __init__(self, titles, texts, sentences, duplicates, n_ctx: int, seed: int):
@@ -265,11 +267,7 @@ class CorpusPairs:
         for ss in sents:
             sentences.append([list(x) for x in flat[k:k + len(ss)]])
             k += len(ss)
-        by_text: dict[str, list[int]] = {}
-        for i in range(coll.n_docs):
-            by_text.setdefault(coll.doc_text(i), []).append(i)
-        return cls(titles, texts, sentences, [set(by_text[coll.doc_text(i)]) for i in range(coll.n_docs)],
-                   n_ctx, seed)
+        return cls(titles, texts, sentences, coll.duplicate_sets(), n_ctx, seed)
 
     def _ict_choices(self, d: int) -> list[int]:
         sents = self.sentences[d]
@@ -434,8 +432,54 @@ class RetrievalStats:
 
 _STATS: list[RetrievalStats] = []  # the stats of the model the last retrieval_model_factory built
 
+REPORT_COLUMNS = (("inbatch_acc", "in-batch accuracy"), ("inbatch_chance", "chance"),
+                  ("doc_cos", "documents' mean cosine"), ("alignment", "alignment"), ("uniformity", "uniformity"))
 
-def install_retrieval_loss(model, rcfg, stats: RetrievalStats | None = None) -> None:
+
+def collapsed(row: dict) -> bool:
+    """The collapse rule of RetrievalStats' warning, on one metrics.jsonl row."""
+    return (row.get("doc_cos") is not None and row.get("inbatch_acc") is not None
+            and row["doc_cos"] >= COLLAPSE_COS and row["inbatch_acc"] < 2 * row.get("inbatch_chance", 0.0))
+
+
+def report_section(runs: list[dict], names: list[str]) -> list[str]:
+    """HTML lines for `mmscale report`: per retrieval run (rows with inbatch_acc), its retrieval statistics at
+    the first, best-accuracy and last log step, and the collapse warning `retrieval train` printed (recomputed
+    from the rows with the same rule); nothing when no run is a retrieval run."""
+    from html import escape
+
+    rows_of = [(n, [r for r in run["train"] if r.get("inbatch_acc") is not None]) for n, run in zip(names, runs)]
+    rows_of = [(n, rows) for n, rows in rows_of if rows]
+    if not rows_of:
+        return []
+    out = ['<h2 id="retrieval">Retrieval training</h2><table id="retrieval-table"><tr><th>run</th><th>step</th>'
+           + "".join(f"<th>{escape(h)}</th>" for _, h in REPORT_COLUMNS) + "</tr>"]
+    notes = []
+    for n, rows in rows_of:
+        best = max(rows, key=lambda r: r["inbatch_acc"])
+        for label, r in (("first", rows[0]), ("best accuracy", best), ("last", rows[-1])):
+            out.append(f'<tr data-run="{escape(n)}"><td>{escape(n)} ({label})</td><td class="num">{r["step"]}</td>'
+                       + "".join(f'<td class="num" data-key="{k}">'
+                                 + ("" if r.get(k) is None else f"{r[k]:.3f}") + "</td>" for k, _ in REPORT_COLUMNS)
+                       + "</tr>")
+        bad = next((r for r in rows if collapsed(r)), None)
+        if bad is not None:
+            notes.append(f"{n}: warning: step {bad['step']}: the embeddings collapsed: documents' mean cosine "
+                         f"{bad['doc_cos']:.3f} (step {rows[0]['step']}: {rows[0]['doc_cos']:.3f}), in-batch accuracy "
+                         f"{bad['inbatch_acc']:.3f} (chance {bad['inbatch_chance']:.3f}); see "
+                         "docs/retrieval-collapse.md")
+    out.append("</table>")
+    out.append('<p class="muted">in-batch accuracy: the share of queries whose positive scores highest among the '
+               "batch's candidates (chance: 1 / candidates); alignment: mean squared distance query-positive; "
+               "uniformity: log mean exp(-2 squared distance) over the batch's documents (lower: more spread); "
+               f"collapse: documents' cosine >= {COLLAPSE_COS} with accuracy below twice chance.</p>")
+    if notes:
+        out.append('<ul class="warn" id="retrieval-warnings">' + "".join(f"<li>{escape(x)}</li>" for x in notes)
+                   + "</ul>")
+    return out
+
+
+def install_retrieval_loss(model, rcfg, stats: RetrievalStats | None = None, weights=None) -> None:
     """Replace `model.forward` (on the instance) by the InfoNCE loss; see the module docstring."""
     from mmscale.embedder import parse_position, pooled_embeddings
 
@@ -446,7 +490,7 @@ def install_retrieval_loss(model, rcfg, stats: RetrievalStats | None = None) -> 
         if labels is None or labels.dim() != 1:
             return lm_forward(input_ids, labels)
         n = input_ids.shape[0]
-        emb = pooled_embeddings(model, input_ids, labels[:n], position)
+        emb = pooled_embeddings(model, input_ids, labels[:n], position, weights)
         mask = labels[n:] if labels.shape[0] > n else None
         return info_nce(emb, rcfg.group_size, rcfg.temperature, rcfg.gather_negatives, mask,
                         stats if model.training else None)
@@ -583,10 +627,10 @@ def mine_negatives(kind: str, coll: Collection, *, depth: int, export: str | Non
                    position: str = "last", cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
                    progress: bool = False) -> list[list[int]]:
     """Per query, up to `depth` documents ranked highest by BM25 or by the export's embeddings, best first,
-    never one of its relevant documents or their duplicates. Cached under cache_dir."""
+    never one of its relevant documents or their duplicates or near-duplicates. Cached under cache_dir."""
     from mmscale import ir_metrics
 
-    excluded = coll.excluded()
+    excluded = coll.excluded(near=True)
     fp = export_fingerprint(export) if kind == "model" else ""
     # BM25's ranking depends on neither the passage mode nor the embedding position
     key = hashlib.sha256(json.dumps({"kind": kind, "collection": coll.fingerprint_all(), "depth": depth,
@@ -612,6 +656,8 @@ def mine_negatives(kind: str, coll: Collection, *, depth: int, export: str | Non
         from mmscale.embedder import Embedder
 
         emb = Embedder.from_export(export, position=position, device=_device("auto"))
+        if emb.position == "idf":
+            emb.set_corpus(coll.doc_texts())
         d, starts, _ = corpus_embeddings(emb, export, coll, mode, batch_size=batch_size, cache_dir=cache_dir,
                                          progress=progress, fingerprint=fp)
         if mode == "max_chunk":  # rank chunks, keep each document's first (best) appearance
@@ -658,7 +704,14 @@ def retrieval_model_factory(cfg):
         model.lm_head.weight.requires_grad_(False)
     stats = RetrievalStats()
     _STATS[:] = [stats]  # the data factory's loader reads it on log steps (PairGroups.log_metrics)
-    install_retrieval_loss(model, cfg.retrieval, stats)
+    weights = None
+    if cfg.retrieval.position == "idf":   # the training corpus's inverse document frequencies
+        from mmscale.embedder import idf_weights, tokenize_texts_or_empty
+
+        coll = train_collection(cfg.retrieval)
+        weights = idf_weights(tokenize_texts_or_empty(_tokenizer_of(cfg.train.init_from), coll.doc_texts()),
+                              cfg.model.vocab_size)
+    install_retrieval_loss(model, cfg.retrieval, stats, weights)
     return model
 
 
@@ -709,7 +762,7 @@ def retrieval_data_factory(cfg, info, micro_batch_size: int):
                   flush=True)
     loader = PairGroups(queries, docs, negatives, group_size=r.group_size, micro_batch=micro_batch_size,
                         n_ctx=n_ctx, seed=cfg.run.seed, rank=info.rank, world=info.world_size, pad_id=sp.pad_id(),
-                        pairs=pairs, excluded=coll.excluded(), hard_per_group=per_group, gather=r.gather_negatives,
+                        pairs=pairs, excluded=coll.excluded(near=True), hard_per_group=per_group, gather=r.gather_negatives,
                         views=views)
     return loader, None
 
@@ -748,7 +801,7 @@ def prepare_config(cfg, init: str | None, pairs: str | None, collection: str | N
     meta = load_export_config(cfg.train.init_from)
     cfg.model = _build(ModelConfig, meta["model"], "model")
     coll = train_collection(cfg.retrieval)  # bad data fails before any process group starts
-    most = max(len(e) for e in coll.excluded())
+    most = max(len(e) for e in coll.excluded(near=True))
     if cfg.retrieval.group_size > 2 and coll.n_docs - most < cfg.retrieval.group_size - 2:
         raise UserError(f"retrieval.group_size is {cfg.retrieval.group_size} but a query of "
                         f"'{coll.source}' has only {coll.n_docs - most} documents that are not relevant to it; "
@@ -808,6 +861,8 @@ def evaluate_export(export: str, collection: str, candidates: list[int], *, seed
     if passage_mode not in PASSAGE_MODES:
         raise UserError(f"--passage-mode must be one of {', '.join(PASSAGE_MODES)}, got {passage_mode!r}")
     emb = Embedder.from_export(export, position=position, device=_device(device))
+    if emb.position == "idf":
+        emb.set_corpus(coll.doc_texts())
     qseqs, q_cut = query_sequences(emb.tokenizer, coll, emb.n_ctx)
     q = emb.encode_ids(qseqs, batch_size=batch_size, progress="embedding queries" if progress else False)
     d, starts, cache = corpus_embeddings(emb, export, coll, passage_mode, batch_size=batch_size,
@@ -968,7 +1023,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of the distractor sampling")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--position", default="mean",
-                   help="what embeds a text: mean (over its real tokens; what retrieval train uses by default), last, "
+                   help="what embeds a text: mean (over its real tokens; what retrieval train uses by default), idf "
+                        "(that mean weighted by the corpus's inverse document frequency), last, "
                         "or a token index such as -2; use the run's retrieval.position")
     e.add_argument("--passage-mode", default="truncate", choices=list(PASSAGE_MODES),
                    help="long documents: truncate (the first n_ctx tokens of title + text), max_chunk (the best of "

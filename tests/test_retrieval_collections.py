@@ -810,7 +810,7 @@ def test_mean_pooling_is_the_mean_over_real_tokens():
             wide = torch.zeros(3, N_CTX, dtype=torch.long)
             wide[:, :ids.shape[1]] = ids                         # more padding changes nothing (causal)
             assert torch.allclose(pooled_embeddings(model, wide, lengths, "mean"), got, atol=1e-5)
-    with pytest.raises(UserError, match="'last', 'mean' or an integer"):
+    with pytest.raises(UserError, match="'last', 'mean' or an integer index \\(or 'idf'"):
         parse_position("avg")
     # export-hf's sentence-transformers pooling agrees (left padding too)
     from mmscale.export.hf_pooling import TokenPooling

@@ -359,6 +359,9 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="au
             position = run_position or "last"
         from mmscale.embedder import parse_position
         parsed = parse_position(position)
+        if parsed == "idf":  # its weights are the searched corpus's statistics, which no model file carries
+            raise UserError("export-hf: position 'idf' weights tokens by the searched corpus's document frequencies, "
+                            "which a sentence-transformers export cannot carry; pass --position mean")
         position = "last" if parsed is None else parsed
         return _export(src, out, position, overwrite, verify, Path(tmp))
 
