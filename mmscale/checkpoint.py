@@ -55,7 +55,8 @@ wrote, and at resume the bytes it loads, never N x the checkpoint.
 
 Loading runs no code: rank files hold only tensors, numbers and strings and are read with
 `torch.load(weights_only=True)`; DeepSpeed and DCP files are read under `safe_unpickling()`, which allows
-only the classes those formats need (ALLOWED_GLOBALS). `latest` must name a step_XXXXXXXX folder beside it.
+only the classes those formats need (checkpoint_format.ALLOWED_GLOBALS). `latest` must name a step_XXXXXXXX
+folder beside it.
 
 Parameter names are those of the unwrapped model (no "module." or "_orig_mod." prefixes). The
 learning rate is a pure function of the step, so no scheduler state is stored.
@@ -70,12 +71,14 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mmscale import fsutil
-from mmscale.checkpoint_format import (ALLOWED_GLOBALS, FORMAT, META, checkpoints_root, load_file,  # noqa: F401
-                                       pickle_problem, read_meta, safe_unpickling, unsafe_payload_error)
+from mmscale.checkpoint_format import (FORMAT, META, checkpoints_root, pickle_problem, read_meta, safe_unpickling,
+                                       unsafe_payload_error)
+from mmscale.engines import engine_class
 from mmscale.errors import UserError
 
 VERSION = 1
@@ -274,10 +277,6 @@ def newest_intact(root: Path, announce: bool = True, digests: bool = True) -> Pa
 def check_compatible(meta: dict, cfg: Any, world_size: int, where: str) -> None:
     """Refuse to resume a checkpoint made for another model; the engine of this run decides the rest (family,
     precision, its own keys such as DeepSpeed's ZeRO stage and world size: Engine.check_resume)."""
-    from dataclasses import asdict
-
-    from mmscale.engines import engine_class
-
     here = asdict(cfg.model)
     there = meta.get("model", {})
     diffs = [k for k in here if k in there and there[k] != here[k]]

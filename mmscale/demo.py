@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import multiprocessing as mp
 import os
@@ -172,12 +171,9 @@ def plan_steps(budget_s: float, spent_s: float, step_s: float, startup_s: float)
 
 def training_summary(run_dir: Path) -> tuple[str, float | None]:
     """(held-out losses by step, measured seconds per step) from the run's metrics.jsonl."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
+    from mmscale.run.metrics import read_jsonl  # lazy: it imports torch, which the demo's own process never loads
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")[0]
     vals = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     timed = [(r["step"], r["time"]) for r in rows if "loss" in r and "time" in r]
     per_step = None

@@ -3,23 +3,30 @@
 An optional raw DeepSpeed JSON (`engine.deepspeed_config`) is merged on top, for experts. The
 optimizer is a client torch AdamW (DeepSpeed's fused/CPU Adam JIT-compiles and was not bit-exact
 on resume); the learning rate is set by the loop every step, so DeepSpeed gets no scheduler.
+
+`deepspeed` itself is imported inside the methods that use it: it takes seconds to import and is optional for
+every other engine (the offline readers, e.g. `mmscale convert`, need only torch).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from mmscale import distributed
+from mmscale.checkpoint_format import checkpoints_root, load_file, read_meta, unsafe_payload_error
 from mmscale.engines.base import (Engine, build_optimizer, config_hyperparameters, param_groups, prepare_model,
                                   set_lr)
-from mmscale.checkpoint_format import checkpoints_root, load_file, read_meta, unsafe_payload_error
 from mmscale.errors import UserError
+from mmscale.models import build_model
 
 TAG = "ds"
 ZERO_STAGES = (0, 1, 2, 3)  # what config.py accepts for engine.zero_stage
@@ -99,12 +106,8 @@ class DeepSpeedEngine(Engine):
     # --- process group and exit
     @classmethod
     def start_process_group(cls, info, device, timeout_min):
-        import datetime
-
         import deepspeed as ds
         import deepspeed.ops
-
-        from mmscale import distributed
 
         distributed.init(info, device, timeout_min=timeout_min)
         # the shared-memory comm op JIT-compiles for ~30 s (needs g++) and gives identical results
@@ -115,8 +118,6 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def stop_process_group(cls):
-        from mmscale import distributed
-
         if distributed.is_initialized():
             import deepspeed.comm
 
@@ -226,8 +227,6 @@ class DeepSpeedEngine(Engine):
         loads its new partitions from there; rank 0 removes the folder, also when loading failed. The step
         folder itself is never modified. The other ranks wait for the conversion inside a collective, so it
         must finish within engine.dist_timeout_min; it needs about the checkpoint's size again on disk."""
-        from mmscale import distributed
-
         work = checkpoints_root(self.cfg.run.dir) / f".reshard_{step_dir.name}"
         failure = None
         if self.info.rank == 0:
@@ -285,8 +284,6 @@ def to_universal(ds_dir: Path, out_dir: Path) -> None:
     its own converter in a child process (it starts a worker process and prints; neither belongs in a rank).
     The converter unpickles the checkpoint's files: it runs under checkpoint.safe_unpickling, like every other
     read of a checkpoint, so a file naming a class outside the allow-list is refused, never run."""
-    import subprocess
-
     shutil.rmtree(out_dir.parent, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-c", _CONVERTER, "--input_folder", str(ds_dir), "--output_folder", str(out_dir),
@@ -402,8 +399,6 @@ def read_zero_checkpoint(step_dir: Path, meta: dict, model_cfg):
 
 def _ds_stage0_bf16(states0: dict, model_cfg, ds_dir: Path):
     """ZeRO-0 in bf16 keeps per-parameter fp32 copies in the order of the optimizer's param groups."""
-    from mmscale.models import build_model
-
     opt = states0.get("optimizer") or {}
     fp32_groups = opt.get("fp32_groups")
     if fp32_groups is None:
