@@ -144,7 +144,7 @@ def init(info: DistInfo, device, *, timeout_min: float = 60) -> None:
 def group_binding(device) -> dict:
     """init_process_group's device binding: `device_id` on CUDA (NCCL starts eagerly, bound to this rank's GPU);
     nothing on the CPU (gloo takes no device_id: "must be an accelerator with an index"). The one place that
-    decides it, so the CPU tests can take the CUDA path (tests/test_matrix.py)."""
+    decides it, so the CPU tests can take the CUDA path (tests/test_engines_matrix.py)."""
     return {"device_id": device} if device.type == "cuda" else {}
 
 

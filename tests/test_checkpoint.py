@@ -173,7 +173,7 @@ def test_check_compatible_deepspeed_stage_and_precision(tmp_path):
     meta = {"engine": "deepspeed", "zero_stage": 2, "world_size": 2, "precision": "fp32",
             "model": cfg.to_dict()["model"]}
     ckpt.check_compatible(meta, cfg, 2, "here")
-    ckpt.check_compatible(meta, cfg, 4, "here")  # another world size: resharded on load (tests/test_elastic.py)
+    ckpt.check_compatible(meta, cfg, 4, "here")  # another world size: resharded on load (tests/test_checkpoint_elastic.py)
     with pytest.raises(UserError, match="same ZeRO stage"):
         ckpt.check_compatible({**meta, "zero_stage": 3}, cfg, 2, "here")
     with pytest.raises(UserError, match="same precision"):

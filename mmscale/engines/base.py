@@ -135,7 +135,7 @@ class Engine:
     @classmethod
     def variants(cls) -> list[dict]:
         """The engine's own configurations worth testing apart, as dotted overrides (DeepSpeed: one per ZeRO
-        stage); the generated test matrix (tests/test_matrix.py) crosses them with the config's choices."""
+        stage); the generated test matrix (tests/test_engines_matrix.py) crosses them with the config's choices."""
         return [{}]
 
     @classmethod

@@ -266,7 +266,7 @@ def run_one_process(payload: dict, timeout: float = 600, env: dict | None = None
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "TMPDIR": out, **extra})
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "_dist.py"), "tests.test_matrix:matrix_worker",
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "_dist.py"), "tests.test_engines_matrix:matrix_worker",
                                json.dumps(payload), out], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout)
         f = Path(out) / "rank_0.json"
@@ -381,7 +381,7 @@ def run_matrix(tmp_path: Path, rows: list, refusals: list) -> list:
         if world == 1:
             got = run_one_process(payload, env=env)
         else:
-            got = run_distributed("tests.test_matrix:matrix_worker", payload, nproc=world, env=env, timeout=900)
+            got = run_distributed("tests.test_engines_matrix:matrix_worker", payload, nproc=world, env=env, timeout=900)
         for rank_result in got[:1]:
             for key, r in zip(keys, rank_result):
                 results[key] = r
