@@ -280,6 +280,30 @@ def test_spec_overrides_on_the_command_line(tmp_path, capsys):
         assert err.count("\n") == 0 and key in err
 
 
+def test_report_document_writes_the_same_blocks_as_markdown_and_html(tmp_path):
+    """report.md and report.html come from one document (no Markdown parsed back): the same cells, escaped in
+    HTML, marks only in text (a code block keeps its ** as typed), a missing PNG linked instead of inlined."""
+    from mmscale.experiment.document import Code, Heading, Image, Table, to_markdown
+    from mmscale.experiment.report import html_body
+
+    (tmp_path / "a.png").write_bytes(b"\x89PNG fake")
+    doc = [Heading(2, "Point `ctx16`"), "", Table(["arm", "seed 0"], [["mix<er>", "**3.1**"], ["t&t", "–"]]), "",
+           "**Verdict (a vs b):** see [runs.html](runs.html)", Code(["mmscale x **y**"]), Image("a.png", "cap"),
+           Image("gone.png", "missing")]
+    assert to_markdown(doc).splitlines() == [
+        "## Point `ctx16`", "", "| arm | seed 0 |", "|---|---|", "| mix<er> | **3.1** |", "| t&t | – |", "",
+        "**Verdict (a vs b):** see [runs.html](runs.html)", "```", "mmscale x **y**", "```", "![cap](a.png)",
+        "![missing](gone.png)"]
+    assert html_body(doc, tmp_path) == [
+        "<h2>Point <code>ctx16</code></h2>",
+        "<table><tr><th>arm</th><th>seed 0</th></tr><tr><td>mix&lt;er&gt;</td><td><b>3.1</b></td></tr>"
+        "<tr><td>t&amp;t</td><td>–</td></tr></table>",
+        '<p><b>Verdict (a vs b):</b> see <a href="runs.html">runs.html</a></p>',
+        "<pre>mmscale x **y**</pre>",
+        '<figure><img src="data:image/png;base64,iVBORyBmYWtl" alt="cap"><figcaption>cap</figcaption></figure>',
+        '<figure><img src="gone.png" alt="missing"><figcaption>missing</figcaption></figure>']
+
+
 def test_verdicts_are_stated_plainly():
     assert X.verdict([3.0, 3.1, 3.05], [3.5, 3.6, 3.55], "mixer", "llama", True).startswith("mixer better by 0.5")
     assert X.verdict([3.0, 3.4], [3.1, 3.3], "mixer", "llama", True).startswith("no difference within noise")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mmscale.errors import UserError
 from mmscale.experiment.expdir import reopen
-from mmscale.experiment.markdown import build_markdown
+from mmscale.experiment.document import Code, Heading, Image, Table, build_document, to_markdown
 from mmscale.experiment.measure import last_val_loss, write_json
 from mmscale.experiment.stats import linear_at, read_views, training_seconds
 from mmscale.report import CSS, PAGE_END, load_run, page_head, summarize, write_report
@@ -94,58 +94,42 @@ EXTRA_CSS = ("table{margin:0.5em 0}td{text-align:right}td:first-child{text-align
              "pre{background:#f6f6f6;padding:8px;overflow-x:auto}img{max-width:100%}figure{margin:1em 0}")
 
 
-def _inline(s: str) -> str:
+def _inline(s: str) -> str:  # the marks the document's text uses: **bold**, `code`, [text](link)
     s = html.escape(s)
     s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
     s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
     return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', s)
 
 
-def html_body(md: str, out: Path) -> list[str]:
-    """The HTML of report.md's lines as build_markdown writes them (headings, tables, paragraphs, a code block,
-    images inlined as data URIs so the page is self-contained)."""
-    lines, body, i = md.splitlines(), [], 0
-    while i < len(lines):
-        ln = lines[i]
-        if ln.startswith("```"):
-            j = i + 1
-            while j < len(lines) and not lines[j].startswith("```"):
-                j += 1
-            body.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
-            i = j + 1
-            continue
-        if ln.startswith("#"):
-            level = len(ln) - len(ln.lstrip("#"))
-            body.append(f"<h{level}>{_inline(ln[level:].strip())}</h{level}>")
-        elif ln.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            head, rest = rows[0], [r for r in rows[1:] if not all(set(c) <= {"-", ":"} for c in r)]
-            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rest)
+def html_body(blocks: list, out: Path) -> list[str]:
+    """The document's blocks as HTML; the images (PNGs under `out`) inlined as data URIs (a self-contained page)."""
+    body = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            body.append(f"<h{b.level}>{_inline(b.text)}</h{b.level}>")
+        elif isinstance(b, Table):
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in b.head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b.rows)
                         + "</table>")
-            continue
-        elif (m := re.match(r"!\[(.*)\]\((.+)\)", ln)):
-            p = out / m.group(2)
-            src = ("data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()) if p.is_file() else m.group(2)
-            body.append(f'<figure><img src="{src}" alt="{html.escape(m.group(1))}"><figcaption>'
-                        f"{html.escape(m.group(1))}</figcaption></figure>")
-        elif ln.strip():
-            body.append(f"<p>{_inline(ln)}</p>")
-        i += 1
+        elif isinstance(b, Code):
+            body.append("<pre>" + html.escape("\n".join(b.lines)) + "</pre>")
+        elif isinstance(b, Image):
+            p = out / b.name
+            src = ("data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()) if p.is_file() else b.name
+            body.append(f'<figure><img src="{src}" alt="{html.escape(b.caption)}"><figcaption>'
+                        f"{html.escape(b.caption)}</figcaption></figure>")
+        elif b.strip():
+            body.append(f"<p>{_inline(b)}</p>")
     return body
 
 
-def html_page(md: str, name: str, out: Path) -> str:
-    """report.html: report.md's content on `mmscale report`'s page (its style and header), self-contained."""
-    lines = md.splitlines()
-    if lines and lines[0].startswith("# "):  # the title is the page header's
-        lines = lines[1:]
+def html_page(blocks: list, name: str, out: Path) -> str:
+    """report.html: the report's document on `mmscale report`'s page (its style and header), self-contained."""
+    if blocks and isinstance(blocks[0], Heading) and blocks[0].level == 1:  # the title is the page header's
+        blocks = blocks[1:]
     return "\n".join(page_head(f"Experiment {name}", "mmscale experiment report: the same numbers as report.md; "
                                 "self-contained: opens without a network", css=CSS + EXTRA_CSS)
-                     + html_body("\n".join(lines), out) + [PAGE_END]) + "\n"
+                     + html_body(blocks, out) + [PAGE_END]) + "\n"
 
 
 def write_experiment_report(exp_dir: str | Path, out: str | Path | None = None) -> dict:
@@ -155,9 +139,9 @@ def write_experiment_report(exp_dir: str | Path, out: str | Path | None = None) 
     out = Path(out) if out else data["exp"].exp / "report"
     out.mkdir(parents=True, exist_ok=True)
     pngs = _plots(data, out)
-    md = build_markdown(data, pngs)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(html_page(md, data["exp"].spec.name, out))
+    doc = build_document(data, pngs)
+    (out / "report.md").write_text(to_markdown(doc))
+    (out / "report.html").write_text(html_page(doc, data["exp"].spec.name, out))
     try:
         write_report([r["dir"] for r in data["runs"]], out / "runs.html")
     except Exception as e:  # the per-run page is a convenience; the experiment report stands without it

@@ -1,20 +1,63 @@
-"""report.md of an experiment, section by section: the budget and parameters, the sweep, one table per claim
-(arms x seeds, mean ± sd, a verdict against the baseline), budget views, retrieval, representation, provenance."""
+"""The report of an experiment as a document, section by section: the budget and parameters, the sweep, one table
+per claim (arms x seeds, mean ± sd, a verdict against the baseline), budget views, retrieval, representation,
+provenance. A document is a list of blocks: a str is a paragraph ("" a blank line), Heading, Table, Code, Image;
+to_markdown writes report.md from it and report.py the HTML page (no Markdown is parsed back)."""
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 
 from mmscale.experiment.plan import budget_target, match_reference
 from mmscale.experiment.provenance import git_commit, machine
 from mmscale.experiment.stats import VIEW_LABELS, fmt, mean_sd, ms, verdict
 
 
-def _md_views(data: dict, pk: str) -> list[str]:
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Table:
+    head: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Code:
+    lines: list[str]
+
+
+@dataclass
+class Image:
+    name: str
+    caption: str
+
+
+def to_markdown(blocks: list) -> str:
+    out = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append("#" * b.level + " " + b.text)
+        elif isinstance(b, Table):
+            out += ["| " + " | ".join(b.head) + " |", "|" + "---|" * len(b.head)]
+            out += ["| " + " | ".join(row) + " |" for row in b.rows]
+        elif isinstance(b, Code):
+            out += ["```", *b.lines, "```"]
+        elif isinstance(b, Image):
+            out.append(f"![{b.caption}]({b.name})")
+        else:
+            out.append(b)
+    return "\n".join(out)
+
+
+def _md_views(data: dict, pk: str) -> list:
     spec = data["exp"].spec
     views = data.get("views", {}).get(pk) or {}
     if not views:
         return []
-    L = ["### Held-out loss under each budget view (read off the val-loss curves)", "",
+    L = [Heading(3, "Held-out loss under each budget view (read off the val-loss curves)"), "",
          "The same main runs, read at a common budget on each axis: the trainer's val loss (metrics.jsonl) at the "
          "smallest budget every finished run reached, interpolated linearly in log(loss) against the budget "
          "between the two evaluation points around it, never extrapolated. Training seconds: each logged step "
@@ -28,7 +71,7 @@ def _md_views(data: dict, pk: str) -> list[str]:
     return L
 
 
-def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
+def build_document(data: dict, pngs: list[tuple[str, str]]) -> list:
     exp, plan = data["exp"], data["plan"]
     L = _md_intro(exp)
     for pk in sorted({r["point"] for r in data["runs"]}):
@@ -39,17 +82,17 @@ def build_markdown(data: dict, pngs: list[tuple[str, str]]) -> str:
         L += _md_retrieval_claims(data, pk)
         L += _md_representation_claims(data, pk)
     L += _md_how_made(exp, pngs)
-    return "\n".join(L)
+    return L
 
 
-def _md_intro(exp) -> list[str]:
+def _md_intro(exp) -> list:
     spec = exp.spec
     b = spec.budget
     amount = ({"flops": f"{budget_target(spec, next(iter(exp.numbers.values()))):.4g} training FLOPs "
                         f"({b['count']} count)",
                "tokens": f"{budget_target(spec, next(iter(exp.numbers.values()))):.4g} training tokens",
                "wall_clock": f"{b.get('seconds')} s of training"})[b["rule"]]
-    L = [f"# Experiment `{spec.name}`", ""]
+    L = [Heading(1, f"Experiment `{spec.name}`"), ""]
     if spec.raw.get("description"):
         L += [str(spec.raw["description"]).strip(), ""]
     L += [f"Budget rule: **equal {b['rule'].replace('_', '-')}** ({amount} per run; steps rounded to the nearest "
@@ -67,13 +110,12 @@ def _md_intro(exp) -> list[str]:
     return L
 
 
-def _md_budget_table(data: dict, pk: str, nums: dict) -> list[str]:
+def _md_budget_table(data: dict, pk: str, nums: dict) -> list:
     spec, runs = data["exp"].spec, data["runs"]
     base = spec.baseline
-    L = [f"## Point `{pk}`", "", "### Budget and parameters", "",
-         "| arm | parameters | vs baseline | FLOPs/token (causal / dense) | lr | steps | tokens | "
-         "training FLOPs causal | dense | wall-clock s (mean) | tokens/s (median) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = Table(["arm", "parameters", "vs baseline", "FLOPs/token (causal / dense)", "lr", "steps", "tokens",
+                   "training FLOPs causal", "dense", "wall-clock s (mean)", "tokens/s (median)"], [])
+    L = [Heading(2, f"Point `{pk}`"), "", Heading(3, "Budget and parameters"), "", table]
     tol = spec.budget["params_tolerance"]
     for an in spec.arms:
         n = nums[an]
@@ -83,11 +125,12 @@ def _md_budget_table(data: dict, pk: str, nums: dict) -> list[str]:
         c = data["choice"].get(pk, {}).get(an, {})
         wc = mean_sd([r["summary"]["wall_clock_s"] for r in rs])[0]
         tp = [r["summary"]["median_tokens_per_s"] for r in rs if r["summary"]["median_tokens_per_s"]]
-        L.append(f"| {an} | {n['params']:,} | {ratio:+.1%} {match} | {n['flops_causal']:.4g} / "
-                 f"{n['flops_dense']:.4g} | {fmt(c.get('lr')) if c.get('lr') else 'base'} | "
-                 f"{rs[0]['steps'] if rs else '–'} | {rs[0]['tokens'] if rs else '–'} | "
-                 f"{fmt(rs[0]['flops_causal']) if rs else '–'} | {fmt(rs[0]['flops_dense']) if rs else '–'} | "
-                 f"{fmt(wc, 1)} | {fmt(statistics.median(tp), 0) if tp else '–'} |")
+        table.rows.append([an, f"{n['params']:,}", f"{ratio:+.1%} {match}",
+                           f"{n['flops_causal']:.4g} / {n['flops_dense']:.4g}",
+                           fmt(c.get('lr')) if c.get('lr') else 'base', str(rs[0]['steps']) if rs else '–',
+                           str(rs[0]['tokens']) if rs else '–', fmt(rs[0]['flops_causal']) if rs else '–',
+                           fmt(rs[0]['flops_dense']) if rs else '–', fmt(wc, 1),
+                           fmt(statistics.median(tp), 0) if tp else '–'])
     L.append("")
     sizing = (data["plan"].get("sizing") or {}).get(pk) or {}
     match = spec.budget.get("match", "none")
@@ -111,17 +154,18 @@ def _md_budget_table(data: dict, pk: str, nums: dict) -> list[str]:
     return L
 
 
-def _md_sweep_table(data: dict, pk: str) -> list[str]:
+def _md_sweep_table(data: dict, pk: str) -> list:
     spec = data["exp"].spec
     sweep_rows = [(an, s) for an in spec.arms for s in data["choice"].get(pk, {}).get(an, {}).get("sweep", [])]
     if not sweep_rows:
         return []
-    L = ["### Learning-rate sweep (seed {}, short budget; best carried to the full budget)".format(
-        spec.seeds[0]), "", "| arm | lr | steps | final val loss | tokens/s | chosen |", "|---|---|---|---|---|---|"]
+    table = Table(["arm", "lr", "steps", "final val loss", "tokens/s", "chosen"], [])
+    L = [Heading(3, f"Learning-rate sweep (seed {spec.seeds[0]}, short budget; best carried to the full budget)"), "",
+         table]
     for an, s in sweep_rows:
         chosen = "**yes**" if s["lr"] == data["choice"][pk][an]["lr"] else ""
-        L.append(f"| {an} | {fmt(s['lr']) if s['lr'] else 'base'} | {s['steps']} | {fmt(s['val_loss'])} | "
-                 f"{fmt(s['tokens_per_s'], 0)} | {chosen} |")
+        table.rows.append([an, fmt(s['lr']) if s['lr'] else 'base', str(s['steps']), fmt(s['val_loss']),
+                           fmt(s['tokens_per_s'], 0), chosen])
     L.append("")
     grid = sorted(spec.sweep["lr"])
     for an in spec.arms:
@@ -144,26 +188,25 @@ def _md_sweep_table(data: dict, pk: str) -> list[str]:
     return L
 
 
-def _md_claim(data: dict, pk: str, title: str, getter, lower_better: bool, unit: str, note: str = "") -> list[str]:
+def _md_claim(data: dict, pk: str, title: str, getter, lower_better: bool, unit: str, note: str = "") -> list:
     """One measured quantity: a table of arms x seeds with mean ± sd, and a verdict per arm against the baseline."""
     spec, runs = data["exp"].spec, data["runs"]
     base = spec.baseline
-    rows = ["| arm | " + " | ".join(f"seed {s}" for s in spec.seeds) + " | mean ± sd |",
-            "|---|" + "---|" * (len(spec.seeds) + 1)]
+    table = Table(["arm", *(f"seed {s}" for s in spec.seeds), "mean ± sd"], [])
     vals = {}
     for an in spec.arms:
         per = {r["seed"]: getter(r) for r in runs if r["point"] == pk and r["arm"] == an}
         vals[an] = [v for v in per.values() if v is not None]
-        rows.append(f"| {an} | " + " | ".join(fmt(per.get(s)) for s in spec.seeds) + f" | {ms(vals[an])} |")
+        table.rows.append([an, *(fmt(per.get(s)) for s in spec.seeds), ms(vals[an])])
     if not any(vals.values()):
         return []
-    out = [f"### {title}", ""] + ([note, ""] if note else []) + rows + [""]
+    out = [Heading(3, title), ""] + ([note, ""] if note else []) + [table, ""]
     for an in (a for a in spec.arms if a != base):
         out.append(f"**Verdict ({an} vs {base}):** {verdict(vals[an], vals[base], an, base, lower_better, unit)}")
     return out + [""]
 
 
-def _md_claims(data: dict, pk: str) -> list[str]:
+def _md_claims(data: dict, pk: str) -> list:
     runs = data["runs"]
     L = _md_claim(data, pk, "Held-out loss of the training source (nats/token, fixed eval tokens)",
                   lambda r: (r["eval"].get("heldout") or {}).get("loss"), True, " nats",
@@ -178,7 +221,7 @@ def _md_claims(data: dict, pk: str) -> list[str]:
     return L
 
 
-def _md_retrieval_claims(data: dict, pk: str) -> list[str]:
+def _md_retrieval_claims(data: dict, pk: str) -> list:
     spec = data["exp"].spec
     ret = [r for r in data["runs"] if r["point"] == pk and r["eval"].get("retrieval")]
     if not ret:
@@ -200,7 +243,7 @@ def _md_retrieval_claims(data: dict, pk: str) -> list[str]:
     return L
 
 
-def _md_representation_claims(data: dict, pk: str) -> list[str]:
+def _md_representation_claims(data: dict, pk: str) -> list:
     spec = data["exp"].spec
     if not any(r["eval"].get("representation") for r in data["runs"] if r["point"] == pk):
         return []
@@ -214,15 +257,16 @@ def _md_representation_claims(data: dict, pk: str) -> list[str]:
     return L
 
 
-def _md_how_made(exp, pngs: list[tuple[str, str]]) -> list[str]:
+def _md_how_made(exp, pngs: list[tuple[str, str]]) -> list:
     L = []
     if pngs:
-        L += ["## Loss against FLOPs and tokens", ""]
-        L += [f"![{cap}]({name})" for name, cap in pngs] + [""]
-    L += ["## How this was made", "", "Commands (from commands.log):", "", "```"]
-    L += [ln.split("\t")[-1] + f"    # {ln.split(chr(9))[0]}" for ln in
-          (exp.exp / "commands.log").read_text().splitlines()] if (exp.exp / "commands.log").is_file() else []
-    L += ["```", "", f"Git commit: `{git_commit()}` (at report time; each command's commit is in commands.log).", ""]
+        L += [Heading(2, "Loss against FLOPs and tokens"), ""]
+        L += [Image(name, cap) for name, cap in pngs] + [""]
+    log = exp.exp / "commands.log"
+    L += [Heading(2, "How this was made"), "", "Commands (from commands.log):", "",
+          Code([ln.split("\t")[-1] + f"    # {ln.split(chr(9))[0]}" for ln in log.read_text().splitlines()]
+               if log.is_file() else [])]
+    L += ["", f"Git commit: `{git_commit()}` (at report time; each command's commit is in commands.log).", ""]
     m = machine()
     L += ["Machine: " + "; ".join(f"{k} {v}" for k, v in m.items()), "",
           "Per-run curves, configs and samples: [runs.html](runs.html) (`mmscale report` of the main runs).", ""]
