@@ -222,6 +222,7 @@ def test_budget_rule_gives_equal_flops_or_tokens_within_one_step():
     ({"arms": {"a": {"resources": {"mem_gb": "lots"}}, "b": {}}}, "arms.a.resources.mem_gb"),
     ({"launcher": {"slurm": {"arms": {"a": {"partiton": "gpu"}}}}}, "launcher.slurm.arms.a.partiton"),
     ({"base": ["model.d_model=64"]}, "base"),
+    ({"retrieval": {"position": "middle"}}, "retrieval.position"),  # the run config's own rule
 ])
 def test_bad_specs_are_one_line_errors_naming_the_key(tmp_path, change, key, capsys):
     spec = tiny_spec(retrieval=None, data={"text": "synth", "vocab_size": 512}, budget={"rule": "flops", "flops": 1e9})

@@ -258,8 +258,10 @@ def _check_retrieval(r: RetrievalSpec, data: DataSpec) -> None:
             parse_corpus_pairs(str(r.pairs))
         except UserError as e:
             raise SpecError(f"spec key 'retrieval.pairs': {e}") from None
-    need(r.position in ("last", "mean") or r.position.lstrip("-").isdigit(),
-         f"spec key 'retrieval.position' must be last, mean or an integer index, got {r.position!r}")
+    try:  # the run config's own rule for what embeds a sequence (the measure runs `retrieval train` with it)
+        config_from_dict({"retrieval": {"position": r.position}})
+    except ConfigError as e:
+        raise SpecError(f"spec key {e}") from None
     cands = _as_list(r.candidates)
     need(all(isinstance(c, int) and not isinstance(c, bool) and c >= 2 for c in cands),
          f"spec key 'retrieval.candidates' must be a list of integers >= 2, got {cands!r}")
