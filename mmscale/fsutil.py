@@ -116,13 +116,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _resolved(p: str | os.PathLike) -> Path:
+def resolved_path(p: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.realpath(p)))
 
 
 def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """True when a equals b, contains b or lies inside b (after resolving links)."""
-    ra, rb = _resolved(a), _resolved(b)
+    ra, rb = resolved_path(a), resolved_path(b)
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 

@@ -552,7 +552,7 @@ def parse_relevance_map(spec: str) -> dict[float, float]:
 
 def import_collection(args: argparse.Namespace) -> dict:
     """`mmscale retrieval import`: raw files -> the BEIR layout under args.out; returns counts."""
-    from mmscale.cli_conventions import check_output_path
+    from mmscale.cli.conventions import check_output_path
 
     inputs = [getattr(args, k, None) for k in ("pairs", "docs", "queries", "qrels")]
     # an existing folder is written into (refused below only when it holds a collection, without --overwrite)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmscale import cli, cli_conventions
+from mmscale import cli
+from mmscale.cli import conventions as cli_conventions
 from mmscale.config import load_config
-from mmscale.config_cli import describe, show_yaml
+from mmscale.cli.config import describe, show_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -98,7 +98,7 @@ def test_synth_command_writes_matching_stories_and_pairs(tmp_path, capsys):
     assert cli(["data", "synth", "--out", str(out), "--stories", "10", "--overwrite"]) == 0
     assert len(list(iter_text_documents(str(out / "stories.txt")))) == 10
     assert sorted(p.name for p in out.iterdir()) == ["pairs.jsonl", "stories.txt"]
-    assert cli(["data", "synth", "--out", str(tmp_path / "x"), "--stories", "0"]) == 2  # cli_conventions.check_counts
+    assert cli(["data", "synth", "--out", str(tmp_path / "x"), "--stories", "0"]) == 2  # cli.conventions.check_counts
     assert "--stories must be >= 1" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert cli(["data", "synth", "--out", str(tmp_path / "file"), "--stories", "5"]) == 1

@@ -48,7 +48,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from mmscale.cli_conventions import check_output_path  # never an input nor a folder holding one
+from mmscale.cli.conventions import check_output_path  # never an input nor a folder holding one
 from mmscale.data._streaming import import_streaming
 from mmscale.data.sources import iter_text_documents, resolve_sources  # noqa: F401 (the former is re-exported)
 from mmscale.data.sources import NotUTF8Error

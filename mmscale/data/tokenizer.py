@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from mmscale.cli_conventions import check_output_path
+from mmscale.cli.conventions import check_output_path
 from mmscale.data.sources import DEFAULT_SEPARATOR, iter_text_documents
 from mmscale.errors import UserError
 from mmscale.fsutil import atomic_write, file_sha256

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mmscale.config_cli import keys_table
+from mmscale.cli.config import keys_table
 from mmscale.errors import UserError
 from mmscale.experiment.expdir import reopen
 from mmscale.experiment.orchestrate import run_experiment, status_rows

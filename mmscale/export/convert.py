@@ -233,7 +233,7 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = 
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    from mmscale.cli_conventions import check_output_path
+    from mmscale.cli.conventions import check_output_path
 
     out = Path(out)
     step_dir = resolve_checkpoint(checkpoint)

@@ -338,7 +338,7 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="au
     src, out = Path(source), Path(out)
     if not src.is_dir():
         raise UserError(f"'{src}' does not exist; pass an export (mmscale convert) or a run / checkpoint folder")
-    from mmscale.cli_conventions import check_output_path  # never the source nor a folder holding it
+    from mmscale.cli.conventions import check_output_path  # never the source nor a folder holding it
 
     check_output_path(out, "--out", overwrite=overwrite, inputs=[src] + ([tokenizer] if tokenizer else []))
     try:

@@ -1,11 +1,19 @@
-"""`mmscale` command line. Each command lives in its own module, imported only when it runs.
+"""`mmscale` command line: the dispatcher (`mmscale COMMAND`, `python -m mmscale.cli COMMAND`).
 
-A command module defines `add_arguments(parser)` and `run(args) -> int`.
+Each command lives in its own module, imported only when it runs (the module path in COMMANDS: importing every
+command would import torch, deepspeed's checks and transformers for `mmscale --help`). A command module defines
+`add_arguments(parser)` and `run(args) -> int`; mmscale.cli.conventions adds the shared flags.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
+
+from mmscale import __version__
+from mmscale.cli import conventions
+from mmscale.errors import exit_status, install_interrupt_handlers, interrupt_status, restore_handlers
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("mmscale.report", "one self-contained HTML page comparing runs (curves, config diff, samples)"),
     "experiment": ("mmscale.experiment", "a fair mixer-vs-transformer comparison from a spec "
                                          "(`experiment run|status|report`)"),
-    "config": ("mmscale.config_cli", "every config key with its default, allowed values and meaning "
+    "config": ("mmscale.cli.config", "every config key with its default, allowed values and meaning "
                                      "(`config show|keys`)"),
 }
 
@@ -42,8 +50,6 @@ def _non_utf8_argument(args: list[str]) -> str | None:
     """The first argument holding bytes that are not UTF-8 (Python keeps them as lone surrogates), shown with
     those bytes escaped; paths are exempt (a file name may be any bytes): an existing path, or one with a '/' in
     a folder that exists (an output)."""
-    import os
-
     for tok in args:
         try:
             tok.encode("utf-8")
@@ -58,16 +64,11 @@ def _non_utf8_argument(args: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from mmscale.errors import exit_status
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from mmscale import __version__
         print(f"mmscale {__version__}")
         return 0
     name = argv[0]
@@ -80,20 +81,16 @@ def main(argv: list[str] | None = None) -> int:
               "separators, overrides) as UTF-8", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    from mmscale import cli_conventions
-
     parser = argparse.ArgumentParser(prog=f"mmscale {name}", description=COMMANDS[name][1],
-                                     formatter_class=cli_conventions.HelpFormatter)
+                                     formatter_class=conventions.HelpFormatter)
     module.add_arguments(parser)
-    conv = cli_conventions.apply(name, parser)  # help with defaults, --data/--out/--json/--no-progress
+    conv = conventions.apply(name, parser)  # help with defaults, --data/--out/--json/--no-progress
     args = parser.parse_args(conv.rewrite_argv(argv[1:]))
 
     def run() -> int:
         with conv.outputs(args):
             conv.status = int(module.run(args) or 0)  # deprecation notes only after a success
         return conv.status
-
-    from mmscale.errors import install_interrupt_handlers, interrupt_status, restore_handlers
 
     old = install_interrupt_handlers(f"mmscale {name}")  # SIGINT and SIGTERM: one line, `finally` blocks run
     try:
@@ -103,6 +100,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore_handlers(old)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""One convention for every `mmscale` command's flags, applied by cli.py to each command's parser.
+"""One convention for every `mmscale` command's flags, applied by the dispatcher (mmscale.cli) to each command's parser.
 
 - Help: every option has a line of help, and its default is shown when it has one.
 - Inputs are `--data` (text files, datasets); outputs are `--out` (a file or folder to write).
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from mmscale.errors import UserError
+from mmscale.fsutil import resolved_path
 
 # help for options that their command module leaves without one (by argparse dest)
 FALLBACK_HELP = {
@@ -167,8 +169,6 @@ class Conventions:
         """Every integer option is a count, a size or a seed: 0 only where its help gives 0 a meaning, never < 0.
         Every number option (fractions, rates, temperatures, minutes, memory) is a finite number >= 0; a learning
         rate > 0. The command's own checks (upper bounds) follow."""
-        import math
-
         for a, low in self.counts:
             v = getattr(args, a.dest, None)
             flag = max(a.option_strings, key=len)
@@ -247,8 +247,6 @@ def check_output_path(out: str | os.PathLike, flag: str = "--out", *, kind: str 
     Exit status 2 (a wrong argument); `exists_code` (1, as before) for an output that exists without --overwrite.
     """
     exit_code = 2
-    from mmscale.fsutil import _resolved
-
     out = Path(out)
     if out.is_symlink() and not out.exists():
         raise UserError(f"{flag} '{out}' is a broken symbolic link; remove it or choose another {flag}", exit_code)
@@ -262,11 +260,11 @@ def check_output_path(out: str | os.PathLike, flag: str = "--out", *, kind: str 
                             f"remove the file or choose another {flag}", exit_code)
         if kind == "file" and is_dir:
             raise UserError(f"{flag} '{out}' is an existing folder; give a file path for {flag}", exit_code)
-    ro = _resolved(out)
+    ro = resolved_path(out)
     for inp in inputs:
         if not inp or "://" in str(inp) or str(inp).startswith("hf:"):
             continue
-        ri = _resolved(inp)
+        ri = resolved_path(inp)
         if ro == ri or ro in ri.parents:
             raise UserError(f"{flag} '{out}' overlaps the input '{inp}' (the same path or a folder holding it); "
                             f"writing there would destroy the input: choose another {flag}", exit_code)
