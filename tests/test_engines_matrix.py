@@ -227,7 +227,7 @@ def matrix_worker(payload: dict) -> list:
     def build_and_record(cfg, model, info, device):
         engine = build(cfg, model, info, device)
         if hasattr(engine, "ds_config"):  # DeepSpeed: the dtype each parameter's gradient is reduced in
-            ds = engine.engine
+            ds = engine.wrapped
             if hasattr(ds.optimizer, "get_param_comm_dtype"):  # ZeRO 1-3: per parameter (torch_autocast)
                 comm.extend(sorted({str(ds.optimizer.get_param_comm_dtype(p)) for p in ds.module.parameters()}))
             else:  # ZeRO-0 all-reduces every gradient in the engine's communication dtype

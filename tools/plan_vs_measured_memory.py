@@ -65,14 +65,14 @@ def _state_bytes(opt) -> int:
 
 def measure(engine) -> dict:
     if engine.kind == "deepspeed":
-        model = engine.engine.module
+        model = engine.wrapped.module
         params = sum(_tensor_bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _tensor_bytes(p)
                      for p in model.parameters())
-        zero = engine.engine.optimizer
+        zero = engine.wrapped.optimizer
         flat = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", [])
         master = sum(_tensor_bytes(t) for t in flat)
         return {"params": params, "optimizer": master + _state_bytes(zero.optimizer)}
-    params = sum(_tensor_bytes(p) for p in engine.model.parameters())
+    params = sum(_tensor_bytes(p) for p in engine.module().parameters())
     return {"params": params, "optimizer": _state_bytes(engine.optimizer)}
 
 

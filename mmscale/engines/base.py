@@ -2,6 +2,9 @@
 
 A training step is `forward_backward(batch, last)` for each micro-batch, then either `step(lr)`
 (clip + optimizer update, returns the gradient norm) or `skip_step()` when the loss was not finite.
+The step code is written once, in Engine, around `self.wrapped` (the model as the engine runs it); an engine
+overrides only its hooks: `sync_gradients(last)` (when gradients cross ranks), `backward(loss, last)`, `step`,
+`skip_step`.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from mmscale import distributed
 from mmscale.errors import UserError
 
 
@@ -114,6 +118,10 @@ class Engine:
       finish_process      the exit policy of a process that ran this engine
     Instance: forward_backward / step / skip_step / eval_loss (training), save / load (its checkpoint files,
     next to read_state), module(), autocast(), close().
+    `self.wrapped` is the model as the engine runs it (the model itself, a DistributedDataParallel wrapper, the
+    FSDP2-sharded model, a DeepSpeedEngine): forward_backward and eval_loss call it, and `self.optimizer` updates
+    it. Engines override the hooks where they differ: sync_gradients (DDP's no_sync, FSDP's gradient sync
+    switch), backward (DeepSpeed's engine.backward and micro-step), step and skip_step (DeepSpeed's own).
     `model_format` names the checkpoint layout (checkpoint.py); engines sharing it resume each other.
     """
 
@@ -144,14 +152,10 @@ class Engine:
 
     @classmethod
     def start_process_group(cls, info, device, timeout_min: float) -> None:
-        from mmscale import distributed
-
         distributed.init(info, device, timeout_min=timeout_min)
 
     @classmethod
     def stop_process_group(cls) -> None:
-        from mmscale import distributed
-
         distributed.shutdown()
 
     @classmethod
@@ -187,32 +191,49 @@ class Engine:
         self.info = info
         self.device = device
         self.grad_accum = cfg.train.grad_accum
+        self.wrapped: nn.Module | None = None  # set by the engine: the model as it runs it
+        self.optimizer = None                   # set by the engine
 
-    # --- training
+    # --- training: the one step code; the hooks below are what engines override
     def forward_backward(self, batch: dict, last: bool) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its mean loss (detached, fp32, unscaled)."""
-        raise NotImplementedError
+        batch = self.to_device(batch)
+        self.wrapped.train()
+        with self.sync_gradients(last):
+            with self.autocast():
+                loss = self.wrapped(batch["input_ids"], labels=batch["labels"])
+            self.backward(loss, last)
+        return loss.detach().float()
+
+    def sync_gradients(self, last: bool):
+        """The context of one micro-batch's forward and backward: gradients cross ranks only when `last` (the
+        last micro-batch of a step); one process has nothing to synchronize."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate this micro-batch's gradients, scaled so the step's gradient is the mean over micro-batches."""
+        (loss / self.grad_accum).backward()
 
     def step(self, lr: float):
         """Clip, update with learning rate `lr`, clear gradients; returns the global gradient norm (a float or
         a 0-d tensor not yet read back: the loop reads it only when it logs)."""
-        raise NotImplementedError
-
-    def skip_step(self) -> None:
-        """Drop this step's gradients without updating (non-finite loss)."""
-        raise NotImplementedError
-
-    def _optimizer_step(self, params, lr: float) -> torch.Tensor:
-        """The torch-optimizer update the single/DDP and FSDP engines share: clip, step, clear."""
         set_lr(self.optimizer, lr)
-        norm = grad_norm_or_clip(params, self.cfg.train.grad_clip)
+        norm = grad_norm_or_clip(self.module().parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def skip_step(self) -> None:
+        """Drop this step's gradients without updating (non-finite loss)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """The mean loss of one batch in eval mode (fp32), no gradients."""
+        batch = self.to_device(batch)
+        self.wrapped.eval()
+        with self.autocast():
+            return self.wrapped(batch["input_ids"], labels=batch["labels"]).float()
 
     # --- checkpoints: write/read engine files into/from a step folder; every rank calls these
     def save(self, step_dir: Path) -> dict:

@@ -21,6 +21,6 @@ class DDPEngine(SingleEngine):
         # DDP broadcasts rank 0's weights at construction; the same seed already makes them equal
         return DistributedDataParallel(model, device_ids=ids)
 
-    def no_sync(self, last):
+    def sync_gradients(self, last):
         # accumulate locally; all-reduce only on the last micro-batch of the step
         return contextlib.nullcontext() if last else self.wrapped.no_sync()

@@ -158,46 +158,35 @@ class DeepSpeedEngine(Engine):
         # (with optimizer offload the update runs on CPU partitions: fused AdamW there too)
         optimizer = build_optimizer(model, cfg.train, None if cfg.engine.offload_optimizer else device)
         self.ds_config = deepspeed_config(cfg, info.world_size)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=self.ds_config)
-        self.device = self.engine.device
+        # self.wrapped is the DeepSpeedEngine: it runs the forward, the backward and the update
+        self.wrapped, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                  config=self.ds_config)
+        self.device = self.wrapped.device
 
-    def forward_backward(self, batch, last):
-        batch = self.to_device(batch)
-        self.engine.train()
-        with self.autocast():
-            loss = self.engine(batch["input_ids"], labels=batch["labels"])
-        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+    def backward(self, loss, last):
+        self.wrapped.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
         if not last:
-            self.engine.step()  # a micro-step: DeepSpeed counts it, updates only at the boundary
-        return loss.detach().float()
+            self.wrapped.step()  # a micro-step: DeepSpeed counts it, updates only at the boundary
 
     def step(self, lr):
         set_lr(self.optimizer, lr)
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        self.wrapped.step()
+        norm = self.wrapped.get_global_grad_norm()
         return norm if norm is not None else float("nan")  # read back only when the loop logs
 
     def skip_step(self):
         # DeepSpeed's overflow check skips an update whose gradients hold inf/NaN (ZeRO 1-3, and bf16);
         # it must still see step() to keep its micro-step count. Refuse to continue if it did update.
-        self.engine.step()
-        if self.engine.was_step_applied():
+        self.wrapped.step()
+        if self.wrapped.was_step_applied():
             raise RuntimeError("DeepSpeed applied an update with non-finite gradients "
                                "(engine.zero_stage=0 in fp32 has no overflow check); use zero_stage >= 1")
 
-    @torch.no_grad()
-    def eval_loss(self, batch):
-        batch = self.to_device(batch)
-        self.engine.eval()
-        with self.autocast():
-            return self.engine(batch["input_ids"], labels=batch["labels"]).float()
-
     def save(self, step_dir: Path):
-        self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
+        self.wrapped.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
         # the file layout depends on the ZeRO stage and on DeepSpeed's own bf16 mode (bf16_zero_pp_rank_*
         # files, bf16 module states); mmscale >= 0.2 never enables that mode: read_state reads both keys
-        return {"model_files": [TAG], "optimizer_files": [], "zero_stage": self.engine.zero_optimization_stage(),
+        return {"model_files": [TAG], "optimizer_files": [], "zero_stage": self.wrapped.zero_optimization_stage(),
                 "ds_bf16": False}
 
     def load(self, step_dir: Path):
@@ -210,7 +199,7 @@ class DeepSpeedEngine(Engine):
             return self._load_resharded(step_dir, meta)
         # (ZeRO-0 keeps the whole optimizer state in the model-states file: any world size loads it)
         with config_hyperparameters(self._base_optimizer()):
-            path, _ = self.engine.load_checkpoint(str(step_dir), tag=TAG, load_optimizer_states=True,
+            path, _ = self.wrapped.load_checkpoint(str(step_dir), tag=TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         if path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint in '{step_dir}/{TAG}'; it is damaged: "
@@ -243,15 +232,15 @@ class DeepSpeedEngine(Engine):
                 raise failure
             raise UserError(f"resharding '{step_dir}' failed on rank 0 (see its message)")
         path, failure = None, None
-        self.engine._config.load_universal_checkpoint = True  # read per load_checkpoint call
+        self.wrapped._config.load_universal_checkpoint = True  # read per load_checkpoint call
         try:
             with config_hyperparameters(self._base_optimizer()):
-                path, _ = self.engine.load_checkpoint(str(work), tag=TAG, load_optimizer_states=True,
+                path, _ = self.wrapped.load_checkpoint(str(work), tag=TAG, load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
         except Exception as e:  # agreed on below, so no rank waits for one that left
             failure = e
         finally:
-            self.engine._config.load_universal_checkpoint = False
+            self.wrapped._config.load_universal_checkpoint = False
         n_failed = distributed.ranks_flagging(failure is not None or path is None, self.device)
         if self.info.rank == 0:
             shutil.rmtree(work, ignore_errors=True)
@@ -263,11 +252,11 @@ class DeepSpeedEngine(Engine):
                             "from the export")
 
     def module(self):
-        return self.engine.module
+        return self.wrapped.module
 
     def close(self):
-        if hasattr(self.engine, "destroy"):  # frees DeepSpeed's hooks and buffers (newer versions)
-            self.engine.destroy()
+        if hasattr(self.wrapped, "destroy"):  # frees DeepSpeed's hooks and buffers (newer versions)
+            self.wrapped.destroy()
 
 
 _CONVERTER = """\

@@ -8,19 +8,27 @@ holds ~1/ranks of them for any rank count; checkpoints keep them [heads, k, T, T
 from __future__ import annotations
 
 import contextlib
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard as LocalShard
+from torch.distributed._shard.sharded_tensor import ShardedTensorBase, ShardedTensorMetadata, TensorProperties
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from mmscale import checkpoint_format as ckpt
 from mmscale.engines.base import Engine, build_optimizer, config_hyperparameters, prepare_model
 from mmscale.errors import UserError
+from mmscale.models import TokenMixer
 
 
 def build_mesh(world_size: int, replicas: int, device_type: str):
@@ -41,8 +49,6 @@ def flatten_mixing_weights(model) -> dict[str, tuple]:
     of the flat view each rank holds ceil(heads * k * T / ranks) rows (at most one padded row) for any rank
     count (benchmarks/bench_fsdp_shards.py). Checkpoints keep the 4-D layout (`_mixing_as_4d`).
     """
-    from mmscale.models import TokenMixer
-
     shapes = {}
     for name, m in model.named_modules():
         if isinstance(m, TokenMixer):
@@ -75,12 +81,6 @@ def _mixing_as_4d(t, shape: tuple):
     views of this rank's rows, one per T x T block they touch: saving writes 4-D chunks, and loading (any saved
     placement, any rank count: DCP reads the overlaps) writes into this rank's rows in place.
     """
-    from torch.distributed._shard.metadata import ShardMetadata
-    from torch.distributed._shard.sharded_tensor import Shard as LocalShard
-    from torch.distributed._shard.sharded_tensor import ShardedTensorBase, ShardedTensorMetadata, TensorProperties
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     H, k, T, _ = shape
     rows = H * k * T
     if not isinstance(t, DTensor) or t.dim() != 2 or tuple(t.shape) != (rows, T):
@@ -206,19 +206,13 @@ class FSDPEngine(Engine):
         super().__init__(cfg, model, info, device)
         mesh = build_mesh(info.world_size, cfg.engine.hsdp_replicas, device.type)
         model = prepare_model(model.to(device), cfg.engine)
-        self.model = shard_with_fsdp(model, mesh, cfg.engine.precision)
-        self.optimizer = build_optimizer(self.model, cfg.train, device)
+        self.wrapped = shard_with_fsdp(model, mesh, cfg.engine.precision)  # sharded in place: also the module
+        self.optimizer = build_optimizer(self.wrapped, cfg.train, device)
 
     @classmethod
     def read_state(cls, step_dir: Path, meta: dict, model_cfg):
         """Only the tensors the DCP metadata of model/ lists, one at a time (the peak stays at the output plus
         one tensor), without a process group; DCP's pickled metadata is read under safe_unpickling."""
-        import pickle
-
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        from mmscale import checkpoint_format as ckpt
-
         path = step_dir / "model"
         reader = dcp.FileSystemReader(str(path))
         try:
@@ -245,35 +239,18 @@ class FSDPEngine(Engine):
             v = buf[name]
             yield name, v.float() if v.is_floating_point() else v
 
-    def forward_backward(self, batch, last):
-        batch = self.to_device(batch)
-        self.model.train()
+    @contextlib.contextmanager
+    def sync_gradients(self, last):
         # reduce-scatter gradients only on the last micro-batch of a step
-        self.model.set_requires_gradient_sync(last)
-        with self.autocast():
-            loss = self.model(batch["input_ids"], labels=batch["labels"])
-        (loss / self.grad_accum).backward()
-        return loss.detach().float()
-
-    def step(self, lr):
-        return self._optimizer_step(self.model.parameters(), lr)
-
-    def skip_step(self):
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def eval_loss(self, batch):
-        batch = self.to_device(batch)
-        self.model.eval()
-        with self.autocast():
-            return self.model(batch["input_ids"], labels=batch["labels"]).float()
+        self.wrapped.set_requires_gradient_sync(last)
+        yield
 
     def save(self, step_dir: Path):
-        save_sharded(self.model, self.optimizer, step_dir)
+        save_sharded(self.wrapped, self.optimizer, step_dir)
         return {"model_files": ["model"], "optimizer_files": ["optimizer"]}
 
     def load(self, step_dir: Path):
-        load_sharded(self.model, self.optimizer, step_dir)
+        load_sharded(self.wrapped, self.optimizer, step_dir)
 
     def module(self):
-        return self.model
+        return self.wrapped

@@ -1,7 +1,6 @@
 """One process: the reference every other engine must match (bf16 through autocast, fp32 master weights)."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -32,33 +31,8 @@ class SingleEngine(Engine):
         self.optimizer = build_optimizer(self.raw, cfg.train, device)
 
     def wrap(self, model):
+        """The model as this engine runs it (DDP: its wrapper); `self.raw` stays the model itself."""
         return model
-
-    def no_sync(self, last: bool):
-        return contextlib.nullcontext()
-
-    def forward_backward(self, batch, last):
-        batch = self.to_device(batch)
-        self.wrapped.train()
-        with self.no_sync(last):
-            with self.autocast():
-                loss = self.wrapped(batch["input_ids"], labels=batch["labels"])
-            (loss / self.grad_accum).backward()
-        return loss.detach().float()
-
-    def step(self, lr):
-        return self._optimizer_step(self.raw.parameters(), lr)
-
-    def skip_step(self):
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def eval_loss(self, batch):
-        batch = self.to_device(batch)
-        self.wrapped.eval()
-        with self.autocast():
-            loss = self.wrapped(batch["input_ids"], labels=batch["labels"])
-        return loss.float()
 
     def save(self, step_dir: Path):
         if self.info.rank == 0:
