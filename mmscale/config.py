@@ -396,9 +396,6 @@ def build_section(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-_build = build_section  # the earlier private name (export/format.py, export/convert.py and retrieval.py use it)
-
-
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree

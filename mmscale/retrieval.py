@@ -774,7 +774,7 @@ def is_corpus_pairs(pairs: str) -> bool:
 def prepare_config(cfg, init: str | None, pairs: str | None, collection: str | None = None,
                    split: str | None = None, negatives: str | None = None):
     """Fill train.init_from / retrieval.pairs|collection and take the model config from the export."""
-    from mmscale.config import ModelConfig, _build
+    from mmscale.config import ModelConfig, build_section
     from mmscale.export.format import load_export_config
 
     if init:
@@ -799,7 +799,7 @@ def prepare_config(cfg, init: str | None, pairs: str | None, collection: str | N
         raise UserError("pass either --pairs or --collection (retrieval.pairs or retrieval.collection), not both "
                         "(or --pairs corpus:MODE with --collection: pairs made from its corpus)")
     meta = load_export_config(cfg.train.init_from)
-    cfg.model = _build(ModelConfig, meta["model"], "model")
+    cfg.model = build_section(ModelConfig, meta["model"], "model")
     coll = train_collection(cfg.retrieval)  # bad data fails before any process group starts
     most = max(len(e) for e in coll.excluded(near=True))
     if cfg.retrieval.group_size > 2 and coll.n_docs - most < cfg.retrieval.group_size - 2:

@@ -64,10 +64,10 @@ def expected_shapes(model_cfg) -> dict[str, tuple]:
 
 
 def _model_config(meta: dict, where: Path):
-    from mmscale.config import ConfigError, ModelConfig, _build
+    from mmscale.config import ConfigError, ModelConfig, build_section
 
     try:
-        return _build(ModelConfig, meta.get("model", {}), "model")
+        return build_section(ModelConfig, meta.get("model", {}), "model")
     except ConfigError as e:
         raise UserError(f"checkpoint '{where}': its meta.json holds no valid model config ({e})") from None
 

@@ -179,14 +179,14 @@ def load_export(path: str | os.PathLike, dtype=None, device="cpu", require_token
     import torch
     from safetensors.torch import load_file
 
-    from mmscale.config import ModelConfig, _build
+    from mmscale.config import ModelConfig, build_section
     from mmscale.models import build_model
 
     p = Path(path)
     meta = load_export_config(p)
     if require_tokenizer and not (meta.get("tokenizer") and (p / meta["tokenizer"]).is_file()):
         raise UserError(f"export '{p}' has no tokenizer.model; re-run `mmscale convert` with the run's tokenizer")
-    model_cfg = _build(ModelConfig, meta["model"], "model")
+    model_cfg = build_section(ModelConfig, meta["model"], "model")
     model = build_model(model_cfg)
     sd = load_file(str(p / WEIGHTS), device="cpu")
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -221,12 +221,12 @@ def load_export_state(path: str | os.PathLike, model_cfg: Any) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from mmscale.config import ModelConfig, _build
+    from mmscale.config import ModelConfig, build_section
     from mmscale.models import build_model
 
     p = Path(path)
     meta = load_export_config(p)
-    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else _build(ModelConfig, dict(model_cfg), "model")
+    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else build_section(ModelConfig, dict(model_cfg), "model")
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     there = meta.get("model", {})
