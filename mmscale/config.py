@@ -9,6 +9,7 @@ that into `mmscale: error: ...` and exit status 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -454,9 +455,6 @@ def _check(cond: bool, msg: str) -> None:
 
 def _check_finite(cfg: Config) -> None:
     """inf / nan in any number (train.lr=inf, ...) is refused before any other check."""
-    import dataclasses
-    import math
-
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(sub):
