@@ -12,8 +12,9 @@ each token's inverse document frequency in the corpus being searched (`position=
 model's mean is dominated by frequent, uninformative tokens (docs/retrieval-collapse.md). Texts are
 right-padded; for causal models padding after a position cannot change it, so the embedding of a
 text does not depend on its batch. A bidirectional model sees the padding, so for it every batch is
-padded to n_ctx with pad tokens, as `retrieval train` pads its batches: a text embeds the same in
-training, in evaluation and in any batch.
+n_ctx wide, as `retrieval train`'s batches are, and its padding positions are zero vectors (not pad-token
+embeddings; for the mixer that is the same as the text alone, and what the HF export computes): a text
+embeds the same in training, in evaluation and in any batch.
 """
 from __future__ import annotations
 
@@ -81,8 +82,15 @@ def pooled_embeddings(model, input_ids, lengths, position: int | str | None = No
     import torch
     import torch.nn.functional as F
 
-    hidden = model.hidden(input_ids)                       # [B, L, d], after the final norm
-    lengths = torch.as_tensor(lengths).to(hidden.device)
+    lengths = torch.as_tensor(lengths).to(input_ids.device)
+    if getattr(model.config, "bidirectional", False):
+        # a bidirectional model sees the padding: pad positions are zero vectors (what the mixer pads a short
+        # window with, and the HF export does), never pad-token embeddings, in training and evaluation alike
+        real_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None] < lengths[:, None]
+        hidden = model.hidden(inputs_embeds=model.embed(input_ids) * real_ids[..., None].to(model.embed.weight.dtype))
+    else:
+        hidden = model.hidden(input_ids)                   # [B, L, d], after the final norm
+    lengths = lengths.to(hidden.device)
     if position in ("mean", "idf"):
         real = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).float()
         if position == "idf":
@@ -198,7 +206,7 @@ class Embedder:
             batches = tqdm(batches, desc=progress if isinstance(progress, str) else "embedding", unit="batch",
                            leave=False)
         pad = self.tokenizer.pad_id()
-        # a bidirectional model sees right padding: pad to n_ctx, as retrieval training does (PairGroups.batch_at)
+        # a bidirectional model sees right padding: n_ctx wide, as retrieval training is (PairGroups.batch_at)
         width = self.n_ctx if getattr(self.model.config, "bidirectional", False) else None
         with torch.no_grad():
             for start in batches:
