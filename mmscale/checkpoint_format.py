@@ -1,8 +1,8 @@
-"""What an engine needs to read a checkpoint's files, apart from the checkpoint protocol (mmscale/checkpoint.py):
+"""What an engine needs to read a checkpoint's files, apart from the checkpoint protocol (mmscale/run/checkpoint.py):
 the layout names, meta.json, and loading third-party formats that pickle without running code.
 
-Its own module so that the dependency runs one way: checkpoint.py -> engines (each engine checks whether it
-can resume a checkpoint) -> checkpoint_format, and no engine imports checkpoint.py.
+Its own module, outside run/, so that the dependency runs one way: run/checkpoint.py -> engines (each engine checks
+whether it can resume a checkpoint) -> checkpoint_format, and no engine imports run/ (the loop's package).
 """
 from __future__ import annotations
 

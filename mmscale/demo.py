@@ -266,7 +266,7 @@ def _demo(args) -> int:
                   "--temperature", "0.7", "--top-k", "20"))
     _run(_mmscale("report", str(run_dir), "--out", str(run_dir / "report.html")))
 
-    from mmscale import checkpoint as ckpt  # lazy: imports torch
+    from mmscale.run import checkpoint as ckpt  # lazy: imports torch
     latest = ckpt.find_latest(ckpt.checkpoints_root(run_dir))
     print(f"\nmmscale demo finished in {time.time() - t0:.0f} s (target {args.minutes:g} min), {steps} steps\n"
           f"  held-out loss  {vals or 'not evaluated'}  (untrained: ln {args.vocab_size} = "

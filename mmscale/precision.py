@@ -163,7 +163,7 @@ def resume_precision(cfg) -> str | None:
     read without verifying digests (Checkpointer.find does that next); None for a fresh start."""
     import json
 
-    from mmscale import checkpoint as ckpt
+    from mmscale.run import checkpoint as ckpt
 
     if cfg.run.resume == "never":
         return None

@@ -66,7 +66,7 @@ def install(kill: dict) -> None:
     elif kind == "rank_file":
         import torch
 
-        from mmscale import checkpoint as ckpt
+        from mmscale.run import checkpoint as ckpt
         original_save = ckpt.save_rank_state
 
         def save_rank_state(step_dir, rank, data_state):
@@ -87,7 +87,7 @@ def install(kill: dict) -> None:
             return original_digest(path, sync)
         fsutil.digest = digest
     elif kind == "latest":
-        from mmscale import checkpoint as ckpt
+        from mmscale.run import checkpoint as ckpt
         original_write = ckpt._write_text_atomic
 
         def write(path, text):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from mmscale import checkpoint as ckpt
+from mmscale.run import checkpoint as ckpt
 from mmscale.cli import main as cli
 from tests._dist import tiny_config
 

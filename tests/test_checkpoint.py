@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from mmscale import checkpoint as ckpt
+from mmscale.run import checkpoint as ckpt
 from mmscale.config import config_from_dict
 from mmscale.errors import UserError
 from tests._dist import read_losses, run_distributed, tiny_config, train_runs
@@ -62,7 +62,7 @@ def test_two_rank_resume_is_bit_identical_every_engine(tmp_path):
     assert statuses == [[0] * len(runs)] * 2
     for name in names:
         _assert_exact(tmp_path, name)
-    # the layout promised in checkpoint.py
+    # the layout promised in run/checkpoint.py
     meta = ckpt.read_meta(tmp_path / "zero3_bf16_full" / "checkpoints" / ckpt.step_dir_name(STEPS))
     assert (meta["engine"], meta["zero_stage"], meta["precision"], meta["world_size"]) == ("deepspeed", 3, "bf16", 2)
     assert meta["model_format"] == "deepspeed" and meta["model_files"] == ["ds"] and meta["step"] == STEPS
@@ -73,7 +73,7 @@ def test_two_rank_resume_is_bit_identical_every_engine(tmp_path):
 
 
 def test_checkpoints_convert_without_a_process_group(tmp_path):
-    """The consolidated weights of a DeepSpeed (ZeRO-3) and an FSDP2 checkpoint, read as checkpoint.py
+    """The consolidated weights of a DeepSpeed (ZeRO-3) and an FSDP2 checkpoint, read as run/checkpoint.py
     documents, equal those of a single-process run of the same steps (fp32)."""
     pytest.importorskip("deepspeed")
     from tests._dist import run_distributed
@@ -343,7 +343,7 @@ def test_enum_members_pickled_through_getattr_load_and_other_getattr_is_refused(
     import torch
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from mmscale.checkpoint import safe_unpickling
+    from mmscale.checkpoint_format import safe_unpickling
 
     ok = tmp_path / "ok.pt"
     torch.save({"zero_stage": _ByGetattr(ZeroStageEnum, "optimizer_states")}, ok)

@@ -1,4 +1,4 @@
-"""Damaged and hostile checkpoints (mmscale/checkpoint.py, mmscale/checkpoint_format.py): resume falls back past a
+"""Damaged and hostile checkpoints (mmscale/run/checkpoint.py, mmscale/checkpoint_format.py): resume falls back past a
 damaged one, pickled payloads never run, a full disk or a kill -9 at any point loses nothing (issue G).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mmscale import checkpoint as ckpt
+from mmscale.run import checkpoint as ckpt
 from mmscale.cli import main as cli
 from tests._dist import tiny_config
 # clean_world_env is an autouse fixture: imported, it applies to every test here

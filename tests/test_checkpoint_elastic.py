@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mmscale import checkpoint as ckpt
+from mmscale.run import checkpoint as ckpt
 from tests._dist import read_losses, run_distributed, tiny_config
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -206,7 +206,7 @@ def test_eval_bad_input(pretrained, tmp_path, capsys):
 
 def retrieval_runs(payload: dict) -> list:
     """Worker target: several retrieval trainings one after the other in the same ranks."""
-    from mmscale.checkpoint import resolve_resume
+    from mmscale.run.checkpoint import resolve_resume
     from mmscale.retrieval import prepare_config, train_retrieval
 
     statuses = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmscale import checkpoint as ckpt
+from mmscale.run import checkpoint as ckpt
 from mmscale.config import config_from_dict
 from mmscale.errors import UserError
 from tests._dist import REPO, read_losses, run_distributed, tiny_config, train_runs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mmscale import checkpoint as ckpt
+from mmscale.run import checkpoint as ckpt
 from mmscale.config import config_from_dict, load_config
 from mmscale.data.loader import read_manifest
 from mmscale.errors import UserError

@@ -36,7 +36,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A step folder from a run dir, a checkpoints/ dir or a step folder itself."""
-    from mmscale import checkpoint as ckpt
+    from mmscale.run import checkpoint as ckpt
 
     p = Path(path)
     if not p.is_dir():
@@ -227,7 +227,7 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     """Write an export of `checkpoint` to `out`; returns a summary (and the verify result)."""
     import torch
 
-    from mmscale import checkpoint as ckpt
+    from mmscale.run import checkpoint as ckpt
     from mmscale.engines import engine_for_checkpoint
     from mmscale.export.format import save_export
 

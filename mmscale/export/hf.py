@@ -348,7 +348,7 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="au
     with tempfile.TemporaryDirectory(prefix=".export-hf-", dir=out.parent if out.parent.is_dir() else None) as tmp:
         run_position = None
         if not is_export:  # a checkpoint: convert it first (fp32)
-            from mmscale import checkpoint as ckpt
+            from mmscale.run import checkpoint as ckpt
             from mmscale.export.convert import convert, resolve_checkpoint
 
             step = resolve_checkpoint(src)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mmscale import checkpoint as ckpt
+from mmscale.run import checkpoint as ckpt
 from mmscale import distributed as dist_
 from mmscale import engines  # used as engines.X: tests wrap engines.lr_at and engines.build_engine
 from mmscale import precision

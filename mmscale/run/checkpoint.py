@@ -67,6 +67,7 @@ import errno
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import sys
@@ -75,11 +76,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mmscale import fsutil
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmscale import distributed, fsutil
 from mmscale.checkpoint_format import (FORMAT, META, checkpoints_root, pickle_problem, read_meta, safe_unpickling,
                                        unsafe_payload_error)
 from mmscale.engines import engine_class
 from mmscale.errors import UserError
+
+try:  # what old rank files' numpy arrays unpickle through
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
 VERSION = 1
 LATEST = "latest"
@@ -380,7 +390,6 @@ class Checkpointer:
         """Several ranks: each verifies the digests of the files it reads (`reads`), and all agree (one all-reduce
         per checkpoint tried) on the first one intact for every rank: `step_dir` itself, or with run.resume=auto
         the next older intact one (named in one line by rank 0). Returns it and its meta."""
-        from mmscale import distributed
 
         if self.info.world_size == 1:
             return step_dir, meta  # (verified whole in find)
@@ -443,7 +452,6 @@ class Checkpointer:
                             ) from None
 
     def _save(self, engine, tmp: Path, step: int, tokens: int, loader) -> Path:
-        from mmscale import distributed
 
         info, cfg = self.info, self.cfg
         if info.rank == 0:
@@ -481,7 +489,6 @@ class Checkpointer:
         """Every rank learns whether any rank failed to write its part: the failing rank raises its error (a full
         disk becomes one line in save), the others stop with one line too, rather than waiting in the next
         collective."""
-        from mmscale import distributed
 
         n_failed = distributed.ranks_flagging(failure is not None, engine.device)
         if failure is not None:
@@ -511,8 +518,6 @@ class Checkpointer:
 
 def _gather_to_rank0(digests: dict, info: Any) -> dict:
     """Rank 0: the union of every rank's digests (small: one entry per file); other ranks: their own."""
-    import torch.distributed as dist
-
     if info.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
         return digests
     parts = [None] * dist.get_world_size()
@@ -524,11 +529,6 @@ def _gather_to_rank0(digests: dict, info: Any) -> dict:
 
 
 def rng_state() -> dict:
-    import random
-
-    import numpy as np
-    import torch
-
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -536,11 +536,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -550,8 +545,6 @@ def set_rng_state(state: dict) -> None:
 
 def _rng_to_plain(state: dict) -> dict:
     """RNG states as tensors, numbers and strings only (what torch.load(weights_only=True) reads)."""
-    import torch
-
     version, internal, gauss = state["python"]
     name, keys, pos, has_gauss, cached = state["numpy"]
     out = {"torch": state["torch"],
@@ -565,8 +558,6 @@ def _rng_to_plain(state: dict) -> dict:
 
 
 def _rng_from_plain(state: dict) -> dict:
-    import numpy as np
-
     if isinstance(state.get("python"), tuple):  # an old rank file: already in Python/numpy form
         return state
     py, npy = state["python"], state["numpy"]
@@ -580,8 +571,6 @@ def _rng_from_plain(state: dict) -> dict:
 
 
 def save_rank_state(step_dir: Path, rank: int, data_state: Any) -> None:
-    import torch
-
     torch.save({"format": "mmscale-rank", "version": 2, "rng": _rng_to_plain(rng_state()), "data": data_state},
                step_dir / rank_file_name(rank))
 
@@ -589,15 +578,7 @@ def save_rank_state(step_dir: Path, rank: int, data_state: Any) -> None:
 def _load_rank_file(path: Path) -> dict:
     """A rank file, read without running code: weights_only, plus numpy's array types for files written
     before version 2 (rank files then held numpy RNG state as arrays)."""
-    import numpy as np
-    import torch
-
-    allowed = [np.ndarray, np.dtype, type(np.dtype("uint32"))]
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    allowed.append(_reconstruct)
+    allowed = [np.ndarray, np.dtype, type(np.dtype("uint32")), _np_reconstruct]
     try:
         with torch.serialization.safe_globals(allowed):
             state = torch.load(path, map_location="cpu", weights_only=True)
