@@ -122,7 +122,7 @@ class Engine:
     FSDP2-sharded model, a DeepSpeedEngine): forward_backward and eval_loss call it, and `self.optimizer` updates
     it. Engines override the hooks where they differ: sync_gradients (DDP's no_sync, FSDP's gradient sync
     switch), backward (DeepSpeed's engine.backward and micro-step), step and skip_step (DeepSpeed's own).
-    `model_format` names the checkpoint layout (checkpoint.py); engines sharing it resume each other.
+    `model_format` names the checkpoint layout (run/checkpoint.py); engines sharing it resume each other.
     """
 
     kind = "base"
@@ -245,8 +245,9 @@ class Engine:
         raise NotImplementedError
 
     def module(self) -> nn.Module:
-        """The underlying model (for generation on rank 0; may be sharded under ZeRO-3 / FSDP)."""
-        raise NotImplementedError
+        """The underlying model (for generation on rank 0; may be sharded under ZeRO-3 / FSDP): `self.wrapped` where
+        the engine runs the model itself (FSDP2 shards it in place)."""
+        return self.wrapped
 
     def autocast(self):
         """mmscale's one precision policy (ARCHITECTURE.md): fp32 master weights, bf16 compute under

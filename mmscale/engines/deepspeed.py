@@ -271,7 +271,7 @@ with safe_unpickling():  # DeepSpeed's converter reads the checkpoint with plain
 def to_universal(ds_dir: Path, out_dir: Path) -> None:
     """DeepSpeed's universal checkpoint of the ZeRO checkpoint in `ds_dir`, written to `out_dir` (replaced), by
     its own converter in a child process (it starts a worker process and prints; neither belongs in a rank).
-    The converter unpickles the checkpoint's files: it runs under checkpoint.safe_unpickling, like every other
+    The converter unpickles the checkpoint's files: it runs under checkpoint_format.safe_unpickling, like every other
     read of a checkpoint, so a file naming a class outside the allow-list is refused, never run."""
     shutil.rmtree(out_dir.parent, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -251,6 +251,3 @@ class FSDPEngine(Engine):
 
     def load(self, step_dir: Path):
         load_sharded(self.wrapped, self.optimizer, step_dir)
-
-    def module(self):
-        return self.wrapped
