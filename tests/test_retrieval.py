@@ -206,8 +206,8 @@ def test_eval_bad_input(pretrained, tmp_path, capsys):
 
 def retrieval_runs(payload: dict) -> list:
     """Worker target: several retrieval trainings one after the other in the same ranks."""
-    from mmscale.run.checkpoint import resolve_resume
     from mmscale.retrieval import prepare_config, train_retrieval
+    from mmscale.run.checkpoint import resolve_resume
 
     statuses = []
     for run in payload["runs"]:
