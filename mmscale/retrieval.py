@@ -18,7 +18,9 @@ query's given or mined hard negatives first, then random documents). A document 
 the query (or an exact or near duplicate of one: word 3-shingle Jaccard >= 0.8,
 retrieval_data.near_duplicates) is never its negative: not in its group, and, with
 retrieval.gather_negatives (every query also scores the candidates of all other groups on all ranks,
-gathered without gradient), masked out of the gathered candidates.
+gathered without gradient), masked out of the gathered candidates. A pair made from the corpus counts as
+its document: with several corpus modes (corpus:crop+ict) two items of one document (or of duplicates)
+in one gathered batch are never each other's negatives, and neither is a corpus view of a relevant document.
 
 Training is the pre-training loop (mmscale.train.train) with a retrieval model and data factory,
 so every engine, checkpoints, resume, signals and metrics work unchanged: the model's `forward`
@@ -164,8 +166,17 @@ class PairGroups:
         query, cands, _ = self.group_docs(t)
         return [query] + [self.p[x] if isinstance(x, int) else x for x in cands]
 
+    def _sources(self, t: int, cands: list) -> list:
+        """The document each candidate of stream position t comes from: a doc index as itself, a corpus pair's
+        positive (a token list made from document d) as d, a negative given as text as None (unknown)."""
+        item = self._pair_at(t)
+        first = item[2] if len(item) == 3 else None
+        return [x if isinstance(x, int) else (first if j == 0 else None) for j, x in enumerate(cands)]
+
     def _mask(self, k: int, own: dict) -> "torch.Tensor":
-        """bool [B, C]: the candidates of this rank's queries that are relevant to them (never the own positive).
+        """bool [B, C]: the candidates of this rank's queries that are relevant to them (never the own positive):
+        a candidate counts as the document it comes from (_sources), so another view of the query's own
+        document (or of a duplicate or a relevant one) is masked like the document itself.
 
         `own` maps this rank's stream positions to their group_docs."""
         import torch
@@ -173,11 +184,12 @@ class PairGroups:
         start = (k * self.world + self.rank) * self.B
         if self.gather:
             everyone = range(k * self.world * self.B, (k + 1) * self.world * self.B)
-            flat = [x for u in everyone for x in (own[u] if u in own else self.group_docs(u))[1]]
+            flat = [s for u in everyone
+                    for s in self._sources(u, (own[u] if u in own else self.group_docs(u))[1])]
         mask = []
         for b, t in enumerate(range(start, start + self.B)):
             _, cands, excl = own[t]
-            row = [isinstance(x, int) and x in excl for x in (flat if self.gather else cands)]
+            row = [s is not None and s in excl for s in (flat if self.gather else self._sources(t, cands))]
             row[(self.rank * self.B + b) * (self.G - 1) if self.gather else 0] = False
             mask.append(row)
         return torch.tensor(mask, dtype=torch.bool)

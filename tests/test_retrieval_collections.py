@@ -650,6 +650,42 @@ def test_groups_of_corpus_pairs_mixed_with_judged_queries(gather):
     assert kinds == {"judged", "crop", "ict"}
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_views_of_one_document_are_never_each_others_negatives(world):
+    """corpus:crop+ict: a crop and a sentence of one document (or of its duplicate) in one gathered batch are
+    masked as each other's negatives, like the document itself; the reference is a hand mapping of every
+    candidate column to its source document."""
+    cp, titles, texts, _ = _corpus_pairs()
+    dups = [{0, 3}, {1}, {2}, {0, 3}]
+    docs = [(titles[i] + texts[i])[:12] for i in range(4)] + [[40 + i] for i in range(6)]
+    pairs = [(0, 4)] + cp.items(["crop", "ict"])          # judged q0 -> d4; crop of d0, d1, d3; ict of d0, d3
+    assert sorted(p[1:] for p in pairs[1:]) == [("crop", 0), ("crop", 1), ("crop", 3), ("ict", 0), ("ict", 3)]
+    G, B = 3, 6 // world                                   # one epoch (6 items) in each global batch
+    ranks = [PairGroups([[100]], docs, [[]], group_size=G, micro_batch=B, n_ctx=12, seed=5, pairs=pairs,
+                        excluded=[np.array([4])], gather=True, views=cp, rank=r, world=world) for r in range(world)]
+    hits = 0
+    for k in range(4):
+        items = [ranks[0]._pair_at(t) for t in range(k * 6, (k + 1) * 6)]
+        cands = [ranks[0].group_docs(t)[1] for t in range(k * 6, (k + 1) * 6)]
+        # the source document of every gathered column: a corpus item's positive is its document
+        source = [(it[2] if len(it) == 3 else it[1]) if j == 0 else c
+                  for it, cs in zip(items, cands) for j, c in enumerate(cs)]
+        assert len(source) == 6 * (G - 1) and all(isinstance(x, int) for x in source)
+        for r, g in enumerate(ranks):
+            mask = unpack_mask(g.batch_at(k)["labels"][B * G:], B, 6 * (G - 1))
+            for b in range(B):
+                row = r * B + b
+                it = items[row]
+                never = dups[it[2]] if len(it) == 3 else {4}
+                own = row * (G - 1)
+                want = [c != own and source[c] in never for c in range(6 * (G - 1))]
+                assert mask[b].tolist() == want, (k, r, b)
+                # the case this guards: another view of the query's own document (or its duplicate)
+                hits += sum(want[u * (G - 1)] for u in range(6) if u != row and len(items[u]) == 3
+                            and len(it) == 3)
+    assert hits >= 8          # crop/ict of d0 and d3 meet in every batch: 12 such columns per batch
+
+
 def test_batch_stats_and_collapse_warning_by_hand():
     from mmscale.retrieval import RetrievalStats, batch_stats, info_nce
 
