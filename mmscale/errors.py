@@ -1,9 +1,12 @@
 """User-facing errors: one line, naming the problem and the fix; the CLI prints them without a traceback."""
 from __future__ import annotations
 
+import codecs
 import os
 import signal
+import stat
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -87,8 +90,6 @@ def utf8_problem(path) -> tuple[str | None, int, int]:
     """Scan a file in 4 MiB chunks, before any parsing: (None, 0, 0) for clean UTF-8 text, else (problem, line,
     byte offset) with problem "not_utf8" (the first bad byte's line and offset), "nul" (a NUL byte in the file)
     or "truncated" (the file ends inside a character). Callers word the one-line error for their input."""
-    import codecs
-
     decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -111,9 +112,6 @@ def utf8_problem(path) -> tuple[str | None, int, int]:
 def check_text_file(path, what: str = "file", fix: str = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") -> None:
     """The one check of a text input before it is parsed: a regular file (a FIFO or device is never opened),
     UTF-8 throughout (the line and byte offset of the first bad byte) and no NUL bytes. One-line UserError."""
-    import stat
-    from pathlib import Path
-
     p = Path(path)
     try:
         st = os.stat(p)
