@@ -21,10 +21,13 @@ cpu_key() names this CPU (model and the ISA flags that change speed) for caches 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from mmscale.errors import UserError
 
@@ -112,8 +115,6 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 
 def cpu_facts() -> DeviceFacts:
-    import torch
-
     name, flags = _cpuinfo()
 
     def ask(fn_name: str, flag: str) -> bool:
@@ -135,8 +136,6 @@ def cpu_facts() -> DeviceFacts:
 
 
 def device_facts(device) -> DeviceFacts:
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         return DeviceFacts("cuda", torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device)))
@@ -161,8 +160,8 @@ _last: dict = {}
 def resume_precision(cfg) -> str | None:
     """The precision of the checkpoint this run would resume (meta.json of `latest` or run.resume's folder),
     read without verifying digests (Checkpointer.find does that next); None for a fresh start."""
-    import json
-
+    # lazy on purpose: run/checkpoint is the layer above (it imports engines); ops -> precision at module level
+    # would make `import mmscale.models` load run/ and engines (the arrow models -> engines must not exist)
     from mmscale.run import checkpoint as ckpt
 
     if cfg.run.resume == "never":

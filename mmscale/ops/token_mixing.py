@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmscale.fsutil import atomic_write
+from mmscale.precision import cpu_key
+
 IMPLS = ("auto", "dense", "blocked", "triton")
 # part of the key of the measured choice (measured_cpu_choice): raised when an implementation changes speed
 IMPL_VERSION = 2
@@ -114,7 +117,7 @@ def choose_impl(t: int, device: torch.device | str, causal: bool, batch: int = 1
         return "dense"  # nothing is masked: no work to skip
     dev = torch.device(device).type
     if dev == "cuda":
-        from mmscale.ops import triton_mixing
+        from mmscale.ops import triton_mixing  # lazy: imports triton (slow, CUDA-only use)
         if t >= CUDA_TRITON_MIN_T and triton_mixing.available():
             return "triton"
         return "dense"
@@ -156,8 +159,6 @@ def measured_cpu_choice(t: int, channels: int, slices: int, threads: int, dtype)
 
     The key names the CPU (model and speed-relevant ISA flags, precision.cpu_key): a cache file carried to
     another machine (a shared home, a copied ~/.cache) is measured again there, never reused."""
-    from mmscale.precision import cpu_key
-
     key = (f"T{t}-C{channels}-S{slices}-threads{threads}-{str(dtype).replace('torch.', '')}-torch{torch.__version__}"
            f"-v{IMPL_VERSION}-cpu[{cpu_key()}]")
     if key in _CHOSEN:
@@ -176,9 +177,7 @@ def measured_cpu_choice(t: int, channels: int, slices: int, threads: int, dtype)
         cached[key] = choice
         try:  # best effort: a read-only home only means measuring again in the next process
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(cached, indent=0, sort_keys=True))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(cached, indent=0, sort_keys=True))  # a cache: not durable
         except OSError:
             pass
     _CHOSEN[key] = choice
@@ -203,7 +202,7 @@ def _dispatch(weight, x, causal, impl, block_rows, bias=None):
         return dense_mix(weight, x, causal, bias)
     weight = weight.to(x.dtype)
     if impl == "triton":
-        from mmscale.ops import triton_mixing
+        from mmscale.ops import triton_mixing  # lazy: imports triton (slow, CUDA-only use)
         out = triton_mixing.triton_mix(weight, x)
         return out if bias is None else out + bias[:, None]
     return BlockedMix.apply(weight, x, block_rows or _default_block_rows(t), bias)
