@@ -21,12 +21,24 @@ meta device: sizing a 1B-parameter config allocates nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import re
 from pathlib import Path
 
+import torch
+import torch.distributed as tdist
+from torch.utils.checkpoint import checkpoint
+
+from mmscale import precision as prec
+from mmscale.config import load_config
 from mmscale.errors import UserError
+from mmscale.model_info import model_info
+from mmscale.models import build_model
+from mmscale.ops.cross_entropy import CHUNK_ELEMENTS, CHUNKED_MIN_LOGITS, CUDA_CHUNK_ELEMENTS
+from mmscale.peak_flops import lookup
 
 GiB = 2 ** 30
 
@@ -99,11 +111,6 @@ def _layouts_for(world: int, nodes: int) -> list[dict]:
 
 def model_sizes(model_cfg) -> dict:
     """Parameter counts by role (model-info's breakdown), per block, the largest block, matmul weights."""
-    import torch
-
-    from mmscale.model_info import model_info
-    from mmscale.models import build_model
-
     with torch.device("meta"):
         model = build_model(model_cfg)
     info = model_info(model_cfg)
@@ -142,8 +149,6 @@ def _block_saved_bytes(m, B: int, fp32: bool) -> int:
 
 def _loss_bytes(m, B: int, device: str) -> tuple[int, int]:
     """(saved for backward, transient peak) of the LM loss at micro-batch B (mmscale.ops.cross_entropy)."""
-    from mmscale.ops.cross_entropy import CHUNK_ELEMENTS, CHUNKED_MIN_LOGITS, CUDA_CHUNK_ELEMENTS
-
     rows = B * m.n_ctx  # positions predicted (n_ctx of an n_ctx + 1 window)
     V, d = m.vocab_size, m.d_model
     logits = rows * V
@@ -385,20 +390,7 @@ def make_plan(cfg, gpus: int, nodes: int = 1, device: str = "h100", interconnect
               margin: float = DEFAULT_MARGIN, mfu: float | None = None, peak_flops: float | None = None,
               tokens: int | None = None) -> dict:
     """The whole plan as a dict (the --json output). `gpus` are per node; world = gpus x nodes."""
-    from mmscale.peak_flops import lookup
-
-    if gpus < 1:
-        raise UserError(f"--gpus must be >= 1 (GPUs per node), got {gpus}", 2)
-    if nodes < 1:
-        raise UserError(f"--nodes must be >= 1, got {nodes}", 2)
-    if device not in DEVICES:
-        raise UserError(f"unknown --device '{device}'; choose one of: {', '.join(DEVICES)}", 2)
-    if interconnect is not None and interconnect not in INTERCONNECTS:
-        raise UserError(f"unknown --interconnect '{interconnect}'; choose one of: {', '.join(INTERCONNECTS)}", 2)
-    if not 0 <= margin < 1:
-        raise UserError(f"--margin must be in [0, 1) (the fraction of device memory kept free), got {margin}", 2)
-    if mfu is not None and not 0 < mfu <= 1:
-        raise UserError(f"--mfu must be in (0, 1], got {mfu}", 2)
+    _check_plan_args(gpus, nodes, device, interconnect, margin, mfu)
     dev = DEVICES[device]
     cfg, precision_note = _concrete_precision(cfg, device)
     world = gpus * nodes
@@ -406,62 +398,23 @@ def make_plan(cfg, gpus: int, nodes: int = 1, device: str = "h100", interconnect
     mem = dev["memory"] if dev["memory"] else host_memory() // per_node  # the host is shared by its ranks
     usable = int(mem * (1 - margin))
     precision = cfg.engine.precision
-    if peak_flops:
-        peak, peak_src = peak_flops, "--peak-flops"
-    elif dev["peak_name"]:
-        peak, peak_src = lookup(dev["peak_name"], precision)
-    else:
-        peak, peak_src = None, "no peak FLOP/s for a CPU: give --peak-flops for a step time"
-    if mfu is None:
-        got = measured_mfu(device)
-        mfu, mfu_src = (got, f"measured on {device} (benchmarks/RESULTS.md)") if got else (DEFAULT_MFU, MFU_SOURCE)
-    else:
-        mfu_src = "--mfu"
-    intra = dev["intra"]
-    inter = interconnect or ("ib-400" if nodes > 1 else intra)
-    intra_bw = INTERCONNECTS[intra if nodes > 1 or interconnect is None else interconnect]
-    inter_bw = INTERCONNECTS[inter]
+    peak, peak_src, mfu, mfu_src = _peak_and_mfu(dev, device, precision, peak_flops, mfu)
+    intra, inter, intra_bw, inter_bw = _bandwidths(dev, nodes, interconnect)
 
     sizes = model_sizes(cfg.model)
     sizes["n_layers"] = cfg.model.n_layers
     sizes["largest_layer"] = max(sizes["block"], sizes["embedding"])
     t = cfg.train
     auto = t.micro_batch_size == "auto"
-    if t.global_batch_size:
-        global_batch = t.global_batch_size
-    else:
-        global_batch = (8 if auto else t.micro_batch_size) * t.grad_accum * world
-    if global_batch % world:
-        raise UserError(f"train.global_batch_size={global_batch} does not divide over {world} ranks; set it to a "
-                        f"multiple of {world}", 2)
+    global_batch = _global_batch(t, auto, world)
     per_rank = global_batch // world
     n_ctx = cfg.model.n_ctx
     budget = tokens or t.max_steps * global_batch * n_ctx
 
-    rows = []
-    for lay in _layouts_for(world, nodes):
-        row = _plan_layout(cfg, lay, world, nodes, device, sizes, usable, per_rank, auto, peak, mfu, intra_bw,
-                           inter_bw, n_ctx, budget)
-        rows.append(row)
-    fitting = [r for r in rows if r["fits"]]
-    rec = None
-    if fitting:
-        # the fastest; among layouts within 2% of it (or all, without a step time), the simplest
-        rank = {n: i for i, n in enumerate(LAYOUT_ORDER)}
-        fastest = min((r["step_time_s"] for r in fitting if r["step_time_s"] is not None), default=None)
-        close = [r for r in fitting if fastest is None or r["step_time_s"] <= fastest * 1.02]
-        rec = min(close, key=lambda r: rank[r["_key"]])
-        rec = dict(rec)
-        rec["reason"] = (f"{rec['name']}: the fastest layout that fits (the simplest within 2% of the fastest): {_gib(rec['memory_per_rank_bytes']['total'])} "
-                         f"of {_gib(usable)} usable per rank at micro-batch {rec['micro_batch_size']}"
-                         + (", activation checkpointing on" if rec["activation_checkpointing"] else ""))
-        for r in rows:
-            if r is not None and r["name"] != rec["name"]:
-                r["rejected_because"] = r["why"] if not r["fits"] else _slower(r, rec)
-    for r in rows:
-        r.pop("_key", None)
-    if rec:
-        rec.pop("_key", None)
+    rows = [_plan_layout(cfg, lay, world, nodes, device, sizes, usable, per_rank, auto, peak, mfu, intra_bw,
+                         inter_bw, n_ctx, budget)
+            for lay in _layouts_for(world, nodes)]
+    rec = _recommend(rows, usable)
     return {
         "config": {"model": {k: getattr(cfg.model, k) for k in ("kind", "d_model", "n_layers", "n_ctx", "vocab_size")},
                    "parameters": sizes["total"], "precision": precision,
@@ -484,13 +437,84 @@ def make_plan(cfg, gpus: int, nodes: int = 1, device: str = "h100", interconnect
     }
 
 
+def _check_plan_args(gpus: int, nodes: int, device: str, interconnect: str | None, margin: float,
+                     mfu: float | None) -> None:
+    if gpus < 1:
+        raise UserError(f"--gpus must be >= 1 (GPUs per node), got {gpus}", 2)
+    if nodes < 1:
+        raise UserError(f"--nodes must be >= 1, got {nodes}", 2)
+    if device not in DEVICES:
+        raise UserError(f"unknown --device '{device}'; choose one of: {', '.join(DEVICES)}", 2)
+    if interconnect is not None and interconnect not in INTERCONNECTS:
+        raise UserError(f"unknown --interconnect '{interconnect}'; choose one of: {', '.join(INTERCONNECTS)}", 2)
+    if not 0 <= margin < 1:
+        raise UserError(f"--margin must be in [0, 1) (the fraction of device memory kept free), got {margin}", 2)
+    if mfu is not None and not 0 < mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}", 2)
+
+
+def _peak_and_mfu(dev: dict, device: str, precision: str, peak_flops: float | None, mfu: float | None):
+    """(peak FLOP/s, its source, MFU, its source): the flags first, else the tables and measured results."""
+    if peak_flops:
+        peak, peak_src = peak_flops, "--peak-flops"
+    elif dev["peak_name"]:
+        peak, peak_src = lookup(dev["peak_name"], precision)
+    else:
+        peak, peak_src = None, "no peak FLOP/s for a CPU: give --peak-flops for a step time"
+    if mfu is None:
+        got = measured_mfu(device)
+        mfu, mfu_src = (got, f"measured on {device} (benchmarks/RESULTS.md)") if got else (DEFAULT_MFU, MFU_SOURCE)
+    else:
+        mfu_src = "--mfu"
+    return peak, peak_src, mfu, mfu_src
+
+
+def _bandwidths(dev: dict, nodes: int, interconnect: str | None):
+    """(intra-node link, inter-node link, their bytes/s): --interconnect names the slowest link in use."""
+    intra = dev["intra"]
+    inter = interconnect or ("ib-400" if nodes > 1 else intra)
+    intra_bw = INTERCONNECTS[intra if nodes > 1 or interconnect is None else interconnect]
+    return intra, inter, intra_bw, INTERCONNECTS[inter]
+
+
+def _global_batch(t, auto: bool, world: int) -> int:
+    if t.global_batch_size:
+        global_batch = t.global_batch_size
+    else:
+        global_batch = (8 if auto else t.micro_batch_size) * t.grad_accum * world
+    if global_batch % world:
+        raise UserError(f"train.global_batch_size={global_batch} does not divide over {world} ranks; set it to a "
+                        f"multiple of {world}", 2)
+    return global_batch
+
+
+def _recommend(rows: list[dict], usable: int) -> dict | None:
+    """The layout to use: the fastest that fits; among layouts within 2% of it (or all, without a step time),
+    the simplest. Marks every other row with why it lost; drops the rows' sort keys."""
+    fitting = [r for r in rows if r["fits"]]
+    rec = None
+    if fitting:
+        rank = {n: i for i, n in enumerate(LAYOUT_ORDER)}
+        fastest = min((r["step_time_s"] for r in fitting if r["step_time_s"] is not None), default=None)
+        close = [r for r in fitting if fastest is None or r["step_time_s"] <= fastest * 1.02]
+        rec = min(close, key=lambda r: rank[r["_key"]])
+        rec = dict(rec)
+        rec["reason"] = (f"{rec['name']}: the fastest layout that fits (the simplest within 2% of the fastest): {_gib(rec['memory_per_rank_bytes']['total'])} "
+                         f"of {_gib(usable)} usable per rank at micro-batch {rec['micro_batch_size']}"
+                         + (", activation checkpointing on" if rec["activation_checkpointing"] else ""))
+        for r in rows:
+            if r is not None and r["name"] != rec["name"]:
+                r["rejected_because"] = r["why"] if not r["fits"] else _slower(r, rec)
+    for r in rows:
+        r.pop("_key", None)
+    if rec:
+        rec.pop("_key", None)
+    return rec
+
+
 def _concrete_precision(cfg, device: str):
     """engine.precision auto -> what a run on `device` would pick (mmscale/precision.py): bf16 on every GPU in
     DEVICES (compute capability >= 8.0); on "cpu", by this host's CPU."""
-    import dataclasses
-
-    from mmscale import precision as prec
-
     if cfg.engine.precision != "auto":
         return cfg, f"engine.precision: {cfg.engine.precision} as set"
     dev = DEVICES[device]
@@ -608,8 +632,6 @@ class _ProbeOOM(Exception):
 
 
 def _current_bytes(device) -> int:
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     with open("/proc/self/statm") as f:
@@ -623,8 +645,6 @@ def probe_fits(model, cfg, device, mb: int, limit: int, base: int | None = None)
     this attempt holds passing `limit`. What it holds: the larger of the bytes it has saved for backward so far and
     its growth of resident memory (freed memory an earlier, larger attempt left resident is reused, so growth
     alone would under-count)."""
-    import torch
-
     cpu = device.type != "cuda"
     start = _current_bytes(device)
     base = start if base is None else base
@@ -675,10 +695,6 @@ class _checkpointed:
         self.blocks = list(model.blocks) if cfg.engine.activation_checkpointing else []
 
     def __enter__(self):
-        import functools
-
-        from torch.utils.checkpoint import checkpoint
-
         self.had = [("forward" in b.__dict__, b.__dict__.get("forward")) for b in self.blocks]
         for b in self.blocks:
             b.forward = functools.partial(checkpoint, b.forward, use_reentrant=False)
@@ -707,10 +723,6 @@ def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = No
     """Replace train.micro_batch_size "auto" by the largest micro-batch that fits (halving on out-of-memory,
     from the per-rank share of the global batch), keeping train.global_batch_size through grad_accum.
     Returns (cfg, one line saying what was chosen). Every rank probes; all agree on the smallest."""
-    import dataclasses
-
-    import torch
-
     t = cfg.train
     per_rank = t.global_batch_size // info.world_size
     engine_kind = cfg.engine.kind
@@ -755,8 +767,6 @@ def resolve_auto_micro_batch(cfg, model, info, device, *, limit: int | None = No
         model.to(was_cpu)
     agreed = chosen
     if info.world_size > 1:
-        import torch.distributed as tdist
-
         v = torch.tensor([chosen], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
         tdist.all_reduce(v, op=tdist.ReduceOp.MIN)
         agreed = int(v.item())
@@ -857,8 +867,6 @@ def format_plan(p: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmscale.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg, args.gpus, args.nodes, args.device.lower(), args.interconnect, args.margin, args.mfu,
                      args.peak_flops, int(args.tokens) if args.tokens else None)
