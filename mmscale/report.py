@@ -21,7 +21,11 @@ import statistics
 import time
 from pathlib import Path
 
+from mmscale.config import load_yaml_file
 from mmscale.errors import UserError
+from mmscale.fsutil import atomic_write
+from mmscale.retrieval import report_section
+from mmscale.run.metrics import read_jsonl
 
 MAX_POINTS = 2000  # per series in the charts (the table always uses every row)
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
@@ -29,26 +33,6 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c
 
 # ----------------------------------------------------------------------------------------------
 # reading a run
-
-def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """(rows, number of lines that are not JSON objects): a run still writing, or killed mid-line."""
-    rows, bad = [], 0
-    if not path.is_file():
-        return rows, bad
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
-
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -66,8 +50,6 @@ def load_run(path: str | Path) -> dict:
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():
         try:
-            from mmscale.config import load_yaml_file
-
             config = load_yaml_file(cfg_file) or {}
         except UserError:  # not valid YAML, too large, ...: the report shows the run without its config
             config = {}
@@ -460,6 +442,25 @@ def build_html(runs: list[dict]) -> str:
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):  # two runs called the same: tell them apart by their parent folder
         names = [str(Path(r["dir"]).parent.name + "/" + r["name"]) for r in runs]
+    out = page_head(f"mmscale report: {', '.join(names)}",
+                    f"made {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(runs)} run(s); "
+                    "self-contained: opens without a network") + ['<div id="js-errors"></div>']
+    out.append(_legend(runs, names))
+    out.extend(_final_numbers(names, summaries))
+    out.extend(report_section(runs, names))  # retrieval runs: in-batch accuracy, cosine, collapse warning
+    out.extend(_curves())
+    out.extend(_samples(runs, names))
+    out.extend(_configs(runs, names))
+    # no "<" inside the script element at all ("</script>", "<!--" would end or confuse it); JSON reads \u003c
+    payload = json.dumps(_chart_payload(runs, names, summaries), separators=(",", ":"),
+                         allow_nan=False).replace("<", "\\u003c")
+    out.append(f'<script type="application/json" id="report-data">{payload}</script>')
+    out.append(f"<script>{JS}</script>{PAGE_END}")
+    return "\n".join(out)
+
+
+def _chart_payload(runs: list[dict], names: list[str], summaries: list[dict]) -> dict:
+    """What the page's script draws: each run's series and color, and the chart specs (MFU's empty note)."""
     data = {"runs": [{"name": n, "color": COLORS[i % len(COLORS)], "charts": chart_data(r)}
                      for i, (n, r) in enumerate(zip(names, runs))], "charts": []}
     mfu_notes = sorted({s["mfu_note"] for s in summaries if s["mfu_note"] and s["mean_mfu_dense"] is None})
@@ -469,20 +470,24 @@ def build_html(runs: list[dict]) -> str:
             spec["empty"] = "MFU is empty: " + ("; ".join(mfu_notes) or "no peak FLOP/s for these runs "
                                                                        "(set log.peak_flops)")
         data["charts"].append(spec)
-    out = page_head(f"mmscale report: {', '.join(names)}",
-                    f"made {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(runs)} run(s); "
-                    "self-contained: opens without a network") + ['<div id="js-errors"></div>']
-    out.append('<div class="legend">' + "".join(
+    return data
+
+
+def _legend(runs: list[dict], names: list[str]) -> str:
+    """One toggle per run, then the key to the marks on the x axis."""
+    return ('<div class="legend">' + "".join(
         f'<span><label><input type="checkbox" class="run-toggle" data-index="{i}" checked>'
         f'<i style="background:{COLORS[i % len(COLORS)]}"></i>{_e(n)}</label> <span class="muted">({_e(r["dir"])})'
-        f"</span></span>" for i, (n, r) in enumerate(zip(names, runs))) + "</div>")
-    out.append('<div class="muted">marks on the x axis: <span style="color:#8c959f">dashed grey = checkpoint</span>, '
-               '<span style="color:#e36209">orange = resume</span>, <span style="color:#cf222e">red = skipped '
-               'step (non-finite loss)</span>, <span style="color:#8250df">purple = profiled steps</span></div>')
+        f"</span></span>" for i, (n, r) in enumerate(zip(names, runs))) + "</div>"
+        + '\n<div class="muted">marks on the x axis: <span style="color:#8c959f">dashed grey = checkpoint</span>, '
+        '<span style="color:#e36209">orange = resume</span>, <span style="color:#cf222e">red = skipped '
+        'step (non-finite loss)</span>, <span style="color:#8250df">purple = profiled steps</span></div>')
 
-    # final numbers
-    out.append('<h2 id="final">Final numbers</h2><table id="final-table"><tr><th>run</th>'
-               + "".join(f"<th>{_e(h)}</th>" for _, h, _ in TABLE) + "</tr>")
+
+def _final_numbers(names: list[str], summaries: list[dict]) -> list[str]:
+    """The table of final numbers, then the setup lines and notes (skipped lines, MFU's reference)."""
+    out = ['<h2 id="final">Final numbers</h2><table id="final-table"><tr><th>run</th>'
+           + "".join(f"<th>{_e(h)}</th>" for _, h, _ in TABLE) + "</tr>"]
     for n, s in zip(names, summaries):
         cells = []
         for key, _, how in TABLE:
@@ -504,21 +509,24 @@ def build_html(runs: list[dict]) -> str:
             setups.append(f"{n}: {s['setup']}")
     if setups or notes:
         out.append("<ul class=\"muted\">" + "".join(f"<li>{_e(x)}</li>" for x in setups + notes) + "</ul>")
+    return out
 
-    from mmscale.retrieval import report_section  # retrieval runs: in-batch accuracy, cosine, collapse warning
-    out.extend(report_section(runs, names))
 
-    # charts
-    out.append('<h2 id="charts">Curves</h2><div class="controls">x axis: '
-               '<label><input type="radio" name="xaxis" value="step" checked> step</label>'
-               '<label><input type="radio" name="xaxis" value="tokens"> tokens</label>'
-               '<label><input type="radio" name="xaxis" value="time"> wall-clock</label></div><div class="grid">')
+def _curves() -> list[str]:
+    """The x-axis switch and one empty card per chart (the script draws into them)."""
+    out = ['<h2 id="charts">Curves</h2><div class="controls">x axis: '
+           '<label><input type="radio" name="xaxis" value="step" checked> step</label>'
+           '<label><input type="radio" name="xaxis" value="tokens"> tokens</label>'
+           '<label><input type="radio" name="xaxis" value="time"> wall-clock</label></div><div class="grid">']
     for spec in CHARTS:
         out.append(f'<div class="card"><h3>{_e(spec["title"])}</h3><div id="chart-{spec["id"]}"></div></div>')
     out.append("</div>")
+    return out
 
-    # samples
-    out.append('<h2 id="samples">Generated samples</h2>')
+
+def _samples(runs: list[dict], names: list[str]) -> list[str]:
+    """Each run's generated samples by step, newest first (the newest open)."""
+    out = ['<h2 id="samples">Generated samples</h2>']
     any_samples = False
     for n, r in zip(names, runs):
         if not r["samples"]:
@@ -536,23 +544,22 @@ def build_html(runs: list[dict]) -> str:
     if not any_samples:
         out.append('<p class="muted">none: set log.sample_every (and log.sample_prompts) to write samples while '
                    "training</p>")
+    return out
 
-    # configs
+
+def _configs(runs: list[dict], names: list[str]) -> list[str]:
+    """The resolved configs side by side, the keys that differ highlighted."""
     rows = config_rows(runs)
     n_diff = sum(1 for _, _, d in rows if d)
-    out.append(f'<h2 id="config">Resolved config</h2><p>{len(rows)} keys'
-               + (f", <b>{n_diff} differ</b> between the runs (highlighted)" if len(runs) > 1 else "")
-               + '. <label><input type="checkbox" id="only-diff"> show only keys that differ</label></p>')
-    out.append('<table id="config-table"><tr><th>key</th>' + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>")
+    out = [f'<h2 id="config">Resolved config</h2><p>{len(rows)} keys'
+           + (f", <b>{n_diff} differ</b> between the runs (highlighted)" if len(runs) > 1 else "")
+           + '. <label><input type="checkbox" id="only-diff"> show only keys that differ</label></p>',
+           '<table id="config-table"><tr><th>key</th>' + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>"]
     for key, vals, diff in rows:
         out.append(f'<tr class="{"diff" if diff else "same"}" data-key="{_e(key)}"><td>{_e(key)}</td>'
                    + "".join(f"<td>{_e(v)}</td>" for v in vals) + "</tr>")
     out.append("</table>")
-    # no "<" inside the script element at all ("</script>", "<!--" would end or confuse it); JSON reads \u003c
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
-    out.append(f'<script type="application/json" id="report-data">{payload}</script>')
-    out.append(f"<script>{JS}</script>{PAGE_END}")
-    return "\n".join(out)
+    return out
 
 
 def write_report(run_dirs: list[str], out: str | Path) -> Path:
@@ -567,9 +574,7 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
         out = out / "report.html"
     if not out.parent.is_dir():
         raise UserError(f"--out: folder '{out.parent}' does not exist; create it or choose another path")
-    tmp = out.with_name(".tmp_" + out.name)
-    tmp.write_text(build_html(runs), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write(out, build_html(runs))  # a page anyone can rewrite: not durable
     return out
 
 
