@@ -63,3 +63,18 @@ def test_model_info_table_names_every_part():
     for needle in ["embedding", "token mixing", "FFN", "head", f"{n:,}", "dense  (full T x T mixing",
                    "causal (live lower triangle", "fp32", "bf16", "fp32 master"]:
         assert needle in out, needle
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["config", "keys"]])
+def test_a_reader_that_leaves_early_gets_no_traceback(argv):
+    """`mmscale --help | head`: the pipe's reader is gone before mmscale prints (both ends closed here at once),
+    so every write fails with EPIPE; the command ends quietly with 141 (128 + SIGPIPE), as a shell would say."""
+    import os
+
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "mmscale.cli", *argv], stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    os.close(r)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err.decode() and "BrokenPipe" not in err.decode(), err.decode()
+    assert proc.returncode == 141
