@@ -34,10 +34,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from mmscale import precision as prec
 from mmscale.config import load_config
 from mmscale.distributed import free_port
 from mmscale.errors import UserError, exit_status
+from mmscale.models import build_model
+from mmscale.run import checkpoint as ckpt
+from mmscale.run.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,10 +101,6 @@ def threads_per_rank(ranks: int = 2) -> int:
 def _probe_rank(vocab_size: int, threads: int, chosen: str, steps: int, barrier, results, ready) -> None:
     """One probe rank (a child process): median seconds of forward, backward and AdamW of the demo model's
     micro-batch on `threads` threads in precision `chosen`, timed after every rank is ready."""
-    import torch  # lazy, as below: the demo's own process never loads torch (its probes and ranks do)
-
-    from mmscale.models import build_model
-
     torch.set_num_threads(threads)
     cfg = load_config(None, DEMO_OVERRIDES + [f"model.vocab_size={vocab_size}"])
     g = torch.Generator().manual_seed(0)
@@ -171,8 +172,6 @@ def plan_steps(budget_s: float, spent_s: float, step_s: float, startup_s: float)
 
 def training_summary(run_dir: Path) -> tuple[str, float | None]:
     """(held-out losses by step, measured seconds per step) from the run's metrics.jsonl."""
-    from mmscale.run.metrics import read_jsonl  # lazy: it imports torch, which the demo's own process never loads
-
     rows = read_jsonl(run_dir / "metrics.jsonl")[0]
     vals = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     timed = [(r["step"], r["time"]) for r in rows if "loss" in r and "time" in r]
@@ -204,23 +203,55 @@ def _demo(args) -> int:
                         "e.g. --minutes 4, or --steps 500 for a fixed length", 2)
     work = (REPO / args.workdir).resolve() if not Path(args.workdir).is_absolute() else Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    inputs, tag = _corpus(args, work)
+    n_ctx = next(int(o.split("=")[1]) for o in DEMO_OVERRIDES if o.startswith("model.n_ctx="))
+    tokenizer, data_dir = _tokenize(args, work, inputs, tag, n_ctx)
+
+    run_dir = work / time.strftime("run_%Y%m%d_%H%M%S")
+    steps, vals = _train(args, data_dir, run_dir, t0)
+
+    _say("5/6 exporting the trained model")
+    export = export_checkpoint(run_dir, tokenizer, run_dir / "export")
+    _say("6/6 held-out loss and a generated story")
+    _run(_mmscale("eval", str(export), "--data", str(data_dir), "--max-batches", "10"))
+    _run(_mmscale("generate", str(export), "--prompt", "Once upon a time", "--max-new-tokens", str(n_ctx - 8),
+                  "--temperature", "0.7", "--top-k", "20"))
+    _run(_mmscale("report", str(run_dir), "--out", str(run_dir / "report.html")))
+
+    latest = ckpt.find_latest(ckpt.checkpoints_root(run_dir))
+    print(f"\nmmscale demo finished in {time.time() - t0:.0f} s (target {args.minutes:g} min), {steps} steps\n"
+          f"  held-out loss  {vals or 'not evaluated'}  (untrained: ln {args.vocab_size} = "
+          f"{math.log(args.vocab_size):.2f})\n"
+          f"  checkpoint   {latest}\n"
+          f"  export       {export}\n"
+          f"  metrics      {run_dir / 'metrics.jsonl'}\n"
+          f"  loss plot    {run_dir / 'loss_curve.png'}\n"
+          f"  wandb files  {run_dir / 'wandb'}  (offline: `wandb sync` it to upload)\n"
+          f"  config       {run_dir / 'config.yaml'}\n"
+          f"  report       {run_dir / 'report.html'}  (curves, numbers, samples; one file, no network)", flush=True)
+    return 0
+
+
+def _corpus(args, work: Path) -> tuple[list[str], str]:
+    """Step 1: (the text inputs, the tag naming what is derived from them): --data, else the built-in stories."""
     if args.data:
         missing = [p for p in args.data if not Path(p).exists()]
         if missing:
             raise UserError(f"--data: '{missing[0]}' does not exist; pass text files or folders of them")
         inputs = [str(Path(p).resolve()) for p in args.data]
         # derived files are named after the inputs, built once, never overwritten
-        tag = "user_" + hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:10]
+        return inputs, "user_" + hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:10]
+    corpus = work / "corpus"
+    if not (corpus / "stories.txt").is_file():
+        _say(f"1/6 building the built-in story corpus ({args.stories} stories)")
+        _run(_mmscale("data", "synth", "--out", str(corpus), "--stories", str(args.stories)))
     else:
-        corpus = work / "corpus"
-        if not (corpus / "stories.txt").is_file():
-            _say(f"1/6 building the built-in story corpus ({args.stories} stories)")
-            _run(_mmscale("data", "synth", "--out", str(corpus), "--stories", str(args.stories)))
-        else:
-            _say(f"1/6 corpus: reusing {corpus}")
-        inputs = [str(corpus / "stories.txt")]
-        tag = "stories"
-    n_ctx = next(int(o.split("=")[1]) for o in DEMO_OVERRIDES if o.startswith("model.n_ctx="))
+        _say(f"1/6 corpus: reusing {corpus}")
+    return [str(corpus / "stories.txt")], "stories"
+
+
+def _tokenize(args, work: Path, inputs: list[str], tag: str, n_ctx: int) -> tuple[Path, Path]:
+    """Steps 2 and 3: (the tokenizer, the prepared shards), each built once and reused."""
     tokenizer = work / f"tokenizer_{tag}_{args.vocab_size}.model"
     data_dir = work / f"data_{tag}_{n_ctx}"
     if not tokenizer.is_file():
@@ -235,8 +266,12 @@ def _demo(args) -> int:
                       "--out", str(data_dir), "--val-fraction", "0.02"))
     else:
         _say(f"3/6 shards: reusing {data_dir}")
+    return tokenizer, data_dir
 
-    run_dir = work / time.strftime("run_%Y%m%d_%H%M%S")
+
+def _train(args, data_dir: Path, run_dir: Path, t0: float) -> tuple[int, str]:
+    """Step 4: size the run (--steps, or the probe against the time left), train it with DeepSpeed on 2 CPU
+    ranks; (steps, the held-out losses by step)."""
     threads = threads_per_rank()
     if args.steps:  # a fixed length: nothing to time
         steps, why, probe = args.steps, "--steps", ""
@@ -257,28 +292,7 @@ def _demo(args) -> int:
     vals, per_step = training_summary(run_dir)
     if per_step and not args.steps:
         print(f"   trained at {per_step:.2f} s/step (sized for {step_s * RANK_OVERHEAD:.2f})", file=sys.stderr)
-
-    _say("5/6 exporting the trained model")
-    export = export_checkpoint(run_dir, tokenizer, run_dir / "export")
-    _say("6/6 held-out loss and a generated story")
-    _run(_mmscale("eval", str(export), "--data", str(data_dir), "--max-batches", "10"))
-    _run(_mmscale("generate", str(export), "--prompt", "Once upon a time", "--max-new-tokens", str(n_ctx - 8),
-                  "--temperature", "0.7", "--top-k", "20"))
-    _run(_mmscale("report", str(run_dir), "--out", str(run_dir / "report.html")))
-
-    from mmscale.run import checkpoint as ckpt  # lazy: imports torch
-    latest = ckpt.find_latest(ckpt.checkpoints_root(run_dir))
-    print(f"\nmmscale demo finished in {time.time() - t0:.0f} s (target {args.minutes:g} min), {steps} steps\n"
-          f"  held-out loss  {vals or 'not evaluated'}  (untrained: ln {args.vocab_size} = "
-          f"{math.log(args.vocab_size):.2f})\n"
-          f"  checkpoint   {latest}\n"
-          f"  export       {export}\n"
-          f"  metrics      {run_dir / 'metrics.jsonl'}\n"
-          f"  loss plot    {run_dir / 'loss_curve.png'}\n"
-          f"  wandb files  {run_dir / 'wandb'}  (offline: `wandb sync` it to upload)\n"
-          f"  config       {run_dir / 'config.yaml'}\n"
-          f"  report       {run_dir / 'report.html'}  (curves, numbers, samples; one file, no network)", flush=True)
-    return 0
+    return steps, vals
 
 
 if __name__ == "__main__":
