@@ -28,11 +28,13 @@ import sys
 import time
 from pathlib import Path
 
+import submitit
 from submitit.helpers import Checkpointable
+from submitit.slurm.slurm import SlurmExecutor
 
 from mmscale.config import Config, load_config
 from mmscale.distributed import DistInfo, free_port, rendezvous_env
-from mmscale.errors import UserError
+from mmscale.errors import UserError, exit_status
 
 EXIT_REQUEUE = 75  # the trainer's "stopped by a signal after saving a checkpoint" (ARCHITECTURE.md)
 PREEMPT_SIGNAL_DELAY_S = 120  # USR2 this long before the time limit: time to write a checkpoint
@@ -44,6 +46,8 @@ PREEMPT_SIGNAL_DELAY_S = 120  # USR2 this long before the time limit: time to wr
 def check_layout(cfg: Config, nodes: int, tasks_per_node: int) -> None:
     """Raise UserError (exit 2) when nodes x tasks per node cannot run this config: the trainer's own check
     (engines.check_world_layout), made before anything is submitted."""
+    # lazy: engines imports torch, which nothing else here needs (the submitit job that supervises each rank's
+    # `mmscale train` child imports this module on every node and stays without torch's few hundred MB)
     from mmscale.engines import check_world_layout
 
     world = nodes * tasks_per_node
@@ -153,8 +157,6 @@ class TrainJob(ChildTask):
         self._child = None
 
     def __call__(self) -> dict:
-        import submitit
-
         env = submitit.JobEnvironment()
         job_id = str(env.job_id).split("_")[0]
         child_env = {**os.environ, **rendezvous_env(DistInfo(
@@ -191,8 +193,6 @@ class TrainJob(ChildTask):
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption hook (rank 0, in its USR2 handler): let the trainer save, then requeue."""
-        import submitit
-
         if not self.stop_child(timeout=PREEMPT_SIGNAL_DELAY_S - 10):
             print("[mmscale launch] the trainer did not stop in time; requeueing anyway "
                   "(it resumes from its last checkpoint)", file=sys.stderr, flush=True)
@@ -252,8 +252,6 @@ def _render_only_slurm_executor(folder: Path):
     `--dry-run` is for machines without SLURM (a laptop, a login node without srun), where submitit's
     own constructor refuses ("Could not detect srun"); nothing is ever submitted through this one.
     """
-    from submitit.slurm.slurm import SlurmExecutor
-
     class RenderOnly(SlurmExecutor):
         @classmethod
         def affinity(cls) -> int:
@@ -266,8 +264,6 @@ def _render_only_slurm_executor(folder: Path):
 
 
 def _executor(args, cfg: Config, folder: Path, render_only: bool = False):
-    import submitit
-
     cpus = args.cpus_per_task or cfg.data.num_workers + 1
     params = dict(nodes=args.nodes, tasks_per_node=args.gpus_per_node, cpus_per_task=cpus,
                   timeout_min=args.time, name=args.name)
@@ -455,8 +451,6 @@ def _gpus_per_node_from_env(env) -> int:
 
 def sbatch_plan(argv: list[str]) -> int:
     """`python -m mmscale.launch sbatch-plan CONFIG [overrides]`: prints VAR=value lines for bash."""
-    from mmscale.errors import exit_status
-
     return exit_status("pretrain.sh", _sbatch_plan, argv)
 
 

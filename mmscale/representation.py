@@ -23,13 +23,16 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from mmscale.errors import UserError
+from mmscale.export.evaluate import iter_batches
+from mmscale.export.format import load_export_with_tokenizer
 
 
 def recover_tokens(inputs_embeds, embed_weight, top_k: int = 5):
     """Top-k token ids [B, L, k] of each position of `inputs_embeds` through pinv(embedding)."""
-    import torch
-
     inverse = torch.linalg.pinv(embed_weight.double())         # [d, V]
     coeffs = inputs_embeds.double() @ inverse                  # [B, L, V]
     return coeffs.topk(top_k, dim=-1).indices
@@ -43,9 +46,6 @@ def representation_error(model, input_ids, *, layer: int | None = None, steps: i
     `layer` = number of blocks whose output is matched (default: all blocks, without the final norm).
     Positions holding `ignore_id` (padding) are not counted. `relative`: see the module docstring.
     """
-    import torch
-    from tqdm import tqdm
-
     n_layers = model.config.n_layers
     layer = n_layers if layer is None else layer
     if not 1 <= layer <= n_layers:
@@ -106,11 +106,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from mmscale.export.evaluate import iter_batches
-    from mmscale.export.format import load_export_with_tokenizer
-
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     model, _, sp = load_export_with_tokenizer(args.export)
