@@ -15,8 +15,9 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-# torch is imported inside the functions that need it: `mmscale launch` and `mmscale demo` use this module
-# (free ports, rendezvous variables) without importing torch, which takes seconds
+# torch is imported inside the functions that need it (the only lazy imports here): `mmscale launch`, and the
+# submitit job that supervises each rank's trainer on every node, use this module (DistInfo, free ports,
+# rendezvous variables) and never load torch, which takes seconds and a few hundred MB
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from mmscale.cli.conventions import check_output_path
+from mmscale.config import ConfigError, ModelConfig, build_section
+from mmscale.data.tokenizer import load_tokenizer
+from mmscale.engines import engine_for_checkpoint
 from mmscale.errors import UserError
+from mmscale.export.format import save_export
+from mmscale.fsutil import file_sha256
+from mmscale.models import build_model
+from mmscale.run import checkpoint as ckpt
+from mmscale.run.metrics import read_jsonl
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -36,8 +48,6 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A step folder from a run dir, a checkpoints/ dir or a step folder itself."""
-    from mmscale.run import checkpoint as ckpt
-
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"checkpoint '{path}' does not exist; pass a run dir, its checkpoints/ or a step_XXXXXXXX folder")
@@ -55,17 +65,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def expected_shapes(model_cfg) -> dict[str, tuple]:
     """Parameter names and shapes of the model a ModelConfig describes (built on the meta device)."""
-    import torch
-
-    from mmscale.models import build_model
-
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
 
 
 def _model_config(meta: dict, where: Path):
-    from mmscale.config import ConfigError, ModelConfig, build_section
-
     try:
         return build_section(ModelConfig, meta.get("model", {}), "model")
     except ConfigError as e:
@@ -77,15 +81,11 @@ def _model_config(meta: dict, where: Path):
 
 def read_checkpoint(step_dir: Path, meta: dict, model_cfg):
     """(name, fp32 tensor) pairs, one at a time, from the reader of the engine that wrote the checkpoint."""
-    from mmscale.engines import engine_for_checkpoint
-
     return engine_for_checkpoint(meta, step_dir).read_state(step_dir, meta, model_cfg)
 
 
 def load_checkpoint_state(step_dir: Path, meta: dict, model_cfg, dtype=None, progress: bool = False) -> dict:
     """The model's full state dict from a checkpoint, checked name by name and shape by shape."""
-    from tqdm import tqdm
-
     expected = expected_shapes(model_cfg)
     out: dict = {}
     aliases = {}
@@ -144,7 +144,6 @@ def last_val_loss_at(run_dir: Path, step: int) -> tuple:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None, None
-    from mmscale.run.metrics import read_jsonl
 
     val, at = None, None
     for row in read_jsonl(path)[0]:
@@ -155,9 +154,6 @@ def last_val_loss_at(run_dir: Path, step: int) -> tuple:
 
 def check_tokenizer(tok: Path, model_cfg, run_cfg: dict, step_dir: Path) -> None:
     """The tokenizer to ship loads, fits the model's vocab, and is the one the run's data was made with."""
-    from mmscale.data.tokenizer import load_tokenizer
-    from mmscale.fsutil import file_sha256
-
     sp = load_tokenizer(tok)  # a one-line error for a file that is not a tokenizer
     if sp.get_piece_size() > model_cfg.vocab_size:
         raise UserError(f"--tokenizer '{tok}' has {sp.get_piece_size()} pieces but the model of '{step_dir}' has "
@@ -176,17 +172,11 @@ def check_tokenizer(tok: Path, model_cfg, run_cfg: dict, step_dir: Path) -> None
 
 
 def sample_batch(model_cfg, seed: int = 0):
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model_cfg.vocab_size, (2, model_cfg.n_ctx), generator=g)
 
 
 def reference_logits(state: dict, model_cfg, ids):
-    import torch
-
-    from mmscale.models import build_model
-
     model = build_model(model_cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     with torch.no_grad():
@@ -195,8 +185,6 @@ def reference_logits(state: dict, model_cfg, ids):
 
 def verify_export(export: Path, ids, ref_logits, dtype: str) -> dict:
     """Load `export` in a fresh interpreter and compare its logits with `ref_logits` on `ids`."""
-    import torch
-
     with tempfile.TemporaryDirectory(prefix="mmscale-verify-") as tmp:
         torch.save({"ids": ids, "logits": ref_logits}, Path(tmp) / "ref.pt")
         code = ("import json, sys, torch\n"
@@ -225,15 +213,8 @@ def verify_export(export: Path, ids, ref_logits, dtype: str) -> dict:
 def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32", *, tokenizer=None,
             overwrite: bool = False, verify: bool = False, progress: bool = True) -> dict:
     """Write an export of `checkpoint` to `out`; returns a summary (and the verify result)."""
-    import torch
-
-    from mmscale.run import checkpoint as ckpt
-    from mmscale.engines import engine_for_checkpoint
-    from mmscale.export.format import save_export
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    from mmscale.cli.conventions import check_output_path
 
     out = Path(out)
     step_dir = resolve_checkpoint(checkpoint)

@@ -15,7 +15,14 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from mmscale.config import DataConfig
+from mmscale.data.loader import build_dataloader, check_fits_model, read_manifest, tokenizer_sha
 from mmscale.errors import UserError
+from mmscale.export.format import load_export_with_tokenizer
+from mmscale.fsutil import file_sha256
 
 DOC_SEPARATOR = "<|endoftext|>"
 IGNORE = -100
@@ -59,8 +66,6 @@ def pack_windows(docs_ids: list[list[int]], window: int, max_windows: int | None
 
     The last partial row is padded with IGNORE (-100) so it is excluded from the loss.
     """
-    import torch
-
     flat = [t for ids in docs_ids for t in ids]
     if not flat:
         raise UserError("the evaluation data holds no tokens; pass non-empty text")
@@ -96,8 +101,6 @@ def iter_batches(data: list[str], sp, n_ctx: int, batch_size: int, split: str = 
     reported here, before the first batch is asked for.
     """
     if len(data) == 1 and Path(data[0]).is_dir():
-        from mmscale.data.loader import check_fits_model, read_manifest
-
         # read_manifest: a clear error for a folder that is not a dataset
         check_fits_model(read_manifest(data[0]), data[0], n_ctx, model_keys=False, settable=False)
         return dataset_batches(data[0], n_ctx, batch_size, split, max_batches)
@@ -107,9 +110,6 @@ def iter_batches(data: list[str], sp, n_ctx: int, batch_size: int, split: str = 
 
 
 def dataset_batches(path: str, n_ctx: int, batch_size: int, split: str, max_batches: int | None):
-    from mmscale.config import DataConfig
-    from mmscale.data.loader import build_dataloader
-
     loader = build_dataloader(DataConfig(train=path, shuffle=False), split, n_ctx=n_ctx,
                               micro_batch_size=batch_size, seed=0, endless=False)
     try:
@@ -123,9 +123,6 @@ def dataset_batches(path: str, n_ctx: int, batch_size: int, split: str, max_batc
 
 def evaluate_loss(model, batches, progress: bool = True) -> dict:
     """Token-weighted mean cross-entropy of `model` over `batches` (see iter_batches)."""
-    import torch
-    from tqdm import tqdm
-
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress, file=sys.stderr, leave=False):
@@ -158,8 +155,6 @@ def check_data_tokenizer(data: list[str], export, meta: dict) -> None:
     """A prepared dataset must have been tokenized with the export's tokenizer (same sha256)."""
     if len(data) != 1 or not Path(data[0]).is_dir():
         return
-    from mmscale.data.loader import read_manifest, tokenizer_sha
-    from mmscale.fsutil import file_sha256
 
     want = tokenizer_sha(read_manifest(data[0]))
     have = file_sha256(Path(export) / meta["tokenizer"])
@@ -184,8 +179,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmscale.export.format import load_export_with_tokenizer
-
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.json:  # outputs are checked before the work, as every command does

@@ -13,6 +13,7 @@ gives a plain state dict; config.json says how to build the module.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmscale.config import ModelConfig, build_section
+from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
+from mmscale.fsutil import apply_umask_tree
+from mmscale.models import build_model
 
 FORMAT = "mmscale-export"
 VERSION = 1
@@ -36,8 +44,6 @@ def training_data_record(path) -> dict | None:
     A dataset of `mmscale prepare` (manifest.json): sha256 over manifest.json and each split's index.json (which
     hold the shards' xxh64 digests, so the hash follows the content, not the folder's place), and its token
     count; a file (retrieval pairs): sha256 of its bytes. A path that is gone keeps its name, hash None."""
-    import hashlib
-
     if path in (None, ""):
         return None
     p = Path(str(path))
@@ -91,8 +97,6 @@ def save_export(out_dir: str | os.PathLike, state_dict: dict, model_cfg: Any, to
     `model_cfg` is a ModelConfig or its dict; `info` is provenance for config.json and the model card.
     Refuses an existing `out_dir` unless `overwrite`.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"output directory '{out}' already exists; choose another path or pass --overwrite")
@@ -118,7 +122,6 @@ def save_export(out_dir: str | os.PathLike, state_dict: dict, model_cfg: Any, to
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         (tmp / CARD).write_text(_model_card(cfg, info))
-        from mmscale.fsutil import apply_umask_tree
         apply_umask_tree(tmp)  # mkdtemp makes 0700: the export gets the modes of any other new folder
         if out.exists():  # overwrite: swap only once the new export is complete
             shutil.rmtree(out)
@@ -155,8 +158,6 @@ def load_export_config(path: str | os.PathLike) -> dict:
 
 def load_export_tokenizer(path: str | os.PathLike, meta: dict, vocab_size: int):
     """The export's tokenizer, refused when it has more pieces than the model has embeddings."""
-    from mmscale.data.tokenizer import load_tokenizer
-
     tok_path = Path(path) / meta["tokenizer"]
     try:
         sp = load_tokenizer(tok_path)
@@ -176,12 +177,6 @@ def load_export(path: str | os.PathLike, dtype=None, device="cpu", require_token
 
     The tokenizer path, when present, is `Path(path) / meta["tokenizer"]`.
     """
-    import torch
-    from safetensors.torch import load_file
-
-    from mmscale.config import ModelConfig, build_section
-    from mmscale.models import build_model
-
     p = Path(path)
     meta = load_export_config(p)
     if require_tokenizer and not (meta.get("tokenizer") and (p / meta["tokenizer"]).is_file()):
@@ -218,12 +213,6 @@ def load_export_state(path: str | os.PathLike, model_cfg: Any) -> dict:
     exactly its shape (dtypes are converted to fp32); a mismatch raises UserError naming the first
     difference. Tied weights appear once in the file and are returned under both names.
     """
-    import torch
-    from safetensors.torch import load_file
-
-    from mmscale.config import ModelConfig, build_section
-    from mmscale.models import build_model
-
     p = Path(path)
     meta = load_export_config(p)
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else build_section(ModelConfig, dict(model_cfg), "model")

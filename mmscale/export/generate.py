@@ -11,7 +11,10 @@ import argparse
 import math
 import sys
 
+import torch
+
 from mmscale.errors import UserError
+from mmscale.export.format import load_export_with_tokenizer
 
 
 MIN_TEMPERATURE = 1e-2  # below this, logits / temperature overflow float32 for ordinary logits
@@ -19,8 +22,6 @@ MIN_TEMPERATURE = 1e-2  # below this, logits / temperature overflow float32 for 
 
 def sample_next(logits, temperature: float, top_k: int, generator):
     """One token id per row of `logits` [B, V]: greedy at temperature 0, else top-k sampling."""
-    import torch
-
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -34,8 +35,6 @@ def sample_next(logits, temperature: float, top_k: int, generator):
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  seed: int = 0, eos_id: int = -1, pad_id: int = 0) -> list[int]:
     """New token ids after `prompt_ids` (the prompt itself not included)."""
-    import torch
-
     cfg = model.config
     n_ctx = cfg.n_ctx
     if not prompt_ids:
@@ -95,8 +94,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmscale.export.format import load_export_with_tokenizer
-
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:

@@ -26,6 +26,8 @@ transformers, tokenizers and sentencepiece are imported here only, when the comm
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -33,7 +35,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from mmscale.cli.conventions import check_output_path
+from mmscale.data.tokenizer import is_hf_tokenizer_file, load_tokenizer
+from mmscale.retrieval.embedder import parse_position
 from mmscale.errors import UserError
+from mmscale.export.convert import convert, resolve_checkpoint
+from mmscale.export.format import CONFIG, FORMAT, load_export, load_export_config, training_data_record
+from mmscale.fsutil import apply_umask_tree
+from mmscale.run import checkpoint as ckpt
 
 MIXER_MODELING = "modeling_mmscale_mixer.py"
 POOLING = "mmscale_pooling.py"
@@ -49,6 +61,8 @@ PROBE_TEXTS = [
 
 
 def _require_hf():
+    # transformers and tokenizers are the optional `ecosystem` extra and slow to import: every use in this module
+    # is inside a function, after this check (the core import path never loads them; test_hf_export checks it)
     try:
         import tokenizers  # noqa: F401
         import transformers  # noqa: F401
@@ -68,6 +82,7 @@ def sentencepiece_to_tokenizers(model_path: str | os.PathLike):
     BPE merges ordered by the score of the merged piece, byte fallback. Control pieces become special
     added tokens.
     """
+    # lazy: tokenizers is the optional extra, and sentencepiece's model proto needs protobuf
     from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -143,8 +158,6 @@ def _piece(sp_or_tok, idx: int):
 
 def write_tokenizer(export: Path, out: Path, meta: dict, n_ctx: int) -> dict:
     """tokenizer.json + tokenizer_config.json (+ tokenizer.model) in `out`; returns the special ids."""
-    from mmscale.data.tokenizer import is_hf_tokenizer_file, load_tokenizer
-
     src = export / (meta.get("tokenizer") or "tokenizer.model")
     if not src.is_file():
         raise UserError(f"export '{export}' has no tokenizer; re-run `mmscale convert --tokenizer PATH`")
@@ -181,8 +194,6 @@ def write_tokenizer(export: Path, out: Path, meta: dict, n_ctx: int) -> dict:
 
 def _load_modeling(path: Path, name: str):
     """Import a template file under its own name (as transformers will import the copy in the export)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
@@ -221,7 +232,7 @@ def mixer_state_to_hf(sd: dict) -> dict:
 
 
 def llama_hf_config(cfg: dict, ids: dict, dtype):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # lazy: the optional extra (_require_hf)
 
     if cfg["bidirectional"]:
         raise UserError("a bidirectional transformer has no LlamaForCausalLM equivalent; export-hf converts causal "
@@ -284,8 +295,6 @@ PAPER = "https://arxiv.org/abs/2409.01482"
 
 def _training_data(meta: dict):
     """The export's training-data record (name + content hash; format.training_data_record), never a path."""
-    from mmscale.export.format import training_data_record
-
     rec = meta.get("training_data")
     return rec if isinstance(rec, dict) else training_data_record(meta.get("trained_on"))
 
@@ -332,14 +341,11 @@ def _card(cfg: dict, meta: dict, position) -> str:
 def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="auto", overwrite: bool = False,
               verify: bool = True, tokenizer: str | os.PathLike | None = None) -> dict:
     """Write the HF folder for `source` (an export, or a checkpoint converted on the way); returns a summary."""
-    from mmscale.export.format import CONFIG, FORMAT
-
     _require_hf()
     src, out = Path(source), Path(out)
     if not src.is_dir():
         raise UserError(f"'{src}' does not exist; pass an export (mmscale convert) or a run / checkpoint folder")
-    from mmscale.cli.conventions import check_output_path  # never the source nor a folder holding it
-
+    # never the source nor a folder holding it
     check_output_path(out, "--out", overwrite=overwrite, inputs=[src] + ([tokenizer] if tokenizer else []))
     try:
         is_export = (src / CONFIG).is_file() and json.loads((src / CONFIG).read_text()).get("format") == FORMAT
@@ -348,16 +354,12 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="au
     with tempfile.TemporaryDirectory(prefix=".export-hf-", dir=out.parent if out.parent.is_dir() else None) as tmp:
         run_position = None
         if not is_export:  # a checkpoint: convert it first (fp32)
-            from mmscale.run import checkpoint as ckpt
-            from mmscale.export.convert import convert, resolve_checkpoint
-
             step = resolve_checkpoint(src)
             run_position = ((ckpt.read_meta(step).get("config") or {}).get("retrieval") or {}).get("position")
             convert(src, Path(tmp) / "export", tokenizer=tokenizer, progress=False)
             src = Path(tmp) / "export"
         if position == "auto":
             position = run_position or "last"
-        from mmscale.embedder import parse_position
         parsed = parse_position(position)
         if parsed == "idf":  # its weights are the searched corpus's statistics, which no model file carries
             raise UserError("export-hf: position 'idf' weights tokens by the searched corpus's document frequencies, "
@@ -367,11 +369,6 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, position="au
 
 
 def _export(src: Path, out: Path, position, overwrite: bool, verify: bool, tmp: Path) -> dict:
-    import torch
-    from safetensors.torch import load_file
-
-    from mmscale.export.format import load_export_config
-
     meta = load_export_config(src)
     cfg = meta["model"]
     sd = load_file(str(src / "model.safetensors"))
@@ -383,7 +380,7 @@ def _export(src: Path, out: Path, position, overwrite: bool, verify: bool, tmp: 
         mod, config = mixer_hf_config(cfg, ids, dtype)
         model_cls, hf_sd = mod.MaskedMixerForCausalLM, mixer_state_to_hf(sd)
     else:
-        from transformers import LlamaForCausalLM
+        from transformers import LlamaForCausalLM  # lazy: the optional extra (_require_hf)
 
         config, model_cls, hf_sd = llama_hf_config(cfg, ids, dtype), LlamaForCausalLM, llama_state_to_hf(sd)
     if cfg["tie_embeddings"]:
@@ -391,7 +388,6 @@ def _export(src: Path, out: Path, position, overwrite: bool, verify: bool, tmp: 
     try:
         from transformers.modeling_utils import no_init_weights
     except ImportError:  # pragma: no cover - older transformers
-        import contextlib
         no_init_weights = contextlib.nullcontext
     with no_init_weights():  # every weight is overwritten below
         model = model_cls(config).to(dtype)  # the export's dtype (fp32 or bf16) is the folder's
@@ -419,7 +415,6 @@ def _export(src: Path, out: Path, position, overwrite: bool, verify: bool, tmp: 
         {"model": cfg, **{k: meta.get(k) for k in ("steps", "tokens", "val_loss")},
          "training_data": _training_data(meta), "source": source, "embedding_position": position},
         indent=2, default=str) + "\n")
-    from mmscale.fsutil import apply_umask_tree
     apply_umask_tree(stage)  # the staging dir is 0700 and save_pretrained's files 0600: modes as the umask gives
     summary = {"export": str(out), "kind": cfg["kind"], "dtype": str(dtype).replace("torch.", ""),
                "position": position, "tensors": len(hf_sd)}
@@ -437,10 +432,7 @@ def _export(src: Path, out: Path, position, overwrite: bool, verify: bool, tmp: 
 
 def verify_hf(hf_dir: Path, export: Path, seed: int = 0) -> dict:
     """Logits of the HF folder (loaded through AutoModelForCausalLM) against the mmscale export's."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from mmscale.export.format import load_export
+    from transformers import AutoModelForCausalLM  # lazy: the optional ecosystem extra (see _require_hf)
 
     ref_model, _ = load_export(export)
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True).float().eval()
