@@ -24,7 +24,7 @@ from pathlib import Path
 from mmscale.config import load_yaml_file
 from mmscale.errors import UserError
 from mmscale.fsutil import atomic_write
-from mmscale.retrieval import report_section
+from mmscale.retrieval.report import report_section
 from mmscale.run.metrics import read_jsonl
 
 MAX_POINTS = 2000  # per series in the charts (the table always uses every row)

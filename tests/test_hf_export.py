@@ -483,7 +483,7 @@ def test_cli_and_errors(exports, tmp_path, capsys):
 
 def test_core_import_path_does_not_import_the_ecosystem():
     code = ("import sys\nimport mmscale, mmscale.cli, mmscale.export, mmscale.export.hf, mmscale.data.tokenizer, "
-            "mmscale.data.prepare, mmscale.embedder, mmscale.models\n"
+            "mmscale.data.prepare, mmscale.retrieval.embedder, mmscale.models\n"
             "print(sorted(m for m in ('transformers', 'tokenizers', 'sentence_transformers', 'lm_eval') "
             "if m in sys.modules))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

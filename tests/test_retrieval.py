@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from mmscale.cli import main as cli_main
 from mmscale.config import config_from_dict
 from mmscale.errors import UserError
-from mmscale.retrieval import PairGroups, info_nce, read_pairs, top1_table
+from mmscale.retrieval.collection import read_pairs
+from mmscale.retrieval.evaluate import top1_table
+from mmscale.retrieval.loss import info_nce
+from mmscale.retrieval.pairs import PairGroups
 from tests._dist import run_distributed
 
 
@@ -154,7 +157,7 @@ def retrieval_config(root: Path, run: str, **over) -> dict:
 @pytest.mark.slow
 def test_finetuned_tiny_mixer_retrieves_held_out_stories(pretrained, tmp_path, capsys):
     from mmscale.export.convert import convert
-    from mmscale.retrieval import prepare_config, train_retrieval
+    from mmscale.retrieval.train import prepare_config, train_retrieval
 
     root = pretrained
     before = tmp_path / "before.json"
@@ -206,7 +209,7 @@ def test_eval_bad_input(pretrained, tmp_path, capsys):
 
 def retrieval_runs(payload: dict) -> list:
     """Worker target: several retrieval trainings one after the other in the same ranks."""
-    from mmscale.retrieval import prepare_config, train_retrieval
+    from mmscale.retrieval.train import prepare_config, train_retrieval
     from mmscale.run.checkpoint import resolve_resume
 
     statuses = []
@@ -225,7 +228,7 @@ def _losses(run_dir: Path) -> dict:
 @pytest.mark.distributed
 def test_two_ranks_deepspeed_and_fsdp_match_single_and_resume(pretrained, tmp_path):
     from mmscale.export.convert import convert
-    from mmscale.retrieval import prepare_config, train_retrieval
+    from mmscale.retrieval.train import prepare_config, train_retrieval
 
     root = pretrained
     # without gathered negatives the 2-rank gradient is exactly the single-process one

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmscale import ir_metrics
+from mmscale.retrieval import metrics as ir_metrics
 from mmscale.cli import main as cli_main
 from mmscale.errors import UserError
-from mmscale.retrieval import PairGroups, info_nce, unpack_mask
-from mmscale.retrieval_data import collection_from_pairs, load_beir, load_collection
+from mmscale.retrieval.loss import info_nce, unpack_mask
+from mmscale.retrieval.pairs import PairGroups
+from mmscale.retrieval.collection import collection_from_pairs, load_beir, load_collection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -335,7 +336,7 @@ def test_masked_info_nce_matches_float64_hand_computation():
         s = (allc @ emb[b * G] / tau).tolist()
         keep = [x for j, x in enumerate(s) if not mask[b, j]]
         total += -(s[b * (G - 1)] - math.log(sum(math.exp(x) for x in keep)))
-    from mmscale.retrieval import pack_mask
+    from mmscale.retrieval.loss import pack_mask
     got = info_nce(emb.float(), G, tau, gather=True, mask=pack_mask(mask))
     assert float(got) == pytest.approx(total / B, rel=1e-5)
     assert float(info_nce(emb.float(), G, tau, gather=True, mask=mask)) == pytest.approx(total / B, rel=1e-5)
@@ -376,8 +377,8 @@ def long_coll(tmp_path) -> Path:
 
 
 def test_max_chunk_scores_are_the_best_window_by_hand(export, long_coll, tmp_path):
-    from mmscale.embedder import Embedder
-    from mmscale.retrieval import evaluate_export
+    from mmscale.retrieval.embedder import Embedder
+    from mmscale.retrieval.evaluate import evaluate_export
 
     res = evaluate_export(str(export), str(long_coll), [3], passage_mode="max_chunk", cache_dir=tmp_path / "cache",
                           baseline=False, progress=False, record=True)
@@ -411,8 +412,8 @@ def test_corpus_cache_reused_and_invalidated_when_the_export_changes(export, sma
 
     from safetensors.torch import load_file, save_file
 
-    from mmscale.embedder import Embedder
-    from mmscale.retrieval import evaluate_export
+    from mmscale.retrieval.embedder import Embedder
+    from mmscale.retrieval.evaluate import evaluate_export
 
     exp = tmp_path / "export"
     shutil.copytree(export, exp)
@@ -453,7 +454,7 @@ def test_corpus_cache_reused_and_invalidated_when_the_export_changes(export, sma
 def test_bm25_row_equals_a_direct_call_of_bm25s(export, small, tmp_path):
     import bm25s
 
-    from mmscale.retrieval import evaluate_export
+    from mmscale.retrieval.evaluate import evaluate_export
 
     res = evaluate_export(str(export), str(small), [3, 5], baseline=True, progress=False, record=True)
     c = load_beir(small)
@@ -500,10 +501,11 @@ def test_eval_cli_table_json_and_no_baseline(export, small, tmp_path, capsys):
 
 
 def test_train_on_a_collection_with_mined_negatives(export, long_coll, tmp_path, capsys):
-    from mmscale.bm25 import BM25Index
+    from mmscale.retrieval.bm25 import BM25Index
     from mmscale.config import config_from_dict
-    from mmscale.embedder import Embedder
-    from mmscale.retrieval import mine_negatives, prepare_config, train_retrieval
+    from mmscale.retrieval.embedder import Embedder
+    from mmscale.retrieval.corpus import mine_negatives
+    from mmscale.retrieval.train import prepare_config, train_retrieval
 
     (long_coll / "qrels" / "train.tsv").write_text((long_coll / "qrels" / "test.tsv").read_text())
     tree = {"engine": {"kind": "single", "precision": "fp32"},
@@ -543,8 +545,8 @@ def test_train_on_a_collection_with_mined_negatives(export, long_coll, tmp_path,
 
 
 def test_passage_modes_token_layout(export, long_coll):
-    from mmscale.embedder import Embedder
-    from mmscale.retrieval import doc_sequences
+    from mmscale.retrieval.embedder import Embedder
+    from mmscale.retrieval.corpus import doc_sequences
 
     c = load_beir(long_coll)
     sp = Embedder.from_export(export).tokenizer
@@ -568,7 +570,7 @@ def test_passage_modes_token_layout(export, long_coll):
 # issue 29: pairs from the corpus, the collapse statistics, the hybrid row, empty documents
 
 def _corpus_pairs(n_ctx=12, seed=0):
-    from mmscale.retrieval import CorpusPairs
+    from mmscale.retrieval.pairs import CorpusPairs
 
     titles = [[1, 2], [], [3], [1, 2]]
     sentences = [[[10, 11, 12], [13, 14, 15, 16], [17, 18, 19]], [[20, 21, 22, 23, 24, 25, 26, 27, 28]],
@@ -579,7 +581,7 @@ def _corpus_pairs(n_ctx=12, seed=0):
 
 
 def test_corpus_pair_builders_on_a_hand_made_corpus():
-    from mmscale.retrieval import parse_corpus_pairs
+    from mmscale.retrieval.pairs import parse_corpus_pairs
 
     cp, titles, texts, sentences = _corpus_pairs()
     assert cp.eligible("title-body") == [0, 2, 3]            # a title and a text
@@ -687,7 +689,8 @@ def test_views_of_one_document_are_never_each_others_negatives(world):
 
 
 def test_batch_stats_and_collapse_warning_by_hand():
-    from mmscale.retrieval import RetrievalStats, batch_stats, info_nce
+    from mmscale.retrieval.loss import batch_stats, info_nce
+    from mmscale.retrieval.stats import RetrievalStats
 
     g = torch.Generator().manual_seed(3)
     B, G, d = 3, 4, 5
@@ -742,9 +745,9 @@ def test_rrf_and_paired_difference_by_hand():
 
 
 def test_eval_has_a_hybrid_row_and_paired_comparison(export, small, tmp_path, capsys):
-    from mmscale.bm25 import BM25Index
-    from mmscale.embedder import Embedder
-    from mmscale.retrieval import evaluate_export
+    from mmscale.retrieval.bm25 import BM25Index
+    from mmscale.retrieval.embedder import Embedder
+    from mmscale.retrieval.evaluate import evaluate_export
 
     res = evaluate_export(str(export), str(small), [3], progress=False, record=True)
     c = load_beir(small)
@@ -803,9 +806,10 @@ def test_interpolation_weight_by_hand():
 
 
 def test_import_keeps_empty_records_and_they_embed(export, tmp_path, capsys):
-    from mmscale.bm25 import BM25Index
-    from mmscale.embedder import Embedder
-    from mmscale.retrieval import doc_sequences, empty_text_tokens, evaluate_export
+    from mmscale.retrieval.bm25 import BM25Index
+    from mmscale.retrieval.embedder import Embedder
+    from mmscale.retrieval.corpus import doc_sequences, empty_text_tokens
+    from mmscale.retrieval.evaluate import evaluate_export
 
     docs = tmp_path / "DOCS.ALL"
     docs.write_text(".I 1\n.T\nCats and mats\n.W\nthe cat sat\n.I 2\n.A\nNobody\n.X\n1 2 3\n"
@@ -830,7 +834,7 @@ def test_import_keeps_empty_records_and_they_embed(export, tmp_path, capsys):
 
 def test_mean_pooling_is_the_mean_over_real_tokens():
     from mmscale.config import ModelConfig
-    from mmscale.embedder import parse_position, pad_batch, pooled_embeddings
+    from mmscale.retrieval.embedder import parse_position, pad_batch, pooled_embeddings
     from mmscale.models import build_model
 
     torch.manual_seed(0)
@@ -881,7 +885,7 @@ def test_corpus_pairs_fine_tune_raises_in_batch_accuracy(export, tmp_path, capsy
     """A tiny end-to-end run on title -> body pairs made from a corpus: metrics.jsonl has the retrieval columns and
     the in-batch accuracy rises from chance (measured 0.05 -> 0.53 over 40 steps)."""
     from mmscale.config import config_from_dict
-    from mmscale.retrieval import prepare_config, train_retrieval
+    from mmscale.retrieval.train import prepare_config, train_retrieval
     from tests._data_helpers import make_tiny_corpus
 
     text, _ = make_tiny_corpus(400, 0, 512)

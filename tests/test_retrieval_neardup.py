@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmscale.retrieval_data import NEAR_DUP_JACCARD, jaccard, load_beir, near_duplicates, shingles
+from mmscale.retrieval.collection import load_beir
+from mmscale.retrieval.neardup import NEAR_DUP_JACCARD, jaccard, near_duplicates, shingles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +71,7 @@ def test_near_duplicates_equal_brute_force_jaccard():
 
 
 def test_near_duplicates_are_never_training_negatives(tmp_path):
-    from mmscale.retrieval import CorpusPairs, PairGroups
+    from mmscale.retrieval.pairs import CorpusPairs, PairGroups
 
     words = BASE.split()
     corpus = [{"_id": "a", "title": "", "text": BASE},
@@ -105,9 +106,9 @@ def test_near_duplicates_are_never_training_negatives(tmp_path):
 @pytest.mark.parametrize("kind", ["mixer", "transformer"])
 def test_bidirectional_embeddings_agree_between_training_and_evaluation(kind):
     from mmscale.config import ModelConfig
-    from mmscale.embedder import Embedder, pad_batch, pooled_embeddings
+    from mmscale.retrieval.embedder import Embedder, pad_batch, pooled_embeddings
     from mmscale.models import build_model
-    from mmscale.retrieval import PairGroups
+    from mmscale.retrieval.pairs import PairGroups
 
     n_ctx = 16
     torch.manual_seed(0)
@@ -147,7 +148,7 @@ def test_idf_pooling_is_the_idf_weighted_mean_by_hand():
     import torch.nn.functional as F
 
     from mmscale.config import ModelConfig
-    from mmscale.embedder import Embedder, idf_weights, pad_batch, parse_position, pooled_embeddings
+    from mmscale.retrieval.embedder import Embedder, idf_weights, pad_batch, parse_position, pooled_embeddings
     from mmscale.models import build_model
 
     docs = [[5, 6, 7], [5, 8], [5, 6, 9, 9], []]

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                        "sentence-transformers, lm-eval)"),
     "generate": ("mmscale.export.generate", "sample text from an export"),
     "eval": ("mmscale.export.evaluate", "mean loss and perplexity of an export on a dataset or text files"),
-    "retrieval": ("mmscale.retrieval", "retrieval fine-tuning, evaluation, collection import (`retrieval train|eval|import`)"),
+    "retrieval": ("mmscale.retrieval.cli", "retrieval fine-tuning, evaluation, collection import (`retrieval train|eval|import`)"),
     "representation": ("mmscale.representation", "input-representation accuracy of an export (the paper's metric)"),
     "report": ("mmscale.report", "one self-contained HTML page comparing runs (curves, config diff, samples)"),
     "experiment": ("mmscale.experiment", "a fair mixer-vs-transformer comparison from a spec "

@@ -13,7 +13,7 @@ from mmscale.data.synth import write_corpus
 from mmscale.data.tokenizer import train_tokenizer
 from mmscale.errors import UserError
 from mmscale.experiment.spec import Spec, need
-from mmscale.retrieval_data import import_collection
+from mmscale.retrieval.importer import import_collection
 
 
 def resolve(spec: Spec, p: str) -> str:

@@ -22,7 +22,8 @@ from mmscale.export.format import load_export
 from mmscale.fsutil import atomic_write
 from mmscale.models import build_model
 from mmscale.representation import representation_error
-from mmscale.retrieval import evaluate_export, prepare_config, train_retrieval
+from mmscale.retrieval.evaluate import evaluate_export
+from mmscale.retrieval.train import prepare_config, train_retrieval
 from mmscale.run.metrics import read_jsonl
 
 

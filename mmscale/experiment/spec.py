@@ -20,7 +20,7 @@ from mmscale.config import ConfigError, build_section, config_from_dict, load_ya
 from mmscale.errors import UserError
 from mmscale.experiment.sections import (MATCH_KEYS, MATCHES, RULES, TOP_KEYS, AxesSpec, BudgetSpec, DataSpec, EvalSpec,
                                          RepresentationSpec, RetrievalSpec, SlurmResources, SpecFile, SweepSpec)
-from mmscale.retrieval import parse_corpus_pairs
+from mmscale.retrieval.pairs import parse_corpus_pairs
 
 
 class SpecError(UserError):

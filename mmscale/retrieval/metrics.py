@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from mmscale.errors import UserError
 
@@ -211,7 +212,6 @@ def evaluate_scores(scorer: Callable[[np.ndarray], np.ndarray], relevant, exclud
     ev = Evaluator(relevant, excluded, n_docs, candidates, seed, record)
     blocks = list(query_blocks(len(relevant), max(n_docs, getattr(scorer, "cols", 0))))
     if progress:
-        from tqdm import tqdm
         blocks = tqdm(blocks, desc=progress, unit="block", leave=False)
     for idx in blocks:
         ev.add(idx.tolist(), scorer(idx))
@@ -286,7 +286,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
 # top k (mining hard negatives)
 
 def have_faiss() -> bool:
-    try:
+    try:  # lazy: faiss is optional (exact top k on large corpora), numpy does the rest
         import faiss  # noqa: F401
     except ImportError:
         return False
@@ -305,7 +305,7 @@ def top_k(query_emb: np.ndarray, doc_emb: np.ndarray, k: int, backend: str = "au
     if backend == "auto":
         backend = "faiss" if len(d) > 100_000 and have_faiss() else "numpy"
     if backend == "faiss":
-        import faiss
+        import faiss  # lazy: optional, see have_faiss
 
         index = faiss.IndexFlatIP(d.shape[1])
         index.add(d)

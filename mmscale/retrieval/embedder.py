@@ -19,9 +19,16 @@ embeds the same in training, in evaluation and in any batch.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
 from mmscale.errors import UserError
+from mmscale.export.format import load_export_with_tokenizer
 
 
 def parse_position(position: int | str) -> int | str | None:
@@ -44,9 +51,6 @@ def idf_weights(doc_tokens: Iterable[Sequence[int]], vocab_size: int):
     (token lists), ln(1 + (N - df + 0.5) / (df + 0.5)): a token in every document weighs ln(1 + 0.5 / (N + 0.5))
     ~ 0, one in no document ln(2 N + 2). The weights of `position="idf"` pooling, computed from the corpus
     being searched (as BM25's are), so frequent tokens do not dominate the mean."""
-    import numpy as np
-    import torch
-
     df = np.zeros(vocab_size, dtype=np.float64)
     n = 0
     for toks in doc_tokens:
@@ -62,8 +66,6 @@ def token_indices(lengths, position: int | None):
     Negative positions count back from the last real token (-1 = last); indices are clamped into
     [0, length - 1] so that short texts still give an embedding.
     """
-    import torch
-
     lengths = torch.as_tensor(lengths)
     if position is None:
         idx = lengths - 1
@@ -79,9 +81,6 @@ def pooled_embeddings(model, input_ids, lengths, position: int | str | None = No
 
     position "mean": the mean of the hidden states over each row's first `lengths` tokens (padding excluded);
     "idf": their mean weighted by `weights[token id]` (idf_weights)."""
-    import torch
-    import torch.nn.functional as F
-
     lengths = torch.as_tensor(lengths).to(input_ids.device)
     if getattr(model.config, "bidirectional", False):
         # a bidirectional model sees the padding: pad positions are zero vectors (what the mixer pads a short
@@ -141,8 +140,6 @@ def windows(ids: Sequence[int], n_ctx: int, prefix: Sequence[int] = ()) -> list[
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None):
     """Right-pad token lists into Long[B, max_len] (Long[B, width] when given); returns (ids, lengths)."""
-    import torch
-
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     ids = torch.full((len(seqs), max(int(lengths.max()), width or 0)), max(pad_id, 0), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -164,10 +161,6 @@ class Embedder:
 
     @classmethod
     def from_export(cls, path: str | os.PathLike, position: int | str = "last", device="cpu", dtype=None) -> "Embedder":
-        from pathlib import Path
-
-        from mmscale.export.format import load_export_with_tokenizer
-
         # refuses a tokenizer with more pieces than the model's vocab (one line, not an IndexError later)
         model, _, sp = load_export_with_tokenizer(Path(path), dtype=dtype, device=device)
         return cls(model, sp, position=position, device=device)
@@ -188,9 +181,6 @@ class Embedder:
     def encode_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 32, position: int | str | None = None,
                    progress: bool | str = False):
         """Embeddings of token sequences (each at most n_ctx tokens): float32 [len(seqs), d_model], unit rows."""
-        import numpy as np
-        import torch
-
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         pos = self.position if position is None else parse_position(position)
@@ -202,7 +192,6 @@ class Embedder:
         out = np.zeros((len(seqs), self.dim), dtype=np.float32)
         batches = range(0, len(order), batch_size)
         if progress:
-            from tqdm import tqdm
             batches = tqdm(batches, desc=progress if isinstance(progress, str) else "embedding", unit="batch",
                            leave=False)
         pad = self.tokenizer.pad_id()

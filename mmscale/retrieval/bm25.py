@@ -19,8 +19,9 @@ PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}
 NAME = "BM25 (bm25s, lucene k1 1.5 b 0.75)"
 
 
-def _bm25s():
-    try:
+def load_bm25s():
+    """The bm25s module, or a one-line UserError naming the fix."""
+    try:  # lazy: an optional dependency (only the BM25 rows and BM25-mined negatives need it)
         import bm25s
     except ImportError:
         raise UserError("the BM25 baseline needs the bm25s package: pip install bm25s (tools/setup_env.sh "
@@ -30,14 +31,14 @@ def _bm25s():
 
 class BM25Index:
     def __init__(self, docs: Sequence[str]):
-        bm25s = _bm25s()
+        bm25s = load_bm25s()
         self.retriever = bm25s.BM25(**PARAMS)
         self.retriever.index(bm25s.tokenize(list(docs), stopwords=STOPWORDS, show_progress=False),
                              show_progress=False)
         self.n_docs = len(docs)
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
-        bm25s = _bm25s()
+        bm25s = load_bm25s()
         toks = bm25s.tokenize(list(queries), stopwords=STOPWORDS, show_progress=False, return_ids=False)
         out = np.zeros((len(toks), self.n_docs), dtype=np.float32)
         for i, t in enumerate(toks):
