@@ -17,6 +17,6 @@ def import_streaming():
             import torchvision  # noqa: F401  (a working torchvision needs no shim)
         except Exception:
             sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
-    import streaming
+    import streaming  # lazy: only after the shim above (the reason this module exists)
 
     return streaming
