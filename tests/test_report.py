@@ -439,3 +439,11 @@ def test_samples_under_fsdp_and_zero3_equal_the_single_process_ones(runs, tmp_pa
     # the profiler ran on the chosen rank only
     assert [p.name for p in (tmp_path / "fsdp" / "profile" / "steps_3-3").iterdir()] == ["rank1.pt.trace.json"]
     assert not (tmp_path / "zero3" / "profile").exists()
+
+
+def test_report_starts_without_torch():
+    """`mmscale report` reads metrics.jsonl and writes HTML: loading torch (~2 s) only to print --help was a
+    regression of the one-reader change (run.metrics imported torch at module level for a CUDA peak)."""
+    code = "import sys, mmscale.report, mmscale.run.metrics; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -29,15 +29,16 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from mmscale.errors import UserError
 from mmscale.fsutil import atomic_write
 
 
-def peak_mem_mib(device: torch.device) -> float:
+def peak_mem_mib(device) -> float:
+    """Peak memory of this rank: CUDA's allocator peak on a GPU, the process's max RSS elsewhere (MiB)."""
     if device.type == "cuda":
+        import torch  # lazy: this module is also the metrics.jsonl reader of `mmscale report`, which needs no torch
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
