@@ -261,6 +261,33 @@ def train_step(engine, batches, step: int, train_cfg, stop: StopFlag, world_size
                       time.perf_counter() - t0)
 
 
+def _lock_and_find(cfg: Config, info, run_dir: Path, created: bool, needs_group: bool):
+    """The run dir's lock and the checkpoint to resume: (lock, lock_error, checkpointer, resume_dir, meta).
+
+    Rank 0 holds the lock for the whole run; with a process group every rank learns later whether rank 0 got it
+    (lock_error), so a refusal never leaves the other ranks waiting. Anything raised here releases the lock and
+    removes a run dir this call's run created, still empty.
+    """
+    lock, lock_error = (rundir.RunLock(run_dir), None) if info.rank == 0 else (None, None)
+    try:
+        if lock is not None:
+            try:
+                lock.acquire()
+            except UserError as e:
+                lock, lock_error = None, e
+                if not needs_group:
+                    raise
+        checkpointer = ckpt.Checkpointer(cfg, info)
+        resume_dir, meta = checkpointer.find() if lock_error is None else (None, None)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created and info.rank == 0:
+            _remove_if_empty(run_dir)
+        raise
+    return lock, lock_error, checkpointer, resume_dir, meta
+
+
 def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     """Run (or resume) training per `cfg`; returns the exit status. Every rank calls this.
 
@@ -287,25 +314,7 @@ def train(cfg: Config, *, model_factory=None, data_factory=None) -> int:
     # that reads it (the resume check, the engine, config.yaml; the start event and its line say why)
     cfg = precision.resolve_for_run(cfg, dist_.device_for(info), engine_cls.same_precision_to_resume)[0]
     needs_group = engine_cls.needs_process_group(info.world_size)
-    # the run dir's lock, held by rank 0 for the whole run; with a process group every rank learns (below) whether
-    # rank 0 got it, so a refusal never leaves the other ranks waiting
-    lock, lock_error = (rundir.RunLock(run_dir), None) if info.rank == 0 else (None, None)
-    try:
-        if lock is not None:
-            try:
-                lock.acquire()
-            except UserError as e:
-                lock, lock_error = None, e
-                if not needs_group:
-                    raise
-        checkpointer = ckpt.Checkpointer(cfg, info)
-        resume_dir, meta = checkpointer.find() if lock_error is None else (None, None)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        if created and info.rank == 0:
-            _remove_if_empty(run_dir)
-        raise
+    lock, lock_error, checkpointer, resume_dir, meta = _lock_and_find(cfg, info, run_dir, created, needs_group)
 
     device = dist_.device_for(info)  # before the group: NCCL binds each rank to its own GPU
     if device.type == "cuda":
