@@ -145,6 +145,8 @@ def summarize(run: dict) -> dict:
         "bad_lines": run["bad_lines"],
         "mfu_note": peak_note,
         "setup": setup,
+        "threads": last_start.get("threads"),
+        "load_avg_start": [e.get("load_avg") for e in starts if e.get("load_avg") is not None],
     }
 
 

@@ -513,6 +513,9 @@ def test_tiny_experiment_with_matched_arms_extended_sweep_and_views_resumes_with
     assert "final bracket" in md and md.count("lr") > 0
     for view in ("flops", "tokens", "wall-clock"):
         assert f"### Held-out loss at equal {view} (" in md
+    # the training seconds say under which conditions they were measured (this process's threads, one_thread)
+    assert "Conditions of the training seconds: mixer: 1 thread(s), load " in md
+    assert "transformer: 1 thread(s), load " in md and "not a fair comparison" not in md
     assert md.count("**Verdict (mixer vs transformer):**") >= 6
     # a rerun reuses every finished sweep point (extended ones too) and main run: nothing trains
     monkeypatch.setattr(runner, "train_run", lambda cfg: (_ for _ in ()).throw(AssertionError(f"retrained {cfg}")))
@@ -543,3 +546,55 @@ def test_tokens_per_step_follow_the_global_batch_with_auto_micro_batch():
     assert fixed["tokens_per_step"] == 4 * 3 * 16
     auto = _model_numbers({**base, "train.micro_batch_size": "auto", "train.global_batch_size": 24})
     assert auto["tokens_per_step"] == 24 * 16
+
+
+def test_wall_clock_view_warns_when_arms_ran_with_different_thread_counts():
+    from mmscale.experiment.document import _wall_clock_conditions
+
+    class Spec:
+        arms = {"mixer": {}, "transformer": {}}
+
+    def run(arm, threads, load):
+        return {"point": "ctx16", "arm": arm, "summary": {"threads": threads, "load_avg_start": [load]}}
+
+    data = {"exp": type("E", (), {"spec": Spec()})(),
+            "runs": [run("mixer", 2, 0.5), run("mixer", 2, 3.0), run("transformer", 1, 1.0)]}
+    line = _wall_clock_conditions(data, "ctx16")[0]
+    assert "mixer: 2 thread(s), load 0.5–3.0 at start; transformer: 1 thread(s)" in line
+    assert "not a fair comparison" in line
+    data["runs"][2]["summary"]["threads"] = 2
+    assert "not a fair comparison" not in _wall_clock_conditions(data, "ctx16")[0]
+
+
+def test_local_launcher_splits_the_cores_between_concurrent_runs(tmp_path, monkeypatch):
+    """jobs runs at a time each get cores // jobs intra-op threads (torch's default is every core: jobs x cores
+    threads would oversubscribe); a user's OMP_NUM_THREADS is kept."""
+    seen = []
+
+    class Proc:
+        returncode = 0
+
+        def __init__(self, cmd, env=None, **kw):
+            seen.append(env["OMP_NUM_THREADS"])
+
+        def poll(self):
+            return 0
+
+    class Run:
+        def __init__(self, i):
+            self.name, self.phase = f"r{i}", "main"
+
+        def dir(self, exp_dir):
+            return tmp_path / "runs" / self.name
+
+    exp = type("E", (), {"exp": tmp_path})()
+    monkeypatch.setattr(runner.subprocess, "Popen", Proc)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    logs = []
+    runner.run_local(exp, [Run(0), Run(1)], evaluate=True, jobs=3, log=logs.append)
+    assert seen == ["2", "2"] and "OMP_NUM_THREADS=2 each" in logs[0]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    runner.run_local(exp, [Run(2)], evaluate=True, jobs=2, log=logs.append)
+    assert seen[-1] == "3"

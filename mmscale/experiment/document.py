@@ -62,6 +62,8 @@ def _md_views(data: dict, pk: str) -> list:
          "smallest budget every finished run reached, interpolated linearly in log(loss) against the budget "
          "between the two evaluation points around it, never extrapolated. Training seconds: each logged step "
          "time times the steps it stands for (evaluation and checkpoint pauses excluded).", ""]
+    if "wall_clock" in views:
+        L += _wall_clock_conditions(data, pk)
     for view, v in views.items():
         at = "–" if v["at"] is None else fmt(float(v["at"]))
         note = "; ".join(v["not_read"])
@@ -69,6 +71,23 @@ def _md_views(data: dict, pk: str) -> list:
                        lambda r, view=view: (r.get("views") or {}).get(view), True, " nats",
                        note=(note + ".") if note else "")
     return L
+
+
+def _wall_clock_conditions(data: dict, pk: str) -> list:
+    """Training seconds compare arms only when they ran under the same conditions: each arm's intra-op threads and
+    the 1-minute load average when its runs started (metrics.jsonl start events), with a warning where they differ."""
+    rows, threads = [], set()
+    for an in data["exp"].spec.arms:
+        rs = [r for r in data["runs"] if r["point"] == pk and r["arm"] == an]
+        th = sorted({r["summary"].get("threads") for r in rs if r["summary"].get("threads")})
+        loads = [x for r in rs for x in (r["summary"].get("load_avg_start") or [])]
+        threads.update(th)
+        rows.append(f"{an}: {'/'.join(map(str, th)) or 'unrecorded'} thread(s)"
+                    + (f", load {min(loads):.1f}–{max(loads):.1f} at start" if loads else ""))
+    L = ["Conditions of the training seconds: " + "; ".join(rows) + "."]
+    if len(threads) > 1:
+        L[0] += " **The arms ran with different thread counts: the equal-time view is not a fair comparison.**"
+    return L + [""]
 
 
 def build_document(data: dict, pngs: list[tuple[str, str]]) -> list:

@@ -63,6 +63,10 @@ def run_local(exp: Experiment, runs: list[Run], evaluate: bool, jobs: int, log) 
             log(f"[{i + 1}/{len(runs)}] {run.phase}/{run.name}: {did} ({time.time() - t0:.0f} s)")
         return
     pending, active, failed = list(runs), {}, []
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # jobs x torch's default (every core) would oversubscribe the CPU
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+        log(f"{jobs} runs at a time: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each (set it to override)")
     try:
         while pending or active:
             while pending and len(active) < jobs:
@@ -70,7 +74,7 @@ def run_local(exp: Experiment, runs: list[Run], evaluate: bool, jobs: int, log) 
                 run.dir(exp.exp).parent.mkdir(parents=True, exist_ok=True)
                 logf = open(run.dir(exp.exp).parent / f"{run.name}.log", "a")
                 active[run.name] = (subprocess.Popen(child_command(exp.exp, run.phase, run.name), stdout=logf,
-                                                     stderr=subprocess.STDOUT, cwd=os.getcwd()), logf, run)
+                                                     stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env), logf, run)
             time.sleep(0.5)
             for name, (proc, logf, run) in list(active.items()):
                 if proc.poll() is not None:

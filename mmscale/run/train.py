@@ -437,6 +437,7 @@ def _log_start(cfg, info, logger, device, mfu: Mfu, start_step: int, resume_dir)
                  precision=cfg.engine.precision, **precision.recorded(cfg.engine.precision),
                  peak_flops=mfu.peak, peak_source=mfu.peak_note,
                  flops_per_token_dense=mfu.flops["dense"], flops_per_token_causal=mfu.flops["causal"],
+                 threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2),
                  **({"from": str(resume_dir)} if resume_dir is not None else {}))
     if precision.recorded(cfg.engine.precision):
         logger.write(precision.recorded(cfg.engine.precision)["precision_reason"])
