@@ -40,6 +40,7 @@ from mmscale import precision as prec
 from mmscale.config import load_config
 from mmscale.distributed import free_port
 from mmscale.errors import UserError, exit_status
+from mmscale.fsutil import usable_cpus
 from mmscale.models import build_model
 from mmscale.run import checkpoint as ckpt
 from mmscale.run.metrics import read_jsonl
@@ -91,11 +92,7 @@ def export_checkpoint(run_dir: Path, tokenizer: Path, out: Path) -> Path:
 
 def threads_per_rank(ranks: int = 2) -> int:
     """The cores this process may use, shared evenly by the ranks (1 each on a 2-core machine)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores // ranks)
+    return max(1, usable_cpus() // ranks)
 
 
 def _probe_rank(vocab_size: int, threads: int, chosen: str, steps: int, barrier, results, ready) -> None:

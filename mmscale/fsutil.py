@@ -87,12 +87,24 @@ def digest_files(root: str | os.PathLike, rels, sync: bool = False, threads: int
         return {rel: {"size": size, "xxh64": xxh} for rel, (size, xxh) in pool.map(one, rels)}
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask: a SLURM step's or a container's share), not the
+    machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes, durable: bool = False) -> None:
     """The one atomic write: `data` (text or bytes) goes to a temporary sibling that is renamed over `path`, so a
     reader sees the old file or the new one, never a torn one. `durable` also fsyncs the file before the rename
     and the folder after it (what survives a power loss: checkpoints' meta and `latest`)."""
     path = Path(path)
-    tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}")
+    if path.exists() and not path.is_file():  # renaming over /dev/null or a FIFO would replace the node itself
+        raise UserError(f"'{path}' is {'a folder' if path.is_dir() else 'a special file (device, FIFO or socket)'}, "
+                        "not a file; give a file path to write to")
+    tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}.{threading.get_ident()}")  # unique per writer
     try:
         with (open(tmp, "wb") if isinstance(data, bytes) else open(tmp, "w", encoding="utf-8")) as f:
             f.write(data)

@@ -35,6 +35,7 @@ from submitit.slurm.slurm import SlurmExecutor
 from mmscale.config import Config, load_config
 from mmscale.distributed import DistInfo, free_port, rendezvous_env
 from mmscale.errors import UserError, exit_status
+from mmscale.fsutil import usable_cpus
 
 EXIT_REQUEUE = 75  # the trainer's "stopped by a signal after saving a checkpoint" (ARCHITECTURE.md)
 PREEMPT_SIGNAL_DELAY_S = 120  # USR2 this long before the time limit: time to write a checkpoint
@@ -166,6 +167,9 @@ class TrainJob(ChildTask):
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
             child_env.setdefault("OMP_NUM_THREADS", cpus)
+        elif env.cluster != "slurm":  # local ranks share this machine's cores (SLURM binds each task's own)
+            per_node = max(1, env.num_tasks // env.num_nodes)
+            child_env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // per_node)))
         node_shm = f"/dev/shm/mmscale-{job_id}-node{env.node}"
         prefix = private_shm_prefix(node_shm) if env.cluster == "slurm" else []
         cmd = prefix + train_command(self.config_path, self.overrides)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.fsutil import usable_cpus
+
 from mmscale import distributed
 from mmscale.config import load_config
 from mmscale.errors import UserError
@@ -306,7 +308,7 @@ def test_launch_local_executor_trains_two_ranks(tmp_path):
 
     data = make_tiny_dataset(tmp_path, n_ctx=32, vocab_size=512)
     run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # launch splits the cores itself
     out = _cli("launch", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", f"data.train={data}",
                "model.n_ctx=32", "engine.kind=ddp", "train.max_steps=20", "train.eval_every=0",
                "checkpoint.every=0", "log.every=1", "log.progress=false", "--cluster", "local",
@@ -318,6 +320,8 @@ def test_launch_local_executor_trains_two_ranks(tmp_path):
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert (run_dir / "checkpoints" / "step_00000020").is_dir()
+    start = next(r for r in rows if r.get("event") == "start")  # two local ranks: half the cores each
+    assert start["threads"] == max(1, usable_cpus() // 2) and start["load_avg"] >= 0
 
 
 @pytest.mark.slow

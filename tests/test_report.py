@@ -298,6 +298,25 @@ def test_report_bad_input_is_one_line(tmp_path):
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_report_never_replaces_a_special_file_or_a_folder(runs, tmp_path):
+    """The report is written by a rename over --out: over a FIFO (or /dev/null, as root) that would replace the node
+    itself. It is refused in one line and the node is left as it was."""
+    import stat
+
+    from mmscale.report import write_report
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="special file"):
+        write_report([str(runs["mixer"])], fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    from mmscale.fsutil import atomic_write
+
+    with pytest.raises(UserError, match="is a folder"):  # every atomic writer: a folder is not replaced either
+        atomic_write(tmp_path, "x")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and tmp_path.is_dir()
+
+
 # ----------------------------------------------------------------------------------------------
 # a real browser
 

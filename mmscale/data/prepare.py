@@ -55,7 +55,7 @@ from mmscale.data.sources import NotUTF8Error
 from mmscale.data.tokenizer import DEFAULT_SEPARATOR
 from mmscale.data.tokenizer import is_hf_tokenizer, load_tokenizer
 from mmscale.data.tokenizer import load_tokenizer, special_ids
-from mmscale.fsutil import file_sha256
+from mmscale.fsutil import file_sha256, usable_cpus
 from mmscale.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -234,7 +234,7 @@ def prepare(opts: PrepareOptions) -> dict:
     # the workers start now, before this process imports mosaicml-streaming (and its threads):
     # fork is safe at this point and starts in milliseconds (spawn would re-import for ~0.2 s);
     # their start-up also overlaps the checking pass below
-    workers = opts.workers or os.cpu_count() or 1
+    workers = opts.workers or usable_cpus()
     if workers == 1:  # no worker process to start: tokenize here
         _init_worker(str(opts.tokenizer))
         return _prepare_with(None, opts, out, sources, sp, vocab_size, dtype, ids, pad_id)

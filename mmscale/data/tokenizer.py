@@ -30,7 +30,7 @@ import sentencepiece as spm
 from mmscale.cli.conventions import check_output_path
 from mmscale.data.sources import DEFAULT_SEPARATOR, iter_text_documents
 from mmscale.errors import UserError
-from mmscale.fsutil import atomic_write, file_sha256
+from mmscale.fsutil import atomic_write, file_sha256, usable_cpus
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -264,7 +264,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | os.PathLike, 
             # newline is a real character of documents; keep it as its own piece
             user_defined_symbols=["\n"],
             max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+            shuffle_input_sentence=True, num_threads=usable_cpus(),
             minloglevel=2,
         )
     except RuntimeError as e:

@@ -19,6 +19,7 @@ from mmscale.config import load_config
 from mmscale.errors import UserError
 from mmscale.experiment.measure import evaluate_run, measured, run_state
 from mmscale.experiment.plan import Experiment, Run
+from mmscale.fsutil import usable_cpus
 from mmscale.launch import EXIT_REQUEUE, ChildTask, last_error_line, private_shm_prefix, wait_child
 from mmscale.run.train import train
 
@@ -65,7 +66,7 @@ def run_local(exp: Experiment, runs: list[Run], evaluate: bool, jobs: int, log) 
     pending, active, failed = list(runs), {}, []
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # jobs x torch's default (every core) would oversubscribe the CPU
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // jobs))
         log(f"{jobs} runs at a time: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each (set it to override)")
     try:
         while pending or active:
