@@ -590,7 +590,7 @@ def test_local_launcher_splits_the_cores_between_concurrent_runs(tmp_path, monke
     exp = type("E", (), {"exp": tmp_path})()
     monkeypatch.setattr(runner.subprocess, "Popen", Proc)
     monkeypatch.setattr(runner.time, "sleep", lambda s: None)
-    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     logs = []
     runner.run_local(exp, [Run(0), Run(1)], evaluate=True, jobs=3, log=logs.append)
@@ -598,3 +598,12 @@ def test_local_launcher_splits_the_cores_between_concurrent_runs(tmp_path, monke
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     runner.run_local(exp, [Run(2)], evaluate=True, jobs=2, log=logs.append)
     assert seen[-1] == "3"
+
+
+def test_report_points_follow_the_spec_axis_order_not_string_order():
+    from mmscale.experiment.document import points_in_order
+
+    data = {"plan": {"numbers": {"ctx32": {}, "ctx128": {}, "ctx512": {}}},
+            "runs": [{"point": p} for p in ("ctx512", "ctx128", "ctx32", "ctx128", "extra")]}
+    assert sorted({"ctx32", "ctx128", "ctx512"}) == ["ctx128", "ctx32", "ctx512"]  # what string order gave
+    assert points_in_order(data) == ["ctx32", "ctx128", "ctx512", "extra"]

@@ -90,10 +90,17 @@ def _wall_clock_conditions(data: dict, pk: str) -> list:
     return L + [""]
 
 
+def points_in_order(data: dict) -> list[str]:
+    """The points that have runs, in the spec's axis order (ctx32 before ctx128, as planned), not string order."""
+    present = {r["point"] for r in data["runs"]}
+    planned = [pk for pk in data["plan"].get("numbers", {}) if pk in present]
+    return planned + sorted(present - set(planned))
+
+
 def build_document(data: dict, pngs: list[tuple[str, str]]) -> list:
     exp, plan = data["exp"], data["plan"]
     L = _md_intro(exp)
-    for pk in sorted({r["point"] for r in data["runs"]}):
+    for pk in points_in_order(data):
         L += _md_budget_table(data, pk, plan["numbers"][pk])
         L += _md_sweep_table(data, pk)
         L += _md_claims(data, pk)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mmscale.errors import UserError
 from mmscale.experiment.expdir import reopen
-from mmscale.experiment.document import Code, Heading, Image, Table, build_document, to_markdown
+from mmscale.experiment.document import Code, Heading, Image, Table, build_document, points_in_order, to_markdown
 from mmscale.experiment.measure import last_val_loss, write_json
 from mmscale.experiment.stats import linear_at, read_views, training_seconds
 from mmscale.report import CSS, PAGE_END, load_run, page_head, summarize, write_report
@@ -60,7 +60,7 @@ def _plots(data: dict, out: Path) -> list[tuple[str, str]]:
     except ImportError:
         return []
     pngs = []
-    points = sorted({r["point"] for r in data["runs"]})
+    points = points_in_order(data)
     arms = list(data["exp"].spec.arms)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for pk in points:

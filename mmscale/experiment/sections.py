@@ -105,7 +105,8 @@ class RetrievalSpec(Section):
     negatives: Literal["random", "bm25", "model"] = opt("random", "hard negatives")
     warmup_steps: int = opt(5, "warm-up steps", ">= 0")
     pairs: str = opt("", "pairs made from the corpus itself, mixed with the judged ones (retrieval.pairs syntax)")
-    position: str = opt("mean", "what embeds a sequence", "last, mean or an integer")
+    position: str = opt("mean", "what embeds a sequence",
+                        "last, mean, idf (idf-weighted mean over the searched corpus) or an integer")
     gather_negatives: bool = opt(True, "other examples' passages as negatives too")
     passage_mode: Literal["truncate", "first_window", "max_chunk"] = opt("truncate", "documents longer than n_ctx")
 
