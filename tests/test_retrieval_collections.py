@@ -716,15 +716,41 @@ def test_batch_stats_and_collapse_warning_by_hand():
     logits = torch.tensor([[1.0, 1.0, 0.0, float("-inf")], [2.0, 3.0, 3.0, 1.0]])
     s = batch_stats(torch.zeros(2, 2), torch.zeros(2, 3, 2), logits, torch.tensor([0, 1]))
     assert s["acc"] == pytest.approx(0.5 + 1 / 2) and s["chance"] == pytest.approx(1 / 3 + 1 / 4)
-    # collapsed embeddings: one warning line, once
+    # collapsed embeddings: one warning line, once, when the collapsed batches hold COLLAPSE_QUERIES queries (64:
+    # 22 reads of B = 3; one read is not enough evidence at a few queries per log step)
+    from mmscale.retrieval.stats import COLLAPSE_QUERIES
+
+    stats = RetrievalStats()
     same = F.normalize(torch.ones(B * G, d), dim=-1)
-    for step in (1, 2):
+    notes = []
+    for step in range(1, 30):
         info_nce(same, G, 0.1, stats=stats)
         row, note = stats.read(step)
         assert row["doc_cos"] == pytest.approx(1.0) and row["inbatch_acc"] == pytest.approx(1 / 3)
-        assert (note is not None) == (step == 1)
-        if note:
-            assert "collapsing" in note and "\n" not in note and "mean pairwise cosine 1.000" in note
+        assert row["inbatch_queries"] == B
+        notes += [(step, note)] if note else []
+    assert COLLAPSE_QUERIES == 64 and [s for s, _ in notes] == [22]
+    note = notes[0][1]
+    assert "collapsing" in note and "\n" not in note and "over the last 66 queries" in note
+    assert "mean pairwise cosine 1.000" in note
+
+
+def test_collapse_rule_reads_a_window_of_queries_not_one_noisy_log_step():
+    """What an experiment's retrieval fine-tune logs (4 queries a step, a pretrained start near cosine 0.9): the
+    first rows look collapsed one at a time, but their window does not; a real collapse is flagged once the
+    window holds 64 queries; rows without query counts (older metrics.jsonl) are read one at a time as before."""
+    from mmscale.retrieval.stats import first_collapse
+
+    noisy = [{"step": i, "doc_cos": 0.91 - 0.01 * i, "inbatch_acc": [0.0, 0.0, 0.5, 0.25][i % 4],
+              "inbatch_chance": 0.036, "inbatch_queries": 4} for i in range(1, 40)]
+    assert noisy[0]["doc_cos"] >= 0.9 and noisy[0]["inbatch_acc"] < 2 * 0.036     # one row alone: "collapsed"
+    assert first_collapse(noisy) is None                                         # the window: accuracy 0.19
+    stuck = [{"step": i, "doc_cos": 0.97, "inbatch_acc": 0.03, "inbatch_chance": 0.031, "inbatch_queries": 32}
+             for i in range(1, 6)]
+    row, w = first_collapse(stuck)
+    assert row["step"] == 2 and w["queries"] == 64 and w["doc_cos"] == pytest.approx(0.97)
+    old = [{k: v for k, v in r.items() if k != "inbatch_queries"} for r in noisy[:3]]
+    assert first_collapse(old)[0]["step"] == 1
 
 
 def test_rrf_and_paired_difference_by_hand():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from html import escape
 
-from mmscale.retrieval.stats import COLLAPSE_COS, collapsed
+from mmscale.retrieval.stats import COLLAPSE_COS, COLLAPSE_QUERIES, first_collapse
 
 REPORT_COLUMNS = (("inbatch_acc", "in-batch accuracy"), ("inbatch_chance", "chance"),
                   ("doc_cos", "documents' mean cosine"), ("alignment", "alignment"), ("uniformity", "uniformity"))
@@ -28,17 +28,19 @@ def report_section(runs: list[dict], names: list[str]) -> list[str]:
                        + "".join(f'<td class="num" data-key="{k}">'
                                  + ("" if r.get(k) is None else f"{r[k]:.3f}") + "</td>" for k, _ in REPORT_COLUMNS)
                        + "</tr>")
-        bad = next((r for r in rows if collapsed(r)), None)
-        if bad is not None:
-            notes.append(f"{n}: warning: step {bad['step']}: the embeddings collapsed: documents' mean cosine "
-                         f"{bad['doc_cos']:.3f} (step {rows[0]['step']}: {rows[0]['doc_cos']:.3f}), in-batch accuracy "
-                         f"{bad['inbatch_acc']:.3f} (chance {bad['inbatch_chance']:.3f}); see "
-                         "docs/retrieval-collapse.md")
+        hit = first_collapse(rows)
+        if hit is not None:
+            bad, w = hit
+            notes.append(f"{n}: warning: step {bad['step']}: the embeddings collapsed: over the last {w['queries']} "
+                         f"queries documents' mean cosine {w['doc_cos']:.3f} (step {rows[0]['step']}: "
+                         f"{rows[0]['doc_cos']:.3f}), in-batch accuracy {w['inbatch_acc']:.3f} (chance "
+                         f"{w['inbatch_chance']:.3f}); see docs/retrieval-collapse.md")
     out.append("</table>")
     out.append('<p class="muted">in-batch accuracy: the share of queries whose positive scores highest among the '
                "batch's candidates (chance: 1 / candidates); alignment: mean squared distance query-positive; "
                "uniformity: log mean exp(-2 squared distance) over the batch's documents (lower: more spread); "
-               f"collapse: documents' cosine >= {COLLAPSE_COS} with accuracy below twice chance.</p>")
+               f"collapse: documents' cosine >= {COLLAPSE_COS} with accuracy below twice chance, both averaged over "
+               f"the last {COLLAPSE_QUERIES} or more queries.</p>")
     if notes:
         out.append('<ul class="warn" id="retrieval-warnings">' + "".join(f"<li>{escape(x)}</li>" for x in notes)
                    + "</ul>")
