@@ -607,3 +607,44 @@ def test_report_points_follow_the_spec_axis_order_not_string_order():
             "runs": [{"point": p} for p in ("ctx512", "ctx128", "ctx32", "ctx128", "extra")]}
     assert sorted({"ctx32", "ctx128", "ctx512"}) == ["ctx128", "ctx32", "ctx512"]  # what string order gave
     assert points_in_order(data) == ["ctx32", "ctx128", "ctx512", "extra"]
+
+
+@pytest.mark.slow
+def test_retrieval_section_takes_a_beir_collection_corpus_pairs_and_idf_pooling(tmp_path):
+    """Issue 29 in the harness: data.retrieval a BEIR folder (judged train and test queries), retrieval.pairs
+    corpus crops + title-body + the judged pairs, retrieval.position idf. The fine-tune's config carries them, and
+    eval.json has the dense metrics, the BM25 row, the hybrid row with its paired comparison."""
+    from tests._data_helpers import make_tiny_corpus
+
+    text, _ = make_tiny_corpus(300, 0, 512)
+    stories = [s.strip() for s in text.read_text().split("<|endoftext|>") if s.strip()][:60]
+    corpus = [{"_id": f"d{i}", "title": s.split(".")[0], "text": s} for i, s in enumerate(stories)]
+    queries = [{"_id": f"q{i}", "text": " ".join(s.split()[5:12])} for i, s in enumerate(stories[:30])]
+    coll = tmp_path / "coll"
+    (coll / "qrels").mkdir(parents=True)
+    (coll / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (coll / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    for split, ids in (("train", range(0, 20)), ("test", range(20, 30))):
+        (coll / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n"
+                                                     + "".join(f"q{i}\td{i}\t1\n" for i in ids))
+    spec = tiny_spec(representation={"enabled": False}, axes={"seeds": [0], "n_ctx": [32]},
+                     retrieval={"steps": 3, "group_size": 2, "candidates": [8], "micro_batch_size": 4,
+                                "pairs": "corpus:crop+title-body+judged", "position": "idf"})
+    spec["data"]["retrieval"] = str(coll)
+    exp_dir = X.run_experiment(str(write_spec(tmp_path, spec)), str(tmp_path / "exp"), log=lambda m: None)
+    rd = exp_dir / "runs" / "main" / "mixer-ctx32-s0"
+    ret_cfg = yaml.safe_load(next(rd.glob("retrieval-*/config.yaml")).read_text())
+    assert ret_cfg["retrieval"]["pairs"] == "corpus:crop+title-body+judged"
+    assert ret_cfg["retrieval"]["position"] == "idf" and ret_cfg["train"]["max_steps"] == 3
+    ev = json.loads((rd / "eval.json").read_text())["retrieval"]
+    assert (exp_dir / "runs" / "main" / "transformer-ctx32-s0" / "eval.json").is_file()
+    assert ev["n_queries"] == 10 and ev["n_corpus"] == 60 and ev["split"] == "test"
+    assert 0 <= ev["metrics"]["ndcg@10"] <= 1 and ev["baseline"]["metrics"]["ndcg@10"] > 0.5   # BM25 finds them
+    assert "train queries" in ev["hybrid"]["name"] and 0 <= ev["hybrid"]["weight"] <= 1   # weight chosen on train
+    assert ev["paired_ndcg@10"]["hybrid - bm25"]["n"] == 10 and "se" in ev["paired_ndcg@10"]["model - bm25"]
+    md = (exp_dir / "report" / "report.md").read_text()
+    assert "BM25 on the same queries" in md
+    hy = _table(md, "Retrieval nDCG@10 of the hybrid row (BM25 + the fine-tuned model)")
+    assert hy["mixer"][0] == f"{ev['hybrid']['metrics']['ndcg@10']:.4f}"
+    d = ev["paired_ndcg@10"]["hybrid - bm25"]
+    assert f"mixer seed 0 {d['mean']:+.4f} ± {d['se']:.4f}" in md

@@ -262,6 +262,18 @@ def _md_retrieval_claims(data: dict, pk: str) -> list:
     L = _md_claim(data, pk, "Retrieval nDCG@10 after fine-tuning",
                   lambda r: ((r["eval"].get("retrieval") or {}).get("metrics") or {}).get("ndcg@10"), False, "",
                   note=note)
+    hyb = [r for r in ret if (r["eval"]["retrieval"].get("hybrid") or {}).get("metrics")]
+    if hyb:
+        paired = "; ".join(
+            f"{r['arm']} seed {r['seed']} {p['mean']:+.4f} ± {p['se']:.4f}" for r in hyb
+            for p in [((r["eval"]["retrieval"].get("paired_ndcg@10") or {}).get("hybrid - bm25"))] if p)
+        L += _md_claim(data, pk, "Retrieval nDCG@10 of the hybrid row (BM25 + the fine-tuned model)",
+                       lambda r: (((r["eval"].get("retrieval") or {}).get("hybrid") or {}).get("metrics") or {})
+                       .get("ndcg@10"), False, "",
+                       note=("As `mmscale retrieval eval` fuses them (seed " f"{hyb[0]['seed']} of "
+                             f"{hyb[0]['arm']}: {hyb[0]['eval']['retrieval']['hybrid']['name']}; each run's eval.json "
+                             "names its own). Paired per query against BM25 (hybrid − BM25, mean ± SE): "
+                             + paired + ".") if paired else "")
     for i, n in enumerate(spec.retrieval["candidates"]):
         L += _md_claim(data, pk, f"Retrieval top-1 among {n} after fine-tuning",
                        lambda r, i=i: (((r["eval"].get("retrieval") or {}).get("results") or [{}] * (i + 1))[i]
