@@ -90,11 +90,6 @@ def export_checkpoint(run_dir: Path, tokenizer: Path, out: Path) -> Path:
     return out
 
 
-def threads_per_rank(ranks: int = 2) -> int:
-    """The cores this process may use, shared evenly by the ranks (1 each on a 2-core machine)."""
-    return max(1, usable_cpus() // ranks)
-
-
 def _probe_rank(vocab_size: int, threads: int, chosen: str, steps: int, barrier, results, ready) -> None:
     """One probe rank (a child process): median seconds of forward, backward and AdamW of the demo model's
     micro-batch on `threads` threads in precision `chosen`, timed after every rank is ready."""
@@ -269,7 +264,7 @@ def _tokenize(args, work: Path, inputs: list[str], tag: str, n_ctx: int) -> tupl
 def _train(args, data_dir: Path, run_dir: Path, t0: float) -> tuple[int, str]:
     """Step 4: size the run (--steps, or the probe against the time left), train it with DeepSpeed on 2 CPU
     ranks; (steps, the held-out losses by step)."""
-    threads = threads_per_rank()
+    threads = usable_cpus(2)  # the two ranks share the cores (1 each on a 2-core machine)
     if args.steps:  # a fixed length: nothing to time
         steps, why, probe = args.steps, "--steps", ""
         precision_line = auto_precision_line()

@@ -87,13 +87,14 @@ def digest_files(root: str | os.PathLike, rels, sync: bool = False, threads: int
         return {rel: {"size": size, "xxh64": xxh} for rel, (size, xxh) in pool.map(one, rels)}
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on (its affinity mask: a SLURM step's or a container's share), not the
-    machine's count."""
+def usable_cpus(share: int = 1) -> int:
+    """The cores this process may run on (its affinity mask: a SLURM step's or a container's share, not the
+    machine's count), divided evenly among `share` processes that run at once; at least 1."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, share))
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, durable: bool = False) -> None:

@@ -168,8 +168,7 @@ class TrainJob(ChildTask):
         if cpus:
             child_env.setdefault("OMP_NUM_THREADS", cpus)
         elif env.cluster != "slurm":  # local ranks share this machine's cores (SLURM binds each task's own)
-            per_node = max(1, env.num_tasks // env.num_nodes)
-            child_env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // per_node)))
+            child_env.setdefault("OMP_NUM_THREADS", str(usable_cpus(env.num_tasks // env.num_nodes)))
         node_shm = f"/dev/shm/mmscale-{job_id}-node{env.node}"
         prefix = private_shm_prefix(node_shm) if env.cluster == "slurm" else []
         cmd = prefix + train_command(self.config_path, self.overrides)

@@ -590,7 +590,7 @@ def test_local_launcher_splits_the_cores_between_concurrent_runs(tmp_path, monke
     exp = type("E", (), {"exp": tmp_path})()
     monkeypatch.setattr(runner.subprocess, "Popen", Proc)
     monkeypatch.setattr(runner.time, "sleep", lambda s: None)
-    monkeypatch.setattr(runner, "usable_cpus", lambda: 8)
+    monkeypatch.setattr("mmscale.fsutil.os.sched_getaffinity", lambda pid: set(range(8)))  # an 8-core mask
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     logs = []
     runner.run_local(exp, [Run(0), Run(1)], evaluate=True, jobs=3, log=logs.append)

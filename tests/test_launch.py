@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from mmscale.fsutil import usable_cpus
-
 from mmscale import distributed
 from mmscale.config import load_config
 from mmscale.errors import UserError
+from mmscale.fsutil import usable_cpus
 from mmscale.launch import (EXIT_REQUEUE, TrainJob, check_layout, rendezvous_host, rendezvous_port,
                             sbatch_plan)
 
@@ -321,7 +320,7 @@ def test_launch_local_executor_trains_two_ranks(tmp_path):
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert (run_dir / "checkpoints" / "step_00000020").is_dir()
     start = next(r for r in rows if r.get("event") == "start")  # two local ranks: half the cores each
-    assert start["threads"] == max(1, usable_cpus() // 2) and start["load_avg"] >= 0
+    assert start["threads"] == usable_cpus(2) and start["load_avg"] >= 0
 
 
 @pytest.mark.slow

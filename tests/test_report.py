@@ -303,6 +303,7 @@ def test_report_never_replaces_a_special_file_or_a_folder(runs, tmp_path):
     itself. It is refused in one line and the node is left as it was."""
     import stat
 
+    from mmscale.fsutil import atomic_write
     from mmscale.report import write_report
 
     fifo = tmp_path / "pipe"
@@ -310,8 +311,6 @@ def test_report_never_replaces_a_special_file_or_a_folder(runs, tmp_path):
     with pytest.raises(UserError, match="special file"):
         write_report([str(runs["mixer"])], fifo)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
-    from mmscale.fsutil import atomic_write
-
     with pytest.raises(UserError, match="is a folder"):  # every atomic writer: a folder is not replaced either
         atomic_write(tmp_path, "x")
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and tmp_path.is_dir()

@@ -270,10 +270,10 @@ def _md_retrieval_claims(data: dict, pk: str) -> list:
         L += _md_claim(data, pk, "Retrieval nDCG@10 of the hybrid row (BM25 + the fine-tuned model)",
                        lambda r: (((r["eval"].get("retrieval") or {}).get("hybrid") or {}).get("metrics") or {})
                        .get("ndcg@10"), False, "",
-                       note=("As `mmscale retrieval eval` fuses them (seed " f"{hyb[0]['seed']} of "
-                             f"{hyb[0]['arm']}: {hyb[0]['eval']['retrieval']['hybrid']['name']}; each run's eval.json "
-                             "names its own). Paired per query against BM25 (hybrid − BM25, mean ± SE): "
-                             + paired + ".") if paired else "")
+                       note=(f"As `mmscale retrieval eval` fuses them (seed {hyb[0]['seed']} of {hyb[0]['arm']}: "
+                             f"{hyb[0]['eval']['retrieval']['hybrid']['name']}; each run's eval.json names its "
+                             f"own). Paired per query against BM25 (hybrid − BM25, mean ± SE): {paired}.")
+                       if paired else "")
     for i, n in enumerate(spec.retrieval["candidates"]):
         L += _md_claim(data, pk, f"Retrieval top-1 among {n} after fine-tuning",
                        lambda r, i=i: (((r["eval"].get("retrieval") or {}).get("results") or [{}] * (i + 1))[i]

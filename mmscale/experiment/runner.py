@@ -66,7 +66,7 @@ def run_local(exp: Experiment, runs: list[Run], evaluate: bool, jobs: int, log) 
     pending, active, failed = list(runs), {}, []
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # jobs x torch's default (every core) would oversubscribe the CPU
-        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // jobs))
+        env["OMP_NUM_THREADS"] = str(usable_cpus(jobs))
         log(f"{jobs} runs at a time: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each (set it to override)")
     try:
         while pending or active:

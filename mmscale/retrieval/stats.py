@@ -63,7 +63,7 @@ def window_means(rows: list[dict], end: int) -> dict | None:
     A row without a query count (metrics.jsonl of older runs) counts as enough on its own."""
     tot = {"inbatch_acc": 0.0, "inbatch_chance": 0.0, "doc_cos": 0.0}
     q = 0
-    for r in reversed(rows[:end + 1]):
+    for r in (rows[i] for i in range(end, -1, -1)):  # no copy of the history per log step
         if r.get("doc_cos") is None or r.get("inbatch_acc") is None:
             continue
         n = r.get("inbatch_queries") or COLLAPSE_QUERIES
